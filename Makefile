@@ -1,0 +1,37 @@
+# The README's commands. Both `demo` and `test` create .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck unit proto bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/spiffe-sidecar demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(PY) -m pytest
+
+unit: $(STAMP)
+	$(PY) -m pytest tests/unit
+
+# Regenerate the committed Workload API modules from sidecar/_proto/workload.proto.
+proto: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	cd sidecar/_proto && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ../../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. \
+		--grpclib_python_out=. workload.proto
+	sed -i 's/^import workload_pb2$$/from . import workload_pb2/' sidecar/_proto/workload_grpc.py
+	# The spec's proto has no package, so its symbols would collide with py-spiffe's copy in the
+	# default descriptor pool; ours live in a private pool (same wire format).
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/_pool = _descriptor_pool.DescriptorPool()\n_pool.AddSerializedFile(google_dot_protobuf_dot_struct__pb2.DESCRIPTOR.serialized_pb)\nDESCRIPTOR = _pool.AddSerializedFile(/' sidecar/_proto/workload_pb2.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
