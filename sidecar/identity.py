@@ -193,6 +193,8 @@ class CallerPattern:
                 subtree = True
             elif seg == "*":
                 parts.append(None)
+            elif not seg:
+                raise IdentityError("path cannot contain empty segments (SPIFFE-ID §2.2)", value)
             elif "*" in seg:
                 raise IdentityError(
                     "a wildcard must be a whole segment ('*' or a final '**'), not part of one", value
