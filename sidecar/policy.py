@@ -1,0 +1,719 @@
+"""Per-path caller policy: request-target normalisation, compilation and evaluation (pure).
+
+One model for the YAML config file and the pod annotations (the webhook compiles with the same code).
+
+Semantics (DESIGN.md "Policy semantics"; Istio's DENY-before-ALLOW order):
+
+* A rule is paths x methods x callers with `action: allow|deny`, a unique `name` and `mode: enforce|audit`.
+  Any matching *enforced* deny wins; else any matching allow; else `default-deny`. When several rules
+  of the deciding kind match, the first in the file names the decision.
+* `mode: audit` on a deny rule: a match is reported as would-deny and not enforced (an allow that also
+  matches forwards the request; without one, the default deny still applies). `mode: audit` on an allow
+  rule is a compile error: an allow cannot break traffic, and a dry-run allow must not grant access.
+  `mode: audit` on the whole policy: every deny (rule or default) is reported and the request forwarded.
+  Audit never changes *what* is forwarded (`Target.forward`), only *whether*.
+* Paths (matched on the normalised path; query strings never take part): exact (`/healthz`); `*` is one
+  whole non-empty segment anywhere (`/api/stock/*` matches `/api/stock/42`, not `/api/stock/` nor
+  `/api/stock/4/2`); `**` as the last segment is a subtree *including its root*: `/admin/**` matches
+  `/admin`, `/admin/` and everything below (a deny rule must not miss `/admin` itself), not `/administrator`.
+  `/**` (or `**`, or no `paths` key) is every path. Paths are case-sensitive; a trailing slash matters.
+* Methods are exact, case-sensitive tokens (RFC 9110 §9.1), written uppercase: `GET` does not match
+  `HEAD`. `*` (or no `methods` key) is every method.
+* Callers are `CallerPattern`s (sidecar/identity.py); `*` is any authenticated peer. Required.
+* TCP mode (`authorize_connection`) uses only the rules that apply to every path and method.
+
+Evaluation structure (O(path segments), not O(rules)): the path patterns are compiled into a segment trie;
+each node has `children` (exact segment -> node), `star` (the `*` child), and two buckets of rules whose
+pattern ends there: `exact` (pattern ends at this node) and `subtree` (`**` here). Walking the request's
+segments collects the buckets on the way (several nodes can be active when `*` and literals overlap;
+never more than the number of distinct patterns). A bucket indexes its rules by kind (enforced deny,
+audit deny, allow), then by method (dict + an any-method entry), then by caller: exact IDs in a dict,
+`*` as one number, the other patterns in a list scanned in rule order and cut off at the best match so
+far. Each lookup yields the lowest matching rule index; the evaluation keeps the minimum per kind.
+Decisions of rules are built once at compile time; only `default-deny` formats a reason per request.
+
+Request targets (`normalize_target`, RFC 3986 §6.2.2, RFC 9112 §3.2): origin-form only; percent-encoded
+unreserved characters (ALPHA DIGIT - . _ ~) are decoded, other %XX kept with uppercase hex; `.`/`..`
+resolved (§5.2.4) and `//` merged; a 400 for anything ambiguous: %2F, %5C, raw `\\`, NUL, control
+characters (raw or encoded in the path), invalid %-sequences, non-ASCII bytes, `#`, `..` above the root
+(refused rather than clamped: a client that sends it is broken or probing), and dot segments with path
+parameters (`..;`, which some Java servers resolve as `..`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from .errors import ConfigError, IdentityError, Problem
+from .http1 import BadRequest
+from .identity import CallerPattern, PatternKind, SpiffeId
+
+__all__ = [
+    "AUDIT",
+    "DEFAULT_DENY",
+    "ENFORCE",
+    "BadRequest",
+    "Decision",
+    "Policy",
+    "Rule",
+    "Target",
+    "authorize",
+    "authorize_connection",
+    "compile_policy",
+    "explain",
+    "normalize_target",
+]
+
+ENFORCE: Final = "enforce"
+AUDIT: Final = "audit"
+DEFAULT_DENY: Final = "default-deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy verdict. `allowed` is the verdict; `enforced` is False when the deciding rule or the
+    whole policy is in audit mode; `rule` is a rule name or `default-deny`; `reason` is for the audit log
+    (never sent to the peer)."""
+
+    allowed: bool
+    enforced: bool
+    rule: str
+    reason: str
+    mode: str
+
+    @property
+    def forward(self) -> bool:
+        """Whether the request (or connection) goes to the app."""
+        return self.allowed or not self.enforced
+
+    @property
+    def verdict(self) -> str:
+        """`allow`, `deny` or `would-deny` (a deny in audit mode: forwarded)."""
+        if self.allowed:
+            return "allow"
+        return "deny" if self.enforced else "would-deny"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request-target normalisation
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A normalised origin-form request target: what policy matches on and what the app receives."""
+
+    path: str
+    query: str  # without '?', "" when absent
+    forward: bytes  # path + ('?' + query if query)
+
+
+# Raw bytes refused anywhere in the path: controls, SP, DEL, non-ASCII, '\' and '#'.
+_BAD_PATH: Final = re.compile(rb"[^\x21-\x7e]|[\\#]")
+_BAD_QUERY: Final = re.compile(rb"[^\x21-\x7e]|#")
+# In the query, %-sequences must be well-formed and not NUL; it is otherwise forwarded untouched.
+_BAD_QUERY_PCT: Final = re.compile(rb"%(?![0-9A-Fa-f]{2})|%00")
+_HEX: Final = frozenset("0123456789ABCDEFabcdef")
+_UNRESERVED: Final = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _bad_byte_reason(where: str, b: int) -> str:
+    if b == 0:
+        return f"NUL in the request {where}"
+    if b >= 0x80:
+        return f"non-ASCII byte in the request {where}"
+    if b == 0x20:
+        return f"space in the request {where}"
+    if b == 0x5C:
+        return "backslash in the request path (ambiguous: some servers read it as '/')"
+    if b == 0x23:
+        return "fragment ('#') in the request target (RFC 9112 §3.2)"
+    return f"control character in the request {where}"
+
+
+def _decode_unreserved(path: str) -> str:
+    parts = path.split("%")
+    out = [parts[0]]
+    for part in parts[1:]:
+        if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
+            raise BadRequest("invalid percent-encoding in the request path")
+        b = int(part[:2], 16)
+        if b in _UNRESERVED:
+            out.append(chr(b))
+        elif b in (0x2F, 0x5C):
+            raise BadRequest("encoded '/' or '\\' in the request path is ambiguous")
+        elif b == 0:
+            raise BadRequest("encoded NUL in the request path")
+        elif b < 0x20 or b == 0x7F:
+            raise BadRequest("encoded control character in the request path")
+        else:
+            out.append("%" + part[:2].upper())
+        out.append(part[2:])
+    return "".join(out)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 plus `//` merging; `..` above the root is a 400."""
+    out: list[str] = []
+    segs = path[1:].split("/")
+    last = len(segs) - 1
+    trailing = False
+    for i, seg in enumerate(segs):
+        if seg == "" or seg == ".":
+            trailing = i == last
+        elif seg == "..":
+            if not out:
+                raise BadRequest("'..' above the root of the request path")
+            out.pop()
+            trailing = i == last
+        else:
+            if seg[0] == "." and seg.split(";", 1)[0] in (".", ".."):
+                raise BadRequest("dot segment with path parameters ('..;') is ambiguous")
+            out.append(seg)
+            trailing = False
+    if not out:
+        return "/"
+    return "/" + "/".join(out) + ("/" if trailing else "")
+
+
+def normalize_target(raw: bytes) -> Target:
+    """Normalise a raw request target or raise `BadRequest` (see the module docstring). Idempotent."""
+    if not raw or raw[0] != 0x2F:
+        raise BadRequest("request target is not in origin form (must start with '/')")
+    q = raw.find(b"?")
+    path_b = raw if q < 0 else raw[:q]
+    query_b = b"" if q < 0 else raw[q + 1 :]
+    bad = _BAD_PATH.search(path_b)
+    if bad is not None:
+        raise BadRequest(_bad_byte_reason("path", path_b[bad.start()]))
+    if query_b:
+        bad = _BAD_QUERY.search(query_b)
+        if bad is not None:
+            raise BadRequest(_bad_byte_reason("query", query_b[bad.start()]))
+        if b"%" in query_b and _BAD_QUERY_PCT.search(query_b) is not None:
+            raise BadRequest("invalid percent-encoding or NUL in the request query")
+    path = path_b.decode("ascii")
+    query = query_b.decode("ascii")
+    if "%" not in path and "//" not in path and "/." not in path:
+        # Fast path: already clean (no encoding, no dot segment, no empty segment).
+        forward = raw if q < 0 or query else path_b
+        return Target(path, query, forward)
+    if "%" in path:
+        path = _decode_unreserved(path)
+    path = _remove_dot_segments(path)
+    forward = (path + "?" + query if query else path).encode("ascii")
+    return Target(path, query, forward)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compiled policy
+
+
+_NONE: Final = 1 << 62  # "no matching rule": larger than any rule index
+
+
+class _Callers:
+    """Rules of one kind, one bucket and one method, indexed by caller."""
+
+    __slots__ = ("any", "exact", "patterns")
+
+    def __init__(self) -> None:
+        self.any = _NONE
+        self.exact: dict[SpiffeId, int] = {}
+        self.patterns: list[tuple[int, CallerPattern]] = []
+
+    def add(self, index: int, pattern: CallerPattern) -> None:
+        if pattern.kind is PatternKind.ANY:
+            self.any = min(self.any, index)
+        elif pattern.kind is PatternKind.EXACT:
+            assert pattern.exact is not None
+            self.exact[pattern.exact] = min(self.exact.get(pattern.exact, _NONE), index)
+        else:
+            bisect.insort(self.patterns, (index, pattern), key=lambda p: p[0])
+
+    def best(self, peer: SpiffeId, limit: int) -> int:
+        best = self.any if self.any < limit else limit
+        e = self.exact.get(peer, _NONE)
+        if e < best:
+            best = e
+        for index, pattern in self.patterns:
+            if index >= best:
+                break
+            if pattern.matches(peer):
+                return index
+        return best
+
+
+class _Kind:
+    """Rules of one kind in one bucket, indexed by method."""
+
+    __slots__ = ("any_method", "by_method")
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, _Callers] = {}
+        self.any_method: _Callers | None = None
+
+    def add(self, index: int, methods: frozenset[str] | None, callers: tuple[CallerPattern, ...]) -> None:
+        targets: list[_Callers] = []
+        if methods is None:
+            if self.any_method is None:
+                self.any_method = _Callers()
+            targets.append(self.any_method)
+        else:
+            for m in methods:
+                targets.append(self.by_method.setdefault(m, _Callers()))
+        for c in targets:
+            for pattern in callers:
+                c.add(index, pattern)
+
+    def best(self, method: str | None, peer: SpiffeId, limit: int) -> int:
+        if method is not None:
+            c = self.by_method.get(method)
+            if c is not None:
+                limit = c.best(peer, limit)
+        if self.any_method is not None:
+            limit = self.any_method.best(peer, limit)
+        return limit
+
+
+class _Bucket:
+    """Rules whose path pattern ends at one trie node (exactly, or with `**`)."""
+
+    __slots__ = ("allow", "hard", "soft")
+
+    def __init__(self) -> None:
+        self.hard: _Kind | None = None  # enforced deny rules
+        self.soft: _Kind | None = None  # audit-mode deny rules
+        self.allow: _Kind | None = None
+
+    def add(self, rule: Rule) -> None:
+        if rule.action == "allow":
+            kind = self.allow = self.allow or _Kind()
+        elif rule.mode == AUDIT:
+            kind = self.soft = self.soft or _Kind()
+        else:
+            kind = self.hard = self.hard or _Kind()
+        kind.add(rule.index, rule.methods, rule.callers)
+
+
+class _Node:
+    __slots__ = ("children", "exact", "star", "subtree")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Node] = {}
+        self.star: _Node | None = None
+        self.exact: _Bucket | None = None
+        self.subtree: _Bucket | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PathPattern:
+    """`segments` are literal segments or `*`; `subtree` when the pattern ends in `**`."""
+
+    text: str
+    segments: tuple[str, ...]
+    subtree: bool
+
+    def matches(self, path: str) -> bool:
+        """Reference (non-trie) matcher on a normalised path; used by `check` and tests."""
+        segs = path[1:].split("/")
+        n = len(self.segments)
+        if self.subtree:
+            if len(segs) < n:
+                return False
+        elif len(segs) != n:
+            return False
+        return all(w == h or (w == "*" and h != "") for w, h in zip(self.segments, segs, strict=False))
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    name: str
+    index: int
+    action: str  # "allow" | "deny"
+    mode: str  # "enforce" | "audit"
+    methods: frozenset[str] | None  # None: every method
+    paths: tuple[PathPattern, ...]
+    callers: tuple[CallerPattern, ...]
+    decision: Decision = field(repr=False, compare=False)
+
+    @property
+    def connection_level(self) -> bool:
+        """Applies to every path and method: the only kind `authorize_connection` consults."""
+        return self.methods is None and any(p.subtree and not p.segments for p in self.paths)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "action": self.action,
+            "mode": self.mode,
+            "methods": ["*"] if self.methods is None else sorted(self.methods),
+            "paths": [p.text for p in self.paths],
+            "callers": [c.text for c in self.callers],
+        }
+
+    def describe(self) -> str:
+        methods = "*" if self.methods is None else ",".join(sorted(self.methods))
+        paths = " ".join(p.text for p in self.paths)
+        callers = " ".join(c.text for c in self.callers)
+        audit = " (audit)" if self.mode == AUDIT else ""
+        return f"{self.name}: {self.action}{audit} {methods} {paths} from {callers}"
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A compiled policy. Immutable after `compile_policy`; swap whole policies to reload."""
+
+    source: str
+    mode: str
+    rules: tuple[Rule, ...]
+    _root: _Node = field(repr=False, compare=False)
+    _decisions: tuple[Decision, ...] = field(repr=False, compare=False)
+
+    @property
+    def path_specific_rules(self) -> tuple[str, ...]:
+        """Names of rules a TCP listener cannot enforce (they name paths or methods)."""
+        return tuple(r.name for r in self.rules if not r.connection_level)
+
+    def describe(self) -> list[str]:
+        """Readable lines for `spiffe-sidecar check`."""
+        lines = [f"policy {self.source}: mode {self.mode}, {len(self.rules)} rule(s), default deny"]
+        lines += [f"  {r.index + 1}. {r.describe()}" for r in self.rules]
+        if not self.rules:
+            lines.append("  (no rules: every request is denied)")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the admin `/config` endpoint."""
+        return {
+            "source": self.source,
+            "mode": self.mode,
+            "default": "deny",
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+
+def _default_deny(policy: Policy, peer: SpiffeId, what: str) -> Decision:
+    enforced = policy.mode == ENFORCE
+    reason = f"caller {peer} matches no allow rule for {what}"
+    if not enforced:
+        reason += " (audit mode: forwarded)"
+    return Decision(False, enforced, DEFAULT_DENY, reason, policy.mode)
+
+
+def authorize(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
+    """Decide one request. `path` MUST come from `normalize_target` (`Target.path`)."""
+    hard = allow = soft = _NONE
+    nodes: list[_Node] = [policy._root]
+    for seg in path[1:].split("/"):
+        nxt: list[_Node] = []
+        for node in nodes:
+            b = node.subtree
+            if b is not None:
+                if b.hard is not None:
+                    hard = b.hard.best(method, peer, hard)
+                if b.allow is not None:
+                    allow = b.allow.best(method, peer, allow)
+                if b.soft is not None:
+                    soft = b.soft.best(method, peer, soft)
+            child = node.children.get(seg)
+            if child is not None:
+                nxt.append(child)
+            if node.star is not None and seg:
+                nxt.append(node.star)
+        nodes = nxt
+        if not nodes:
+            break
+    for node in nodes:
+        for b in (node.subtree, node.exact):
+            if b is not None:
+                if b.hard is not None:
+                    hard = b.hard.best(method, peer, hard)
+                if b.allow is not None:
+                    allow = b.allow.best(method, peer, allow)
+                if b.soft is not None:
+                    soft = b.soft.best(method, peer, soft)
+    if hard != _NONE:
+        return policy._decisions[hard]
+    if allow != _NONE:
+        return policy._decisions[soft if soft != _NONE else allow]
+    return _default_deny(policy, peer, f"{method} {path}")
+
+
+def authorize_connection(policy: Policy, peer: SpiffeId) -> Decision:
+    """Decide a TCP-mode connection on the caller alone, from the rules for every path and method."""
+    b = policy._root.subtree
+    hard = allow = soft = _NONE
+    if b is not None:
+        if b.hard is not None:
+            hard = b.hard.best(None, peer, hard)
+        if b.allow is not None:
+            allow = b.allow.best(None, peer, allow)
+        if b.soft is not None:
+            soft = b.soft.best(None, peer, soft)
+    if hard != _NONE:
+        return policy._decisions[hard]
+    if allow != _NONE:
+        return policy._decisions[soft if soft != _NONE else allow]
+    return _default_deny(policy, peer, "a connection")
+
+
+def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
+    """`authorize` on a raw path (normalised first; raises `BadRequest` where the edge would send 400)."""
+    try:
+        raw = path.encode("ascii")
+    except UnicodeEncodeError:
+        raise BadRequest("non-ASCII byte in the request path") from None
+    return authorize(policy, peer, method, normalize_target(raw).path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compilation
+
+
+_RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "callers"})
+_POLICY_KEYS: Final = frozenset({"mode", "rules"})
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_METHOD_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_TAIL_RE: Final = re.compile(r"(\[\d+\]|\.[^.\[\]]+)$")
+
+
+class _Problems:
+    def __init__(self, source: str, lines: Mapping[str, int] | None, prefix: str) -> None:
+        self.source = source
+        self.lines = lines
+        self.prefix = prefix
+        self.items: list[Problem] = []
+
+    def field(self, sub: str) -> str:
+        if not self.prefix:
+            return sub
+        if not sub or sub.startswith("["):
+            return self.prefix + sub
+        return f"{self.prefix}.{sub}"
+
+    def _line(self, path: str) -> int | None:
+        if not self.lines:
+            return None
+        while True:
+            line = self.lines.get(path)
+            if line is not None:
+                return line
+            shorter = _FIELD_TAIL_RE.sub("", path)
+            if shorter == path or not shorter:
+                return self.lines.get("")
+            path = shorter
+
+    def add(self, sub: str, message: str) -> None:
+        path = self.field(sub)
+        line = self._line(path)
+        loc = f"{self.source}:{line}" if line is not None else self.source
+        self.items.append(Problem(f"{loc}: {path}" if path else loc, message))
+
+
+def _parse_path_pattern(text: str) -> PathPattern | str:
+    """A pattern, or the reason it is not one."""
+    if text == "**":
+        text = "/**"
+    if not text.startswith("/"):
+        return "a path pattern starts with '/' (or is '**' for every path)"
+    if "?" in text or "#" in text:
+        return "a path pattern has no query or fragment (query strings do not take part in matching)"
+    segs = text[1:].split("/")
+    subtree = segs[-1] == "**"
+    if subtree:
+        segs = segs[:-1]
+        if "" in segs:
+            return "empty segment in a path pattern"
+    for seg in segs:
+        if "**" in seg:
+            return "'**' is only allowed as the whole last segment"
+        if "*" in seg and seg != "*":
+            return "a wildcard must be a whole segment ('*' or a final '**'), not part of one"
+    literal = "/" + "/".join(segs)
+    try:
+        norm = normalize_target(literal.encode("ascii")).path if literal.isascii() else None
+    except BadRequest as e:
+        return f"not a valid request path: {e.reason}"
+    if norm is None:
+        return "path patterns must be ASCII (percent-encode other characters)"
+    if norm != literal:
+        shown = norm if not subtree else (norm.rstrip("/") + "/**")
+        return f"path pattern is not normalised: requests are matched on {shown!r}"
+    return PathPattern(text, tuple(segs), subtree)
+
+
+def _string_list(value: Any, key: str, where: str, problems: _Problems, *, allow_star: bool = True) -> list[str] | None:
+    if not isinstance(value, list):
+        problems.add(where, f"'{key}' must be a list of strings")
+        return None
+    if not value:
+        problems.add(where, f"'{key}' cannot be empty (omit it or write ['*'])")
+        return None
+    out: list[str] = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            problems.add(f"{where}[{i}]", "must be a string")
+            continue
+        if item in out:
+            problems.add(f"{where}[{i}]", f"duplicate entry {item!r}")
+            continue
+        out.append(item)
+    if allow_star and "*" in out and len(value) > 1:
+        problems.add(where, "'*' must be the only entry")
+        return None
+    return out
+
+
+def _rule_decision(name: str, action: str, mode: str, policy_mode: str) -> Decision:
+    audit = mode == AUDIT or policy_mode == AUDIT
+    shown_mode = AUDIT if audit else ENFORCE
+    if action == "allow":
+        return Decision(True, not audit, name, f"allowed by rule '{name}'", shown_mode)
+    if audit:
+        return Decision(False, False, name, f"would be denied by rule '{name}' (audit mode: forwarded)", AUDIT)
+    return Decision(False, True, name, f"denied by rule '{name}'", ENFORCE)
+
+
+def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = None, *, prefix: str = "") -> Policy:
+    """Compile a parsed YAML mapping; collect every problem and raise `ConfigError` if there are any.
+
+    `lines` maps field paths (`rules[1].paths[0]`, with `prefix` prepended when given, e.g.
+    `inbound.policy.rules[1]`) to line numbers; the nearest enclosing field's line is used.
+    """
+    problems = _Problems(source, lines, prefix)
+    if not isinstance(data, Mapping):
+        problems.add("", "a policy is a mapping with 'rules' (and optionally 'mode')")
+        raise ConfigError(problems.items)
+    for key in data:
+        if key not in _POLICY_KEYS:
+            problems.add(str(key), f"unknown key {key!r} (expected one of: mode, rules)")
+    policy_mode = data.get("mode", ENFORCE)
+    if policy_mode not in (ENFORCE, AUDIT):
+        problems.add("mode", "must be 'enforce' or 'audit'")
+        policy_mode = ENFORCE
+    raw_rules = data.get("rules", [])
+    if raw_rules is None:
+        raw_rules = []
+    if not isinstance(raw_rules, list):
+        problems.add("rules", "must be a list of rules")
+        raw_rules = []
+    rules: list[Rule] = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_rules):
+        rule = _compile_rule(raw, f"rules[{i}]", len(rules), policy_mode, names, problems)
+        if rule is not None:
+            rules.append(rule)
+    if problems.items:
+        raise ConfigError(problems.items)
+    root = _Node()
+    for rule in rules:
+        for pattern in rule.paths:
+            node = root
+            for seg in pattern.segments:
+                if seg == "*":
+                    if node.star is None:
+                        node.star = _Node()
+                    node = node.star
+                else:
+                    node = node.children.setdefault(seg, _Node())
+            if pattern.subtree:
+                node.subtree = node.subtree or _Bucket()
+                node.subtree.add(rule)
+            else:
+                node.exact = node.exact or _Bucket()
+                node.exact.add(rule)
+    return Policy(source, policy_mode, tuple(rules), root, tuple(r.decision for r in rules))
+
+
+def _compile_rule(
+    raw: Any, where: str, index: int, policy_mode: str, names: set[str], problems: _Problems
+) -> Rule | None:
+    before = len(problems.items)
+    if not isinstance(raw, Mapping):
+        problems.add(where, "a rule is a mapping with name, action, callers (and paths, methods, mode)")
+        return None
+    for key in raw:
+        if key not in _RULE_KEYS:
+            problems.add(
+                f"{where}.{key}",
+                f"unknown key {key!r} (expected one of: {', '.join(sorted(_RULE_KEYS))})",
+            )
+    name = raw.get("name")
+    if name is None:
+        problems.add(where, "'name' is required")
+    elif not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
+        problems.add(f"{where}.name", "must be 1-63 letters, digits, '.', '_' or '-', starting alphanumeric")
+    elif name == DEFAULT_DENY:
+        problems.add(f"{where}.name", f"'{DEFAULT_DENY}' is reserved")
+    elif name in names:
+        problems.add(f"{where}.name", f"duplicate rule name {name!r}")
+    else:
+        names.add(name)
+    action = raw.get("action")
+    if action is None:
+        problems.add(where, "'action' is required (allow or deny)")
+    elif action not in ("allow", "deny"):
+        problems.add(f"{where}.action", "must be 'allow' or 'deny'")
+    mode = raw.get("mode", ENFORCE)
+    if mode not in (ENFORCE, AUDIT):
+        problems.add(f"{where}.mode", "must be 'enforce' or 'audit'")
+    elif mode == AUDIT and action == "allow":
+        problems.add(
+            f"{where}.mode",
+            "'audit' applies to deny rules only (a dry-run allow must not grant access); "
+            "to dry-run the whole policy set 'mode: audit' at the top",
+        )
+
+    methods: frozenset[str] | None = None
+    if "methods" in raw:
+        items = _string_list(raw["methods"], "methods", f"{where}.methods", problems)
+        if items is not None and items != ["*"]:
+            for j, m in enumerate(items):
+                if _METHOD_RE.fullmatch(m) is None:
+                    problems.add(f"{where}.methods[{j}]", f"{m!r} is not an HTTP method token")
+                elif m != m.upper():
+                    problems.add(
+                        f"{where}.methods[{j}]",
+                        f"methods are case-sensitive (RFC 9110 §9.1): write {m.upper()!r}",
+                    )
+            methods = frozenset(items)
+
+    paths: list[PathPattern] = [PathPattern("/**", (), True)]
+    if "paths" in raw:
+        paths = []
+        items = _string_list(raw["paths"], "paths", f"{where}.paths", problems, allow_star=False)
+        for j, text in enumerate(items or ()):
+            parsed = _parse_path_pattern(text)
+            if isinstance(parsed, str):
+                problems.add(f"{where}.paths[{j}]", parsed)
+            else:
+                paths.append(parsed)
+
+    callers: list[CallerPattern] = []
+    if "callers" not in raw:
+        problems.add(where, "'callers' is required (a list of SPIFFE ID patterns, or ['*'])")
+    else:
+        items = _string_list(raw["callers"], "callers", f"{where}.callers", problems)
+        for j, text in enumerate(items or ()):
+            try:
+                callers.append(CallerPattern.parse(text))
+            except IdentityError as e:
+                problems.add(f"{where}.callers[{j}]", f"{text!r}: {e.reason}")
+
+    if len(problems.items) != before:
+        return None
+    assert isinstance(name, str) and isinstance(action, str) and isinstance(mode, str)
+    return Rule(
+        name,
+        index,
+        action,
+        mode,
+        methods,
+        tuple(paths),
+        tuple(callers),
+        _rule_decision(name, action, mode, policy_mode),
+    )

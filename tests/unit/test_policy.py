@@ -1,0 +1,737 @@
+"""sidecar/policy.py: target normalisation, compilation, evaluation (trie vs a naive evaluator)."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.identity import CallerPattern, SpiffeId
+from sidecar.policy import (
+    AUDIT,
+    DEFAULT_DENY,
+    ENFORCE,
+    BadRequest,
+    Decision,
+    Policy,
+    authorize,
+    authorize_connection,
+    compile_policy,
+    explain,
+    normalize_target,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+REPORTING = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
+OTHER_TD = SpiffeId.parse("spiffe://other.org/ns/shop/sa/checkout")
+
+
+def load_inventory() -> Policy:
+    path = ROOT / "config" / "inventory-policy.yaml"
+    return compile_policy(yaml.safe_load(path.read_text()), str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The running example
+
+
+def test_inventory_example_three_facts() -> None:
+    policy = load_inventory()
+    # checkout may GET /api/stock/*
+    d = explain(policy, CHECKOUT, "GET", "/api/stock/42")
+    assert d.allowed and d.forward and d.rule == "checkout-reads-stock"
+    # nobody may call /admin/** (including /admin itself)
+    for caller in (CHECKOUT, REPORTING, OTHER_TD):
+        for method in ("GET", "POST", "DELETE"):
+            for path in ("/admin", "/admin/", "/admin/users/1"):
+                d = explain(policy, caller, method, path)
+                assert not d.forward and d.rule == "no-admin", (caller, method, path)
+    # reporting may call nothing
+    for method in ("GET", "POST", "HEAD"):
+        for path in ("/", "/api/stock/42", "/api/stock", "/healthz"):
+            d = explain(policy, REPORTING, method, path)
+            assert not d.forward and d.rule == DEFAULT_DENY
+
+
+# (caller, method, raw target) -> verdict, rule, forwarded target or None for a 400
+TRANSCRIPT: list[tuple[SpiffeId, str, bytes, str, str, bytes | None]] = [
+    (CHECKOUT, "GET", b"/api/stock/42", "allow", "checkout-reads-stock", b"/api/stock/42"),
+    (
+        CHECKOUT,
+        "GET",
+        b"/api/stock/42?fields=qty&x=%20",
+        "allow",
+        "checkout-reads-stock",
+        b"/api/stock/42?fields=qty&x=%20",
+    ),
+    (CHECKOUT, "GET", b"/api/./stock//42", "allow", "checkout-reads-stock", b"/api/stock/42"),
+    (CHECKOUT, "GET", b"/api/stock/%34%32", "allow", "checkout-reads-stock", b"/api/stock/42"),
+    (CHECKOUT, "HEAD", b"/api/stock/42", "deny", DEFAULT_DENY, b"/api/stock/42"),
+    (CHECKOUT, "POST", b"/api/stock/42", "deny", DEFAULT_DENY, b"/api/stock/42"),
+    (CHECKOUT, "get", b"/api/stock/42", "deny", DEFAULT_DENY, b"/api/stock/42"),
+    (CHECKOUT, "GET", b"/api/stock", "deny", DEFAULT_DENY, b"/api/stock"),
+    (CHECKOUT, "GET", b"/api/stock/", "deny", DEFAULT_DENY, b"/api/stock/"),
+    (CHECKOUT, "GET", b"/api/stock/42/history", "deny", DEFAULT_DENY, b"/api/stock/42/history"),
+    (CHECKOUT, "GET", b"/admin", "deny", "no-admin", b"/admin"),
+    (CHECKOUT, "GET", b"/admin/", "deny", "no-admin", b"/admin/"),
+    (CHECKOUT, "GET", b"/api/stock/../../admin/x", "deny", "no-admin", b"/admin/x"),
+    (CHECKOUT, "GET", b"/api/stock/%2e%2e/%2E%2E/admin", "deny", "no-admin", b"/admin"),
+    (CHECKOUT, "GET", b"/%61dmin/users", "deny", "no-admin", b"/admin/users"),
+    (CHECKOUT, "GET", b"//admin//users", "deny", "no-admin", b"/admin/users"),
+    (CHECKOUT, "GET", b"/ADMIN", "deny", DEFAULT_DENY, b"/ADMIN"),
+    (CHECKOUT, "GET", b"/administrator", "deny", DEFAULT_DENY, b"/administrator"),
+    (CHECKOUT, "GET", b"/api/stock%2f42", "400", "", None),
+    (CHECKOUT, "GET", b"/api/stock/..;/..;/admin", "400", "", None),
+    (CHECKOUT, "GET", b"/api/stock/42#frag", "400", "", None),
+    (CHECKOUT, "GET", b"/../admin", "400", "", None),
+    (CHECKOUT, "GET", b"http://inventory/api/stock/42", "400", "", None),
+    (REPORTING, "GET", b"/api/stock/42", "deny", DEFAULT_DENY, b"/api/stock/42"),
+    (OTHER_TD, "GET", b"/api/stock/42", "deny", DEFAULT_DENY, b"/api/stock/42"),
+]
+
+
+@pytest.mark.parametrize(("peer", "method", "raw", "verdict", "rule", "forward"), TRANSCRIPT)
+def test_inventory_transcript(
+    peer: SpiffeId, method: str, raw: bytes, verdict: str, rule: str, forward: bytes | None
+) -> None:
+    policy = load_inventory()
+    if forward is None:
+        with pytest.raises(BadRequest):
+            normalize_target(raw)
+        return
+    target = normalize_target(raw)
+    assert target.forward == forward
+    d = authorize(policy, peer, method, target.path)
+    assert (d.verdict, d.rule) == (verdict, rule)
+    assert d.mode == ENFORCE and d.enforced
+
+
+def test_default_deny_reason_names_caller_and_request() -> None:
+    d = authorize(load_inventory(), REPORTING, "GET", "/api/stock/42")
+    assert d.reason == ("caller spiffe://example.org/ns/shop/sa/reporting matches no allow rule for GET /api/stock/42")
+
+
+def test_rule_decisions_are_precomputed() -> None:
+    policy = load_inventory()
+    a = authorize(policy, CHECKOUT, "GET", "/api/stock/1")
+    b = authorize(policy, CHECKOUT, "GET", "/api/stock/2")
+    assert a is b
+
+
+# ---------------------------------------------------------------------------------------------------------
+# normalize_target
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "query"),
+    [
+        (b"/", "/", ""),
+        (b"/a", "/a", ""),
+        (b"/a/", "/a/", ""),
+        (b"/a?", "/a", ""),
+        (b"/a?b=c?d", "/a", "b=c?d"),
+        (b"/a/./b", "/a/b", ""),
+        (b"/a/.", "/a/", ""),
+        (b"/a/b/..", "/a/", ""),
+        (b"/a/..", "/", ""),
+        (b"/a//b", "/a/b", ""),
+        (b"//", "/", ""),
+        (b"/a//", "/a/", ""),
+        (b"/.well-known/x", "/.well-known/x", ""),
+        (b"/a/...", "/a/...", ""),
+        (b"/a/.b/..c", "/a/.b/..c", ""),
+        (b"/%41%7a%30%2d%2e%5f%7e", "/Az0-._~", ""),
+        (b"/%3a%3A%40", "/%3A%3A%40", ""),
+        (b"/%c3%a9", "/%C3%A9", ""),
+        (b"/%25", "/%25", ""),
+        (b"/%252e%252e/", "/%252e%252e/", ""),
+        (b"/a;b=c/d", "/a;b=c/d", ""),
+        (b"/*", "/*", ""),
+        (b"/a|{}", "/a|{}", ""),
+        (b"/a?x=%2F%00a", None, None),  # %00 in the query
+        (b"/a?x=%2f&y=%0a", "/a", "x=%2f&y=%0a"),  # the query is validated but forwarded untouched
+    ],
+)
+def test_normalize_accepts(raw: bytes, path: str | None, query: str | None) -> None:
+    if path is None:
+        with pytest.raises(BadRequest):
+            normalize_target(raw)
+        return
+    t = normalize_target(raw)
+    assert (t.path, t.query) == (path, query)
+    assert t.forward == (path + ("?" + query if query else "")).encode()
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"", "origin form"),
+        (b"*", "origin form"),
+        (b"a/b", "origin form"),
+        (b"http://x/a", "origin form"),
+        (b"/a%2fb", "encoded '/'"),
+        (b"/a%2Fb", "encoded '/'"),
+        (b"/a%5cb", "encoded '/' or '\\'"),
+        (b"/a\\b", "backslash"),
+        (b"/a\x00", "NUL"),
+        (b"/a%00", "NUL"),
+        (b"/a%0a", "control"),
+        (b"/a%7f", "control"),
+        (b"/a\x7f", "control"),
+        (b"/a\tb", "control"),
+        (b"/a b", "space"),
+        (b"/a\xc3\xa9", "non-ASCII"),
+        (b"/a?\xff", "non-ASCII"),
+        (b"/a%", "percent"),
+        (b"/a%4", "percent"),
+        (b"/a%zz", "percent"),
+        (b"/a%%41", "percent"),
+        (b"/a?x=%g1", "percent"),
+        (b"/a#b", "fragment"),
+        (b"/a?b#c", "fragment"),
+        (b"/..", "above the root"),
+        (b"/a/../..", "above the root"),
+        (b"/%2e%2e/a", "above the root"),
+        (b"/a/..;/b", "'..;'"),
+        (b"/a/.;x/b", "'..;'"),
+        (b"/a/%2e%2e;/b", "'..;'"),
+    ],
+)
+def test_normalize_rejects(raw: bytes, fragment: str) -> None:
+    with pytest.raises(BadRequest) as e:
+        normalize_target(raw)
+    assert fragment in e.value.reason
+    assert isinstance(e.value, SidecarError)
+
+
+def test_fast_path_returns_raw_bytes() -> None:
+    raw = b"/api/stock/42?x=1"
+    assert normalize_target(raw).forward is raw
+
+
+_TOKENS = [
+    "/",
+    "//",
+    "a",
+    "b",
+    "api",
+    "admin",
+    "stock",
+    ".",
+    "..",
+    "%2e",
+    "%2E%2e",
+    "%2f",
+    "%5C",
+    "%41",
+    "%61dmin",
+    ";",
+    "..;",
+    "%3b",
+    "?",
+    "#",
+    "%",
+    "%0",
+    "%00",
+    "%25",
+    "%7e",
+    "~",
+    "\\",
+    " ",
+    "\x00",
+    "é",
+    "*",
+    "x=1",
+]
+_raw_targets = st.lists(st.sampled_from(_TOKENS), max_size=12).map(lambda ts: "".join(ts).encode("utf-8"))
+_slash_targets = _raw_targets.map(lambda b: b"/" + b)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(st.binary(max_size=64), _raw_targets, _slash_targets))
+@example(b"/%2e%2e")
+@example(b"/a/%2e/")
+def test_normalize_never_raises_anything_else_and_is_idempotent(raw: bytes) -> None:
+    try:
+        t = normalize_target(raw)
+    except BadRequest:
+        return
+    again = normalize_target(t.forward)
+    assert again == t
+    # The result is clean: no dot or empty segment inside, no '%' before an unreserved character.
+    segs = t.path[1:].split("/")
+    assert all(s not in (".", "..") for s in segs)
+    assert all(segs[:-1])
+    assert re.search(r"%(?![0-9A-F]{2})", t.path) is None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safety properties
+
+
+API_ONLY = compile_policy(
+    {"rules": [{"name": "api", "action": "allow", "paths": ["/api/**"], "callers": ["*"]}]}, "api-only"
+)
+ADMIN_DENY = compile_policy(
+    {
+        "rules": [
+            {"name": "all", "action": "allow", "callers": ["*"]},
+            {"name": "no-admin", "action": "deny", "paths": ["/admin/**"], "callers": ["*"]},
+        ]
+    },
+    "admin-deny",
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_slash_targets, st.sampled_from(["GET", "POST", "DELETE"]))
+def test_nothing_under_admin_is_ever_allowed(raw: bytes, method: str) -> None:
+    try:
+        t = normalize_target(raw)
+    except BadRequest:
+        return
+    under_admin = t.path == "/admin" or t.path.startswith("/admin/")
+    under_api = t.path == "/api" or t.path.startswith("/api/")
+    d = authorize(API_ONLY, CHECKOUT, method, t.path)
+    assert d.forward == under_api
+    if under_admin:
+        assert not d.forward
+        d = authorize(ADMIN_DENY, CHECKOUT, method, t.path)
+        assert not d.forward and d.rule == "no-admin"
+
+
+@settings(max_examples=300, deadline=None)
+@given(_slash_targets, st.sampled_from([CHECKOUT, REPORTING]), st.sampled_from(["GET", "POST"]))
+def test_audit_mode_changes_only_whether_not_what(raw: bytes, peer: SpiffeId, method: str) -> None:
+    data = yaml.safe_load((ROOT / "config" / "inventory-policy.yaml").read_text())
+    enforce = compile_policy(data, "enforce")
+    audit = compile_policy({**data, "mode": "audit"}, "audit")
+    try:
+        t = normalize_target(raw)
+    except BadRequest:
+        return  # a 400 is a 400 in both modes (normalisation does not depend on the policy)
+    de = authorize(enforce, peer, method, t.path)
+    da = authorize(audit, peer, method, t.path)
+    assert (de.allowed, de.rule) == (da.allowed, da.rule)
+    assert da.forward and da.mode == AUDIT and not da.enforced
+    assert de.forward == de.allowed
+    assert normalize_target(raw) == t  # same forwarded target whatever the mode
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trie agrees with a naive O(rules) evaluator
+
+
+def _naive_path_regex(pattern: str) -> re.Pattern[str]:
+    if pattern in ("**", "/**"):
+        return re.compile(r"/.*")
+    segs = pattern[1:].split("/")
+    subtree = segs[-1] == "**"
+    if subtree:
+        segs = segs[:-1]
+    body = "".join("/" + ("[^/]+" if s == "*" else re.escape(s)) for s in segs)
+    return re.compile(body + "(/.*)?" if subtree else body)
+
+
+def naive(data: dict[str, Any], peer: SpiffeId, method: str | None, path: str | None) -> tuple[bool, bool, str]:
+    """(allowed, enforced, rule) by scanning every rule; `method`/`path` None = connection level."""
+    policy_audit = data.get("mode") == "audit"
+    rules = []
+    for r in data["rules"]:
+        paths = r.get("paths", ["/**"])
+        methods = r.get("methods", ["*"])
+        if method is None:
+            if methods != ["*"] or not any(p in ("**", "/**") for p in paths):
+                continue
+            ok_path = ok_method = True
+        else:
+            assert path is not None
+            ok_path = any(_naive_path_regex(p).fullmatch(path) for p in paths)
+            ok_method = methods == ["*"] or method in methods
+        ok_caller = any(CallerPattern.parse(c).matches(peer) for c in r["callers"])
+        if ok_path and ok_method and ok_caller:
+            rules.append(r)
+    for r in rules:
+        if r["action"] == "deny" and r.get("mode", "enforce") == "enforce":
+            return False, not policy_audit, r["name"]
+    allows = [r for r in rules if r["action"] == "allow"]
+    if allows:
+        soft = [r for r in rules if r["action"] == "deny"]
+        if soft:
+            return False, False, soft[0]["name"]
+        return True, not policy_audit, allows[0]["name"]
+    return False, not policy_audit, DEFAULT_DENY
+
+
+PEERS = [
+    CHECKOUT,
+    REPORTING,
+    OTHER_TD,
+    SpiffeId.parse("spiffe://example.org/ns/shop/sa/web"),
+    SpiffeId.parse("spiffe://example.org/ns/ops/sa/checkout"),
+    SpiffeId.parse("spiffe://example.org/ns/shop"),
+]
+CALLERS = [
+    "*",
+    str(CHECKOUT),
+    str(REPORTING),
+    str(OTHER_TD),
+    "spiffe://example.org/ns/shop/sa/*",
+    "spiffe://example.org/ns/*/sa/checkout",
+    "spiffe://example.org/ns/**",
+    "spiffe://example.org/**",
+    "spiffe://other.org/**",
+]
+SEGS = ["a", "b", "c"]
+METHODS = ["GET", "POST", "HEAD"]
+
+_pattern = st.builds(
+    lambda segs, tail: "/" + "/".join(segs + tail) if segs or tail else "/",
+    st.lists(st.sampled_from([*SEGS, "*"]), max_size=3),
+    st.sampled_from([[], ["**"], [""]]),
+).filter(lambda p: "//" not in p and p != "/**/" and not p.endswith("/**/"))
+
+
+@st.composite
+def _rules(draw: st.DrawFn, max_rules: int = 12) -> dict[str, Any]:
+    rules: list[dict[str, Any]] = []
+    for i in range(draw(st.integers(0, max_rules))):
+        action = draw(st.sampled_from(["allow", "deny"]))
+        rule: dict[str, Any] = {"name": f"r{i}", "action": action}
+        if action == "deny" and draw(st.booleans()):
+            rule["mode"] = draw(st.sampled_from(["audit", "enforce"]))
+        if draw(st.booleans()):
+            rule["paths"] = draw(st.lists(_pattern, min_size=1, max_size=3, unique=True))
+        if draw(st.booleans()):
+            rule["methods"] = draw(
+                st.one_of(st.just(["*"]), st.lists(st.sampled_from(METHODS), min_size=1, max_size=2, unique=True))
+            )
+        rule["callers"] = draw(
+            st.one_of(st.just(["*"]), st.lists(st.sampled_from(CALLERS[1:]), min_size=1, max_size=3, unique=True))
+        )
+        rules.append(rule)
+    data: dict[str, Any] = {"rules": rules}
+    if draw(st.booleans()):
+        data["mode"] = draw(st.sampled_from(["audit", "enforce"]))
+    return data
+
+
+_paths = st.builds(
+    lambda segs, slash: "/" + "/".join(segs) + ("/" if slash and segs else ""),
+    st.lists(st.sampled_from([*SEGS, "d"]), max_size=4),
+    st.booleans(),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_rules(), st.lists(st.tuples(st.sampled_from(PEERS), st.sampled_from(METHODS), _paths), max_size=8))
+def test_trie_agrees_with_naive(data: dict[str, Any], requests: list[tuple[SpiffeId, str, str]]) -> None:
+    policy = compile_policy(data, "random")
+    for peer, method, path in requests:
+        d = authorize(policy, peer, method, path)
+        assert (d.allowed, d.enforced, d.rule) == naive(data, peer, method, path), (peer, method, path)
+        assert d.forward == (d.allowed or not d.enforced)
+    for peer in PEERS:
+        d = authorize_connection(policy, peer)
+        assert (d.allowed, d.enforced, d.rule) == naive(data, peer, None, None), peer
+
+
+def _big_policy(n: int, seed: int) -> dict[str, Any]:
+    rnd = random.Random(seed)
+    segs = [f"s{i}" for i in range(20)]
+    rules = []
+    for i in range(n):
+        depth = rnd.randint(0, 4)
+        parts = [rnd.choice([*segs, "*"]) if rnd.random() < 0.2 else rnd.choice(segs[:6]) for _ in range(depth)]
+        tail = rnd.choice([[], ["**"]])
+        path = "/" + "/".join(parts + tail) if parts or tail else "/"
+        action = "deny" if rnd.random() < 0.15 else "allow"
+        rule: dict[str, Any] = {
+            "name": f"rule-{i}",
+            "action": action,
+            "paths": [path],
+            "callers": [rnd.choice(CALLERS)] if rnd.random() < 0.3 else [f"spiffe://example.org/ns/n{i}/sa/s"],
+        }
+        if rnd.random() < 0.5:
+            rule["methods"] = [rnd.choice(METHODS)]
+        if action == "deny" and rnd.random() < 0.3:
+            rule["mode"] = "audit"
+        rules.append(rule)
+    return {"rules": rules}
+
+
+BIG = _big_policy(1000, seed=7)
+BIG_POLICY = compile_policy(BIG, "big")
+BIG_PEERS = [*PEERS, *(SpiffeId.parse(f"spiffe://example.org/ns/n{i}/sa/s") for i in range(0, 1000, 37))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(BIG_PEERS),
+    st.sampled_from(METHODS),
+    st.lists(st.sampled_from([f"s{i}" for i in range(8)]), max_size=5),
+)
+def test_thousand_rule_policy_agrees_with_naive(peer: SpiffeId, method: str, segs: list[str]) -> None:
+    path = "/" + "/".join(segs)
+    d = authorize(BIG_POLICY, peer, method, path)
+    assert (d.allowed, d.enforced, d.rule) == naive(BIG, peer, method, path)
+
+
+def test_thousand_rules_same_path_many_callers() -> None:
+    # Every rule on one path with its own exact caller: the caller dict answers, not a scan.
+    data = {
+        "rules": [
+            {
+                "name": f"r{i}",
+                "action": "allow",
+                "methods": ["GET"],
+                "paths": ["/api/stock/*"],
+                "callers": [f"spiffe://example.org/ns/n{i}/sa/s"],
+            }
+            for i in range(1000)
+        ]
+    }
+    policy = compile_policy(data, "many")
+    for i in (0, 1, 500, 999):
+        peer = SpiffeId.parse(f"spiffe://example.org/ns/n{i}/sa/s")
+        assert authorize(policy, peer, "GET", "/api/stock/1").rule == f"r{i}"
+    assert authorize(policy, CHECKOUT, "GET", "/api/stock/1").rule == DEFAULT_DENY
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Audit mode details
+
+
+def test_audit_deny_rule_with_allow_is_would_deny_and_forwarded() -> None:
+    policy = compile_policy(
+        {
+            "rules": [
+                {"name": "reads", "action": "allow", "methods": ["GET"], "callers": ["*"]},
+                {"name": "trial", "action": "deny", "mode": "audit", "paths": ["/api/**"], "callers": [str(REPORTING)]},
+            ]
+        },
+        "p",
+    )
+    d = authorize(policy, REPORTING, "GET", "/api/x")
+    assert (d.allowed, d.enforced, d.rule, d.mode, d.verdict, d.forward) == (
+        False,
+        False,
+        "trial",
+        AUDIT,
+        "would-deny",
+        True,
+    )
+    # No allow: the default deny still applies (an audit rule never grants).
+    d = authorize(policy, REPORTING, "POST", "/api/x")
+    assert (d.rule, d.forward) == (DEFAULT_DENY, False)
+    # Other callers: the allow decides.
+    d = authorize(policy, CHECKOUT, "GET", "/api/x")
+    assert (d.rule, d.verdict, d.enforced) == ("reads", "allow", True)
+
+
+def test_whole_policy_audit() -> None:
+    data = yaml.safe_load((ROOT / "config" / "inventory-policy.yaml").read_text())
+    policy = compile_policy({**data, "mode": "audit"}, "p")
+    d = authorize(policy, REPORTING, "GET", "/api/stock/1")
+    assert (d.rule, d.verdict, d.forward, d.mode) == (DEFAULT_DENY, "would-deny", True, AUDIT)
+    assert "audit" in d.reason
+    d = authorize(policy, CHECKOUT, "GET", "/admin")
+    assert (d.rule, d.verdict, d.forward) == ("no-admin", "would-deny", True)
+    d = authorize(policy, CHECKOUT, "GET", "/api/stock/1")
+    assert (d.verdict, d.forward, d.enforced, d.mode) == ("allow", True, False, AUDIT)
+
+
+def test_decision_forward_property() -> None:
+    assert Decision(True, True, "r", "", ENFORCE).forward
+    assert Decision(True, False, "r", "", AUDIT).forward
+    assert Decision(False, False, "r", "", AUDIT).forward
+    assert not Decision(False, True, "r", "", ENFORCE).forward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connection level (TCP mode)
+
+
+def test_authorize_connection() -> None:
+    policy = compile_policy(
+        {
+            "rules": [
+                {"name": "shop", "action": "allow", "callers": ["spiffe://example.org/ns/shop/**"]},
+                {"name": "all-paths", "action": "allow", "paths": ["**"], "callers": [str(OTHER_TD)]},
+                {"name": "gets", "action": "allow", "methods": ["GET"], "callers": ["*"]},
+                {"name": "no-reporting", "action": "deny", "paths": ["/**"], "callers": [str(REPORTING)]},
+                {"name": "path-deny", "action": "deny", "paths": ["/x"], "callers": ["*"]},
+            ]
+        },
+        "tcp",
+    )
+    assert authorize_connection(policy, CHECKOUT).rule == "shop"
+    assert authorize_connection(policy, OTHER_TD).rule == "all-paths"
+    assert authorize_connection(policy, REPORTING).rule == "no-reporting"
+    d = authorize_connection(policy, SpiffeId.parse("spiffe://example.org/ns/ops/sa/x"))
+    assert (d.rule, d.forward) == (DEFAULT_DENY, False)
+    assert "a connection" in d.reason
+    assert policy.path_specific_rules == ("gets", "path-deny")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Compilation errors
+
+
+def _problems(data: Any, lines: dict[str, int] | None = None, prefix: str = "") -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        compile_policy(data, "p.yaml", lines, prefix=prefix)
+    return [str(p) for p in e.value.problems]
+
+
+def test_every_problem_is_collected() -> None:
+    problems = _problems(
+        {
+            "mode": "dry-run",
+            "rulez": [],
+            "rules": [
+                {"name": "a", "action": "allow", "paths": ["/api/../x"], "callers": ["*"], "method": ["GET"]},
+                {"name": "a", "action": "permit", "callers": []},
+                {"action": "deny", "paths": [], "methods": [], "callers": ["spiffe://Example.org/x"]},
+                {
+                    "name": "b",
+                    "action": "allow",
+                    "mode": "audit",
+                    "paths": ["/api/st*", "/a/**/b", "/api//x"],
+                    "methods": ["get", "G T"],
+                    "callers": ["*", "spiffe://example.org/a"],
+                },
+                {"name": "c", "action": "deny"},
+                "not a rule",
+            ],
+        }
+    )
+    expected = [
+        "p.yaml: mode: must be 'enforce' or 'audit'",
+        "p.yaml: rulez: unknown key",
+        "p.yaml: rules[0].method: unknown key",
+        "p.yaml: rules[0].paths[0]: path pattern is not normalised: requests are matched on '/x'",
+        "p.yaml: rules[1].name: duplicate rule name 'a'",
+        "p.yaml: rules[1].action: must be 'allow' or 'deny'",
+        "p.yaml: rules[1].callers: 'callers' cannot be empty",
+        "p.yaml: rules[2]: 'name' is required",
+        "p.yaml: rules[2].methods: 'methods' cannot be empty",
+        "p.yaml: rules[2].paths: 'paths' cannot be empty",
+        "p.yaml: rules[2].callers[0]: 'spiffe://Example.org/x'",
+        "p.yaml: rules[3].mode: 'audit' applies to deny rules only",
+        "p.yaml: rules[3].methods[0]: methods are case-sensitive",
+        "p.yaml: rules[3].methods[1]: 'G T' is not an HTTP method token",
+        "p.yaml: rules[3].paths[0]: a wildcard must be a whole segment",
+        "p.yaml: rules[3].paths[1]: '**' is only allowed as the whole last segment",
+        "p.yaml: rules[3].paths[2]: path pattern is not normalised",
+        "p.yaml: rules[3].callers: '*' must be the only entry",
+        "p.yaml: rules[4]: 'callers' is required",
+        "p.yaml: rules[5]: a rule is a mapping",
+    ]
+    for want in expected:
+        assert any(p.startswith(want) for p in problems), (want, problems)
+    assert len(problems) == len(expected), problems
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("api", "starts with '/'"),
+        ("*", "starts with '/'"),
+        ("/api?x=1", "no query"),
+        ("/a#b", "no query or fragment"),
+        ("/%7Eme", "requests are matched on '/~me'"),
+        ("/a/./b", "'/a/b'"),
+        ("/a/", None),
+        ("/", None),
+        ("/**", None),
+        ("**", None),
+        ("/a/*/b/**", None),
+        ("/a%2Fb", "not a valid request path"),
+        ("/a//**", "empty segment"),
+        ("/é", "ASCII"),
+        ("/a/***", "'**' is only allowed"),
+    ],
+)
+def test_path_patterns(pattern: str, message: str | None) -> None:
+    data = {"rules": [{"name": "r", "action": "allow", "paths": [pattern], "callers": ["*"]}]}
+    if message is None:
+        compile_policy(data, "p")
+        return
+    problems = _problems(data)
+    assert len(problems) == 1 and message in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        None,
+        [],
+        "rules: []",
+        {"rules": "x"},
+        {"rules": [{"name": "r", "action": "allow", "callers": "*"}]},
+        {"rules": [{"name": "default-deny", "action": "deny", "callers": ["*"]}]},
+        {"rules": [{"name": "bad name!", "action": "deny", "callers": ["*"]}]},
+        {"rules": [{"name": "r", "action": "deny", "callers": ["*", "*"]}]},
+        {"rules": [{"name": "r", "action": "deny", "callers": [1]}]},
+    ],
+)
+def test_malformed_policies(data: Any) -> None:
+    assert _problems(data)
+
+
+def test_empty_policy_denies_everything() -> None:
+    empties: list[dict[str, Any]] = [{}, {"rules": []}, {"rules": None, "mode": "enforce"}]
+    for data in empties:
+        policy = compile_policy(data, "empty")
+        assert authorize(policy, CHECKOUT, "GET", "/").rule == DEFAULT_DENY
+        assert "every request is denied" in policy.describe()[-1]
+
+
+def test_line_numbers_and_prefix() -> None:
+    lines = {"inbound.policy.rules": 10, "inbound.policy.rules[0]": 11, "inbound.policy.rules[0].paths[0]": 14}
+    data = {"rules": [{"name": "r", "action": "allow", "paths": ["/a/../b"], "callers": ["x"]}]}
+    problems = _problems(data, lines, prefix="inbound.policy")
+    assert problems[0].startswith("p.yaml:14: inbound.policy.rules[0].paths[0]: ")
+    assert problems[1].startswith("p.yaml:11: inbound.policy.rules[0].callers[0]: ")
+    problems = _problems(data, {"rules[0]": 3})
+    assert problems[0].startswith("p.yaml:3: rules[0].paths[0]: ")
+
+
+def test_describe_and_dict() -> None:
+    policy = load_inventory()
+    lines = policy.describe()
+    assert lines[0].endswith("mode enforce, 2 rule(s), default deny")
+    assert lines[1] == (
+        "  1. checkout-reads-stock: allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout"
+    )
+    assert lines[2] == "  2. no-admin: deny * /admin/** from *"
+    d = policy.to_dict()
+    assert d["mode"] == "enforce" and d["default"] == "deny"
+    assert d["rules"][1] == {
+        "name": "no-admin",
+        "action": "deny",
+        "mode": "enforce",
+        "methods": ["*"],
+        "paths": ["/admin/**"],
+        "callers": ["*"],
+    }
+    # The dict form compiles back to the same decisions.
+    again = compile_policy({"mode": d["mode"], "rules": d["rules"]}, "x")
+    assert again.rules == policy.rules
+
+
+def test_explain_rejects_bad_paths() -> None:
+    policy = load_inventory()
+    with pytest.raises(BadRequest):
+        explain(policy, CHECKOUT, "GET", "/api/stock%2F1")
+    with pytest.raises(BadRequest):
+        explain(policy, CHECKOUT, "GET", "/api/stock/é")
