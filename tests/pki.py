@@ -1,0 +1,258 @@
+"""Test PKI: SPIFFE CAs and X.509-SVIDs built with `cryptography`, good ones and deliberately bad ones.
+
+Small API, shared by every test that needs certificates::
+
+    root = CA.root("a.test")                    # self-signed CA, URI SAN spiffe://a.test
+    inter = root.intermediate()                 # CA signed by root (CA:TRUE, keyCertSign)
+    svid = inter.leaf("spiffe://a.test/web")    # good leaf; svid.chain = (leaf, inter)
+    svid.chain_der(), svid.key_der()            # Workload API encodings (concatenated DER, PKCS#8 DER)
+    svid.chain_pem(), svid.key_pem()            # file encodings (tls.crt / tls.key)
+    root.bundle_der(), root.bundle_pem()        # the trust bundle (root only)
+
+Bad leaves are built with `CA.leaf(...)` keyword arguments (see its docstring), or by name with
+`bad_leaf(ca, kind)` for the kinds in `BAD_LEAF_KINDS`. Keys are EC P-256 (fast to generate).
+Everything here is test-only: no secrets, no I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+PrivateKey = ec.EllipticCurvePrivateKey
+
+_UNSET = object()
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def new_key() -> PrivateKey:
+    """A fresh EC P-256 key (what SPIRE uses by default)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIFFE test"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _key_usage(
+    *, digital_signature: bool = False, key_cert_sign: bool = False, crl_sign: bool = False,
+    key_encipherment: bool = False, key_agreement: bool = False,
+) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=digital_signature, content_commitment=False, key_encipherment=key_encipherment,
+        data_encipherment=False, key_agreement=key_agreement, key_cert_sign=key_cert_sign,
+        crl_sign=crl_sign, encipher_only=False, decipher_only=False,
+    )
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """An issued leaf: `cert`, its `key`, and `chain` = (leaf, intermediates...) without the root."""
+
+    cert: x509.Certificate
+    key: PrivateKey = field(repr=False)
+    chain: tuple[x509.Certificate, ...]
+
+    def chain_der(self) -> bytes:
+        """Concatenated DER, leaf first: the Workload API's `x509_svid` field."""
+        return b"".join(c.public_bytes(serialization.Encoding.DER) for c in self.chain)
+
+    def der_list(self) -> list[bytes]:
+        """One DER blob per certificate, leaf first: what a TLS peer presents."""
+        return [c.public_bytes(serialization.Encoding.DER) for c in self.chain]
+
+    def chain_pem(self) -> bytes:
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+    def key_der(self) -> bytes:
+        """PKCS#8 DER, unencrypted: the Workload API's `x509_svid_key` field."""
+        return self.key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+
+@dataclass(frozen=True)
+class CA:
+    """A signing authority of trust domain `td`; `parents` are the CAs above it (nearest first)."""
+
+    td: str
+    cert: x509.Certificate
+    key: PrivateKey = field(repr=False)
+    parents: tuple[CA, ...] = ()
+
+    @classmethod
+    def root(
+        cls, td: str = "a.test", *, not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None, key: PrivateKey | None = None,
+    ) -> CA:
+        """A self-signed root CA for `td` with URI SAN `spiffe://<td>` (valid -1h..+1 day by default)."""
+        key = key or new_key()
+        now = utcnow()
+        name = _name(f"{td} root CA")
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or now - dt.timedelta(hours=1))
+            .not_valid_after(not_after or now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{td}")]),
+                           critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(td, cert, key)
+
+    def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
+                 not_before: dt.datetime | None, not_after: dt.datetime | None) -> x509.CertificateBuilder:
+        now = utcnow()
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject).issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before or now - dt.timedelta(minutes=5))
+            .not_valid_after(not_after or now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
+            )
+        )
+
+    def intermediate(
+        self, td: str | None = None, *, key_cert_sign: bool = True, ca: bool = True,
+        not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+    ) -> CA:
+        """An intermediate CA signed by this CA (SPIRE's "upstream"/agent CA shape)."""
+        td = td or self.td
+        key = new_key()
+        cert = (
+            self._builder(_name(f"{td} intermediate CA"), key.public_key(), not_before, not_after)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(_key_usage(key_cert_sign=key_cert_sign, crl_sign=True), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{td}")]),
+                           critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        return CA(td, cert, key, (self, *self.parents))
+
+    def leaf(
+        self,
+        spiffe_id: str | None = None,
+        *,
+        uris: Sequence[str] | None = None,
+        dns: Iterable[str] = (),
+        ca: bool = False,
+        digital_signature: bool = True,
+        key_cert_sign: bool = False,
+        crl_sign: bool = False,
+        key_usage: bool = True,
+        eku: bool = True,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+        key: PrivateKey | None = None,
+        chain_extra: Sequence[x509.Certificate] | None = None,
+    ) -> Leaf:
+        """Issue a leaf X.509-SVID shaped like SPIRE's (X509-SVID §4), unless told otherwise.
+
+        `spiffe_id` defaults to `spiffe://<td>/workload`. `uris` overrides the URI SANs entirely (`[]` for
+        none, two for "multiple"). `dns` adds DNS SANs. `ca`, `digital_signature`, `key_cert_sign`,
+        `crl_sign` set the flags; `key_usage=False` omits the KeyUsage extension; `eku=False` omits
+        ExtendedKeyUsage. Validity defaults to -5 min .. +1 h. `chain_extra` replaces the intermediates
+        put after the leaf in `Leaf.chain` (default: this CA's intermediates, excluding the root).
+        """
+        key = key or new_key()
+        sid = spiffe_id if spiffe_id is not None else f"spiffe://{self.td}/workload"
+        uri_list = list(uris) if uris is not None else [sid]
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uri_list]
+        names += [x509.DNSName(d) for d in dns]
+        b = self._builder(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "SPIRE")]),
+                          key.public_key(), not_before, not_after)
+        b = b.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        if key_usage:
+            b = b.add_extension(
+                _key_usage(digital_signature=digital_signature, key_cert_sign=key_cert_sign,
+                           crl_sign=crl_sign, key_encipherment=True, key_agreement=True),
+                critical=True,
+            )
+        if eku:
+            b = b.add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
+        if names:
+            b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        cert = b.sign(self.key, hashes.SHA256())
+        extra = tuple(chain_extra) if chain_extra is not None else self.intermediates()
+        return Leaf(cert, key, (cert, *extra))
+
+    def intermediates(self) -> tuple[x509.Certificate, ...]:
+        """This CA and its parents below the root (nearest first); empty for a root."""
+        if not self.parents:
+            return ()
+        return (self.cert, *(p.cert for p in self.parents[:-1]))
+
+    @property
+    def root_ca(self) -> CA:
+        return self.parents[-1] if self.parents else self
+
+    def bundle_der(self) -> bytes:
+        """The trust bundle (this CA's root) as DER: the Workload API's `bundle` field."""
+        return self.root_ca.cert.public_bytes(serialization.Encoding.DER)
+
+    def bundle_pem(self) -> bytes:
+        return self.root_ca.cert.public_bytes(serialization.Encoding.PEM)
+
+
+# Bad leaf kinds, named after the `svid` reason code each must produce when used as a peer leaf.
+BAD_LEAF_KINDS = (
+    "leaf_is_ca", "multiple_uri_sans", "root_path_id", "no_uri_san", "key_cert_sign", "crl_sign",
+    "no_digital_signature", "no_key_usage", "expired", "not_yet_valid", "invalid_spiffe_id",
+)
+
+
+def bad_leaf(ca: CA, kind: str) -> Leaf:
+    """A leaf issued by `ca` that is wrong in exactly one way, `kind` (one of BAD_LEAF_KINDS)."""
+    now = utcnow()
+    sid = f"spiffe://{ca.td}/bad"
+    match kind:
+        case "leaf_is_ca":
+            return ca.leaf(sid, ca=True)
+        case "multiple_uri_sans":
+            return ca.leaf(sid, uris=[sid, f"https://{ca.td}/x"])
+        case "root_path_id":
+            return ca.leaf(f"spiffe://{ca.td}")
+        case "no_uri_san":
+            return ca.leaf(sid, uris=[], dns=["bad.example"])
+        case "key_cert_sign":
+            return ca.leaf(sid, key_cert_sign=True)
+        case "crl_sign":
+            return ca.leaf(sid, crl_sign=True)
+        case "no_digital_signature":
+            return ca.leaf(sid, digital_signature=False)
+        case "no_key_usage":
+            return ca.leaf(sid, key_usage=False)
+        case "expired":
+            return ca.leaf(sid, not_before=now - dt.timedelta(hours=2), not_after=now - dt.timedelta(hours=1))
+        case "not_yet_valid":
+            return ca.leaf(sid, not_before=now + dt.timedelta(hours=1), not_after=now + dt.timedelta(hours=2))
+        case "invalid_spiffe_id":
+            return ca.leaf(f"spiffe://{ca.td.upper()}/bad")
+    raise ValueError(f"unknown bad leaf kind {kind!r}")

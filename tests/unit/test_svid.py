@@ -1,0 +1,437 @@
+"""sidecar.svid: own SVID parsing, bundles, contexts, and peer validation (X509-SVID §5.2, Federation §4.2)."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.errors import SvidError
+from sidecar.identity import SpiffeId, TrustDomain
+from sidecar.svid import (
+    PeerVerifier,
+    SvidReason,
+    X509Bundle,
+    X509Context,
+    X509Svid,
+    split_der_certificates,
+    verify_peer,
+)
+from tests.pki import BAD_LEAF_KINDS, CA, bad_leaf, new_key, utcnow
+
+A = TrustDomain.parse("a.test")
+B = TrustDomain.parse("b.test")
+
+
+@pytest.fixture(scope="module")
+def root_a() -> CA:
+    return CA.root("a.test")
+
+
+@pytest.fixture(scope="module")
+def root_b() -> CA:
+    return CA.root("b.test")
+
+
+def bundles(*cas: CA) -> dict[TrustDomain, X509Bundle]:
+    return {TrustDomain.parse(ca.td): X509Bundle.from_der(TrustDomain.parse(ca.td), ca.bundle_der()) for ca in cas}
+
+
+def reason_of(chain: list[bytes], bmap: dict[TrustDomain, X509Bundle], now: dt.datetime | None = None) -> str:
+    with pytest.raises(SvidError) as ei:
+        PeerVerifier().verify(chain, bmap, now or utcnow())
+    return ei.value.reason
+
+
+# ----------------------------------------------------------------------------------------------- peer: good
+
+
+def test_good_leaf(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/ns/shop/sa/checkout")
+    peer = verify_peer(leaf.der_list(), bundles(root_a), utcnow())
+    assert peer.spiffe_id == SpiffeId.parse("spiffe://a.test/ns/shop/sa/checkout")
+    assert peer.leaf_sha256_hex == hashlib.sha256(leaf.der_list()[0]).hexdigest()
+    assert peer.expires_at == min(leaf.cert.not_valid_after_utc, root_a.cert.not_valid_after_utc)
+
+
+def test_good_leaf_with_dns_san(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/web", dns=["web.shop.svc", "web"])
+    assert verify_peer(leaf.der_list(), bundles(root_a), utcnow()).spiffe_id == SpiffeId.parse("spiffe://a.test/web")
+
+
+def test_good_leaf_via_intermediate(root_a: CA) -> None:
+    inter = root_a.intermediate()
+    leaf = inter.leaf("spiffe://a.test/inventory")
+    assert len(leaf.der_list()) == 2
+    peer = verify_peer(leaf.der_list(), bundles(root_a), utcnow())
+    assert str(peer.spiffe_id) == "spiffe://a.test/inventory"
+
+
+def test_good_leaf_via_two_intermediates(root_a: CA) -> None:
+    leaf = root_a.intermediate().intermediate().leaf("spiffe://a.test/deep")
+    assert len(leaf.der_list()) == 3
+    assert str(verify_peer(leaf.der_list(), bundles(root_a), utcnow()).spiffe_id) == "spiffe://a.test/deep"
+
+
+def test_leaf_without_eku_is_accepted(root_a: CA) -> None:
+    # Spec notes §2.2 step 6: EKU is not required of validators.
+    leaf = root_a.leaf("spiffe://a.test/w", eku=False)
+    verify_peer(leaf.der_list(), bundles(root_a), utcnow())
+
+
+def test_federated_peer_with_own_bundle_is_accepted(root_a: CA, root_b: CA) -> None:
+    leaf = root_b.leaf("spiffe://b.test/partner")
+    assert verify_peer(leaf.der_list(), bundles(root_a, root_b), utcnow()).spiffe_id.trust_domain == B
+
+
+# ----------------------------------------------------------------------------------------------- peer: bad
+
+
+@pytest.mark.parametrize("kind", [k for k in BAD_LEAF_KINDS if k != "no_key_usage"])
+def test_every_bad_leaf_kind_has_its_reason(root_a: CA, kind: str) -> None:
+    leaf = bad_leaf(root_a, kind)
+    assert reason_of(leaf.der_list(), bundles(root_a)) == kind
+
+
+def test_leaf_without_key_usage_lacks_digital_signature(root_a: CA) -> None:
+    assert reason_of(bad_leaf(root_a, "no_key_usage").der_list(), bundles(root_a)) == "no_digital_signature"
+
+
+def test_no_certificate(root_a: CA) -> None:
+    assert reason_of([], bundles(root_a)) == "no_certificate"
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x30", b"garbage", b"\x30\x03\x02\x01\x01"])
+def test_malformed_certificate(root_a: CA, blob: bytes) -> None:
+    assert reason_of([blob], bundles(root_a)) == "malformed_certificate"
+
+
+def test_malformed_intermediate(root_a: CA) -> None:
+    leaf = root_a.leaf()
+    assert reason_of([leaf.der_list()[0], b"\x30\x00"], bundles(root_a)) == "malformed_certificate"
+
+
+def test_wrong_scheme_uri_san_is_invalid_spiffe_id(root_a: CA) -> None:
+    leaf = root_a.leaf(uris=["sparfe://a.test/x"])
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "invalid_spiffe_id"
+
+
+def test_spiffe_and_https_uri_sans_are_multiple(root_a: CA) -> None:
+    leaf = root_a.leaf(uris=["spiffe://a.test/x", "https://a.test/x"])
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "multiple_uri_sans"
+
+
+def test_untrusted_trust_domain(root_a: CA, root_b: CA) -> None:
+    leaf = root_b.leaf("spiffe://b.test/w")
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "untrusted_trust_domain"
+
+
+def test_unknown_ca_same_trust_domain_is_bad_chain(root_a: CA) -> None:
+    other = CA.root("a.test")
+    assert reason_of(other.leaf("spiffe://a.test/w").der_list(), bundles(root_a)) == "bad_chain"
+
+
+def test_missing_intermediate_is_bad_chain(root_a: CA) -> None:
+    leaf = root_a.intermediate().leaf("spiffe://a.test/w")
+    assert reason_of(leaf.der_list()[:1], bundles(root_a)) == "bad_chain"
+
+
+def test_intermediate_without_key_cert_sign_is_bad_chain(root_a: CA) -> None:
+    leaf = root_a.intermediate(key_cert_sign=False).leaf("spiffe://a.test/w")
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "bad_chain"
+
+
+def test_leaf_used_as_issuer_is_bad_chain(root_a: CA) -> None:
+    good = root_a.leaf("spiffe://a.test/issuer")
+    fake_ca = CA("a.test", good.cert, good.key, (root_a,))
+    leaf = fake_ca.leaf("spiffe://a.test/victim")
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "bad_chain"
+
+
+def test_empty_bundle_revokes_everything(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/w")
+    assert reason_of(leaf.der_list(), {A: X509Bundle(A, ())}) == "bad_chain"
+
+
+def test_expired_intermediate_is_expired(root_a: CA) -> None:
+    now = utcnow()
+    inter = root_a.intermediate(not_before=now - dt.timedelta(hours=3), not_after=now - dt.timedelta(hours=1))
+    leaf = inter.leaf("spiffe://a.test/w", not_before=now - dt.timedelta(hours=2))
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "expired"
+
+
+def test_too_long_chain_is_bad_chain(root_a: CA) -> None:
+    leaf = root_a.leaf()
+    assert reason_of(leaf.der_list() * 9, bundles(root_a)) == "bad_chain"
+
+
+# Federation (Federation §4.2): a b.test leaf signed by a.test's CA must never pass.
+
+
+def test_federation_foreign_leaf_signed_by_our_ca_only_a_known(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://b.test/w")
+    assert reason_of(leaf.der_list(), bundles(root_a)) == "untrusted_trust_domain"
+
+
+def test_federation_foreign_leaf_signed_by_our_ca_b_has_own_bundle(root_a: CA, root_b: CA) -> None:
+    leaf = root_a.leaf("spiffe://b.test/w")
+    assert reason_of(leaf.der_list(), bundles(root_a, root_b)) == "bad_chain"
+
+
+def test_federation_our_leaf_signed_by_partner_ca(root_a: CA, root_b: CA) -> None:
+    leaf = root_b.leaf("spiffe://a.test/admin")
+    assert reason_of(leaf.der_list(), bundles(root_a, root_b)) == "bad_chain"
+
+
+def test_reason_codes_are_distinct_strings() -> None:
+    values = [r.value for r in SvidReason]
+    assert len(values) == len(set(values))
+    assert SvidReason.BAD_CHAIN.value == "bad_chain"
+    assert str(SvidReason.EXPIRED) == "expired"
+
+
+# ----------------------------------------------------------------------------------------------- cache
+
+
+def test_cache_rechecks_time_and_bundle(root_a: CA) -> None:
+    v = PeerVerifier(maxsize=2)
+    leaf = root_a.leaf("spiffe://a.test/w")
+    chain = leaf.der_list()
+    now = utcnow()
+    first = v.verify(chain, bundles(root_a), now)
+    assert v.verify(chain, bundles(root_a), now) == first  # hit
+    with pytest.raises(SvidError) as ei:
+        v.verify(chain, bundles(root_a), now + dt.timedelta(days=2))
+    assert ei.value.reason == "expired"
+    with pytest.raises(SvidError) as ei:
+        v.verify(chain, bundles(root_a), now - dt.timedelta(hours=2))
+    assert ei.value.reason == "not_yet_valid"
+    # The bundle was rotated to another CA: the cached success must not be used.
+    with pytest.raises(SvidError) as ei:
+        v.verify(chain, bundles(CA.root("a.test")), now)
+    assert ei.value.reason == "bad_chain"
+    # The trust domain was removed.
+    with pytest.raises(SvidError) as ei:
+        v.verify(chain, {}, now)
+    assert ei.value.reason == "untrusted_trust_domain"
+
+
+def test_cache_is_bounded(root_a: CA) -> None:
+    v = PeerVerifier(maxsize=3)
+    bmap = bundles(root_a)
+    for i in range(6):
+        v.verify(root_a.leaf(f"spiffe://a.test/w{i}").der_list(), bmap, utcnow())
+    assert len(v._cache) == 3
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=4))
+def test_random_bytes_never_crash(chain: list[bytes]) -> None:
+    with pytest.raises(SvidError):
+        verify_peer(chain, {A: X509Bundle(A, ())}, utcnow())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_mutated_real_certificate_never_crashes(data: st.DataObject) -> None:
+    der = bytearray(_MUTATION_SEED.der_list()[0])
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(der) - 1))
+        der[i] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(SvidError):
+        verify_peer([bytes(der)], _MUTATION_BUNDLES, utcnow())
+
+
+_MUTATION_ROOT = CA.root("a.test")
+_MUTATION_SEED = _MUTATION_ROOT.leaf("spiffe://a.test/mutant")
+_MUTATION_BUNDLES = bundles(_MUTATION_ROOT)
+
+
+# ----------------------------------------------------------------------------------------------- own SVIDs
+
+
+def test_svid_from_der_and_pem_roundtrip(root_a: CA) -> None:
+    leaf = root_a.intermediate().leaf("spiffe://a.test/web")
+    svid = X509Svid.from_der(leaf.chain_der(), leaf.key_der(), hint="internal")
+    assert svid.spiffe_id == SpiffeId.parse("spiffe://a.test/web")
+    assert svid.hint == "internal"
+    assert svid.leaf == leaf.cert
+    assert len(svid.cert_chain) == 2
+    assert svid.expires_at == leaf.cert.not_valid_after_utc
+    assert svid.expires_at.tzinfo is not None
+    assert svid.leaf_sha256_hex == hashlib.sha256(leaf.der_list()[0]).hexdigest()
+    again = X509Svid.from_pem(svid.chain_pem(), svid.key_pem())
+    assert again.cert_chain == svid.cert_chain
+    assert svid.key_pem().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    # The key never shows in a repr.
+    assert "PrivateKey" not in repr(svid) and "BEGIN" not in repr(svid)
+
+
+def test_svid_accepts_sec1_key_pem(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/w")
+    sec1 = leaf.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+    )
+    assert X509Svid.from_pem(leaf.chain_pem(), sec1).spiffe_id == SpiffeId.parse("spiffe://a.test/w")
+
+
+@pytest.mark.parametrize(
+    "kind", ["leaf_is_ca", "multiple_uri_sans", "root_path_id", "no_uri_san", "key_cert_sign", "crl_sign",
+             "no_digital_signature", "invalid_spiffe_id"],
+)
+def test_own_svid_rejects_bad_leaves(root_a: CA, kind: str) -> None:
+    leaf = bad_leaf(root_a, kind)
+    with pytest.raises(SvidError) as ei:
+        X509Svid.from_der(leaf.chain_der(), leaf.key_der())
+    assert ei.value.reason == kind
+
+
+def test_own_svid_expired_is_still_parsed(root_a: CA) -> None:
+    # Like go-spiffe Parse: time is the source's business, not the parser's.
+    leaf = bad_leaf(root_a, "expired")
+    assert X509Svid.from_der(leaf.chain_der(), leaf.key_der()).expires_at < utcnow()
+
+
+def test_own_svid_key_mismatch(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/w")
+    other = new_key().private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(SvidError) as ei:
+        X509Svid.from_der(leaf.chain_der(), other)
+    assert ei.value.reason == "key_mismatch"
+    assert "BEGIN" not in str(ei.value)
+
+
+def test_own_svid_bad_intermediate(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/w")
+    peer = root_a.leaf("spiffe://a.test/other")  # a leaf, not a CA, placed as "intermediate"
+    with pytest.raises(SvidError) as ei:
+        X509Svid.from_der(leaf.chain_der() + peer.chain_der(), leaf.key_der())
+    assert ei.value.reason == "bad_intermediate"
+
+
+@pytest.mark.parametrize(
+    ("chain", "key", "reason"),
+    [
+        (b"", b"", "no_certificate"),
+        (b"\x30\x82\x05", b"", "malformed_certificate"),
+        (None, b"not a key", "malformed_key"),
+    ],
+)
+def test_own_svid_malformed(root_a: CA, chain: bytes | None, key: bytes, reason: str) -> None:
+    chain_der = chain if chain is not None else root_a.leaf().chain_der()
+    with pytest.raises(SvidError) as ei:
+        X509Svid.from_der(chain_der, key)
+    assert ei.value.reason == reason
+
+
+def test_own_svid_encrypted_pem_key_is_malformed(root_a: CA) -> None:
+    leaf = root_a.leaf()
+    enc = leaf.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    )
+    with pytest.raises(SvidError) as ei:
+        X509Svid.from_pem(leaf.chain_pem(), enc)
+    assert ei.value.reason == "malformed_key"
+
+
+def test_own_svid_rsa_key(root_a: CA) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    # An RSA leaf key signed by the EC CA: key type of the leaf does not matter to the parser.
+    leaf = root_a.leaf("spiffe://a.test/rsa", key=key)  # type: ignore[arg-type]
+    svid = X509Svid.from_pem(leaf.chain_pem(), leaf.key_pem())
+    assert isinstance(svid.private_key, rsa.RSAPrivateKey)
+
+
+def test_own_svid_constructor_checks_id(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/w")
+    with pytest.raises(SvidError) as ei:
+        X509Svid(SpiffeId.parse("spiffe://a.test/other"), (leaf.cert,), leaf.key)
+    assert ei.value.reason == "id_mismatch"
+    assert isinstance(leaf.key, ec.EllipticCurvePrivateKey)
+
+
+# ----------------------------------------------------------------------------------------------- bundles
+
+
+def test_split_der_and_bundle_roundtrip(root_a: CA, root_b: CA) -> None:
+    der = root_a.bundle_der() + root_b.bundle_der()
+    assert split_der_certificates(der) == [root_a.bundle_der(), root_b.bundle_der()]
+    bundle = X509Bundle.from_der(A, der)
+    assert bundle.authorities == (root_a.cert, root_b.cert)
+    assert X509Bundle.from_pem(A, bundle.to_pem()) == bundle
+    assert bundle.to_der() == der
+    assert X509Bundle.from_der(A, b"").authorities == ()
+
+
+@pytest.mark.parametrize("blob", [b"\x31\x00", b"\x30\x85\x00\x00\x00\x00\x01", b"\x30\x05\x00", b"\x30"])
+def test_split_der_rejects_bad_framing(blob: bytes) -> None:
+    with pytest.raises(SvidError) as ei:
+        split_der_certificates(blob)
+    assert ei.value.reason == "malformed_certificate"
+
+
+def test_bundle_digest_tracks_content(root_a: CA) -> None:
+    b1 = X509Bundle.from_der(A, root_a.bundle_der())
+    b2 = X509Bundle.from_der(A, root_a.bundle_der())
+    assert b1.digest == b2.digest and b1 == b2
+    assert X509Bundle.from_der(B, root_a.bundle_der()).digest != b1.digest
+
+
+# ----------------------------------------------------------------------------------------------- context
+
+
+def test_context(root_a: CA, root_b: CA) -> None:
+    l1 = root_a.leaf("spiffe://a.test/one")
+    l2 = root_a.leaf("spiffe://a.test/two")
+    s1 = X509Svid.from_der(l1.chain_der(), l1.key_der())
+    s2 = X509Svid.from_der(l2.chain_der(), l2.key_der())
+    src = bundles(root_a, root_b)
+    ctx = X509Context((s1, s2), src)
+    src.clear()  # the context keeps its own immutable copy
+    assert ctx.default_svid is s1
+    assert ctx.expires_at == s1.expires_at
+    assert ctx.bundle_for(B) is not None and ctx.bundle_for(TrustDomain.parse("c.test")) is None
+    with pytest.raises(TypeError):
+        ctx.bundles[A] = ctx.bundles[B]  # type: ignore[index]
+    assert set(ctx.all_authorities()) == {root_a.cert, root_b.cert}
+    ctx2 = X509Context((s1,), ctx.bundles)
+    assert ctx2.version > ctx.version
+    with pytest.raises(AttributeError):
+        ctx.version = 0  # type: ignore[misc]
+
+
+def test_context_all_authorities_deduplicates(root_a: CA) -> None:
+    leaf = root_a.leaf("spiffe://a.test/one")
+    s = X509Svid.from_der(leaf.chain_der(), leaf.key_der())
+    same = X509Bundle.from_der(B, root_a.bundle_der())
+    ctx = X509Context((s,), {A: X509Bundle.from_der(A, root_a.bundle_der()), B: same})
+    assert ctx.all_authorities() == (root_a.cert,)
+
+
+def test_context_rejects_empty_and_mismatched(root_a: CA) -> None:
+    with pytest.raises(SvidError) as ei:
+        X509Context((), {})
+    assert ei.value.reason == "no_svid"
+    leaf = root_a.leaf()
+    s = X509Svid.from_der(leaf.chain_der(), leaf.key_der())
+    with pytest.raises(SvidError) as ei:
+        X509Context((s,), {B: X509Bundle.from_der(A, root_a.bundle_der())})
+    assert ei.value.reason == "bundle_mismatch"
+
+
+def test_x509_types_are_frozen(root_a: CA) -> None:
+    leaf = root_a.leaf()
+    s = X509Svid.from_der(leaf.chain_der(), leaf.key_der())
+    with pytest.raises(AttributeError):
+        s.hint = "x"  # type: ignore[misc]
+    assert isinstance(s.leaf, x509.Certificate)
