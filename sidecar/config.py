@@ -1,18 +1,30 @@
 """Sidecar settings: frozen dataclasses parsed once from YAML + environment + CLI (pure core).
 
 The loader collects every problem with its location (`file:line: field.path: message`) and raises
-`ConfigError`; a bad config never starts and never replaces a good one.
+`ConfigError`; a bad config never starts and never replaces a good one. Line numbers come from PyYAML's
+node marks (`parse_yaml` composes the node tree and records the line of every field path), and are passed
+to `compile_policy` so that policy problems carry them too. The schema is documented, with comments, in
+config/inventory.yaml. `parse_settings` is pure (file reads and the environment are injected);
+`load_settings` is the thin reader around it.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import ipaddress
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Final
 
-from .endpoint import TcpEndpoint, UnixEndpoint
+import yaml
+
+from .endpoint import TcpEndpoint, UnixEndpoint, parse_endpoint
+from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .identity import TrustDomain
-from .policy import Policy
+from .policy import Policy, compile_policy
 
 
 class ListenerMode(enum.Enum):
@@ -96,3 +108,610 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
+
+
+# --------------------------------------------------------------------------------------------------
+# Parser. Pure: file reads and the environment are injected; every problem is collected with
+# `file:line: field.path` and raised together as one ConfigError.
+
+ENV_SOCKET: Final = "SPIFFE_ENDPOINT_SOCKET"  # SPIFFE Workload Endpoint §4: the standard variable
+ENV_INBOUND_PORT: Final = "SPIFFE_SIDECAR_INBOUND_PORT"
+ENV_APP_PORT: Final = "SPIFFE_SIDECAR_APP_PORT"
+ENV_ADMIN_PORT: Final = "SPIFFE_SIDECAR_ADMIN_PORT"
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_MAX_DEPTH: Final = 64  # YAML aliases can build deep or cyclic graphs; a config never needs this
+
+
+@dataclass(frozen=True, slots=True)
+class YamlDocument:
+    """A YAML document as plain Python data plus the 1-based line of every field path.
+
+    Field paths look like `inbound.policy.rules[2].callers[0]`; the root is "".
+    """
+
+    data: Any
+    lines: Mapping[str, int]
+
+
+class _Collector:
+    def __init__(self, source: str, lines: Mapping[str, int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.problems: list[Problem] = []
+
+    def where(self, path: str) -> str:
+        # A missing field is reported at the line of its nearest present ancestor.
+        probe = path
+        while probe and probe not in self.lines:
+            probe = _parent(probe)
+        line = self.lines.get(probe)
+        loc = f"{self.source}:{line}" if line is not None else self.source
+        return f"{loc}: {path}" if path else loc
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(self.where(path), message))
+
+
+def _parent(path: str) -> str:
+    cut = max(path.rfind("."), path.rfind("["))
+    return path[:cut] if cut > 0 else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def parse_yaml(text: str, source: str) -> YamlDocument:
+    """Parse one YAML document keeping line numbers; raise ConfigError (with line) if it is not YAML.
+
+    Mapping keys must be strings and unique (PyYAML silently keeps the last duplicate; a duplicated
+    policy key must never silently change what is allowed).
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = f":{mark.line + 1}" if mark is not None else ""
+            problem = exc.problem or exc.context or "invalid YAML"
+            raise ConfigError([Problem(f"{source}{line}", f"invalid YAML: {problem}")]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([Problem(source, f"invalid YAML: {exc}")]) from None
+        if node is None:
+            return YamlDocument(None, {})
+        lines: dict[str, int] = {}
+        problems: list[Problem] = []
+        data = _build(loader, node, "", lines, problems, source, 0)
+    finally:
+        loader.dispose()
+    if problems:
+        raise ConfigError(problems)
+    return YamlDocument(data, lines)
+
+
+def _build(
+    loader: yaml.SafeLoader,
+    node: yaml.Node,
+    path: str,
+    lines: dict[str, int],
+    problems: list[Problem],
+    source: str,
+    depth: int,
+) -> Any:
+    line = node.start_mark.line + 1
+    lines[path] = line
+    if depth > _MAX_DEPTH:
+        problems.append(Problem(f"{source}:{line}: {path}", "nesting too deep (recursive alias?)"))
+        return None
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                problems.append(Problem(f"{source}:{key_line}: {path or '<root>'}", "keys must be strings"))
+                continue
+            child = _join(path, key)
+            if key in out:
+                problems.append(Problem(f"{source}:{key_line}: {child}", "duplicate key"))
+                continue
+            out[key] = _build(loader, value_node, child, lines, problems, source, depth + 1)
+            lines[child] = key_line  # the key's line reads better than the value's for nested blocks
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [
+            _build(loader, item, f"{path}[{i}]", lines, problems, source, depth + 1)
+            for i, item in enumerate(node.value)
+        ]
+    try:
+        return loader.construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        problems.append(Problem(f"{source}:{line}: {path}", f"bad value: {exc}"))
+        return None
+
+
+def parse_duration(value: Any) -> float:
+    """`250ms`, `5s`, `1m`, `1h`, or a number of seconds -> seconds (> 0). Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 250ms, 5s, 1m or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value.strip())) is not None:
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError(f"expected a duration like 250ms, 5s, 1m or a number of seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"duration must be positive, got {value!r}")
+    return seconds
+
+
+def parse_host_port(value: Any, *, allow_zero_port: bool) -> HostPort:
+    """`host:port` or `[v6]:port` -> HostPort. Raises ValueError."""
+    if not isinstance(value, str):
+        raise ValueError(f'expected "host:port", got {value!r}')
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f'expected "[v6-address]:port", got {value!r}')
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f'expected "host:port", got {value!r}')
+        if ":" in host:
+            raise ValueError(f'write IPv6 addresses in brackets: "[{host}]:{port_text}"')
+    return HostPort(host, _port(port_text, allow_zero=allow_zero_port))
+
+
+def _port(text: str, *, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    if not text.isascii() or not text.isdigit():
+        raise ValueError(f"port must be a number {low}-65535, got {text!r}")
+    port = int(text)
+    if not low <= port <= 65535:
+        raise ValueError(f"port must be {low}-65535, got {port}")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _mapping(c: _Collector, value: Any, path: str, keys: frozenset[str]) -> dict[str, Any] | None:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        c.add(path, f"expected a mapping, got {_kind(value)}")
+        return None
+    for key in value:
+        if key not in keys:
+            c.add(_join(path, key), f"unknown key (expected one of: {', '.join(sorted(keys))})")
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _duration(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: float) -> float:
+    if key not in m:
+        return default
+    try:
+        return parse_duration(m[key])
+    except ValueError as exc:
+        c.add(_join(path, key), str(exc))
+        return default
+
+
+def _int(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: int, low: int) -> int:
+    value = _optional_int(c, m, key, path, default, low, nullable=False)
+    return default if value is None else value
+
+
+def _optional_int(
+    c: _Collector, m: Mapping[str, Any], key: str, path: str, default: int | None, low: int, *, nullable: bool = True
+) -> int | None:
+    if key not in m:
+        return default
+    value = m[key]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        c.add(_join(path, key), f"expected an integer >= {low}{' or null' if nullable else ''}, got {value!r}")
+        return default
+    if value < low:
+        c.add(_join(path, key), f"must be >= {low}, got {value}")
+        return default
+    return value
+
+
+def _number(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: float, low: float, high: float) -> float:
+    if key not in m:
+        return default
+    value = m[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        c.add(_join(path, key), f"expected a number, got {value!r}")
+        return default
+    if not low <= value <= high:
+        c.add(_join(path, key), f"must be between {low:g} and {high:g}, got {value}")
+        return default
+    return float(value)
+
+
+def _string(c: _Collector, m: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = m.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        c.add(_join(path, key), f"expected a non-empty string, got {value!r}")
+        return None
+    return value
+
+
+def _required_path(c: _Collector, m: Mapping[str, Any], key: str, path: str, base_dir: Path) -> Path | None:
+    if key not in m:
+        c.add(_join(path, key), "required")
+        return None
+    text = _string(c, m, key, path)
+    return None if text is None else base_dir / text
+
+
+def _host_port(
+    c: _Collector, m: Mapping[str, Any], key: str, path: str, default: HostPort | None, *, allow_zero: bool
+) -> HostPort | None:
+    if key not in m:
+        if default is None:
+            c.add(_join(path, key), "required")
+        return default
+    try:
+        return parse_host_port(m[key], allow_zero_port=allow_zero)
+    except ValueError as exc:
+        c.add(_join(path, key), str(exc))
+        return default
+
+
+def _env_port(c: _Collector, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
+    raw = environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return _port(raw.strip(), allow_zero=allow_zero)
+    except ValueError as exc:
+        c.problems.append(Problem(f"env {name}", str(exc)))
+        return None
+
+
+_TOP_KEYS: Final = frozenset({"svid_source", "inbound", "admin", "audit", "timeouts", "limits", "log_level"})
+_SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
+_WORKLOAD_API_KEYS: Final = frozenset({"socket"})
+_PEM_KEYS: Final = frozenset({"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated"})
+_INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file"})
+_ADMIN_KEYS: Final = frozenset({"listen"})
+_AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
+_TIMEOUT_KEYS: Final = frozenset(f.name for f in fields(Timeouts))
+_LIMIT_KEYS: Final = frozenset(f.name for f in fields(Limits))
+
+
+def parse_settings(
+    text: str,
+    source: str,
+    *,
+    environ: Mapping[str, str],
+    base_dir: Path,
+    read_file: Callable[[Path], str],
+) -> Settings:
+    """Parse a sidecar config file (YAML text) into Settings, or raise ConfigError listing every problem.
+
+    `source` names the file in problem locations; relative paths in the file resolve against `base_dir`;
+    `read_file` reads `inbound.policy_file` (injected so this stays pure). `environ` supplies the few
+    overrides Kubernetes sets (SPIFFE_ENDPOINT_SOCKET when no socket is configured, and the
+    SPIFFE_SIDECAR_*_PORT variables).
+    """
+    doc = parse_yaml(text, source)
+    c = _Collector(source, doc.lines)
+    top = _mapping(c, doc.data, "", _TOP_KEYS)
+    if top is None:
+        raise ConfigError(c.problems)
+
+    svid_source = _parse_source(c, top.get("svid_source"), environ, base_dir)
+    inbound = _parse_inbound(c, top, environ, base_dir, read_file) if "inbound" in top else None
+
+    admin = AdminSettings()
+    admin_m = _mapping(c, top.get("admin"), "admin", _ADMIN_KEYS)
+    if admin_m is not None:
+        listen = _host_port(c, admin_m, "listen", "admin", admin.listen, allow_zero=True)
+        assert listen is not None  # a default is given
+        admin = AdminSettings(listen)
+    if (port := _env_port(c, environ, ENV_ADMIN_PORT, allow_zero=True)) is not None:
+        admin = AdminSettings(HostPort(admin.listen.host, port))
+
+    audit = AuditSettings()
+    audit_m = _mapping(c, top.get("audit"), "audit", _AUDIT_KEYS)
+    if audit_m is not None:
+        audit_path = audit.path
+        if "path" in audit_m and (p := _string(c, audit_m, "path", "audit")) is not None:
+            audit_path = p if p == "-" else str(base_dir / p)
+        audit = AuditSettings(
+            path=audit_path,
+            sample_allows=_number(c, audit_m, "sample_allows", "audit", audit.sample_allows, 0.0, 1.0),
+            deny_per_second=_number(c, audit_m, "deny_per_second", "audit", audit.deny_per_second, 0.001, 1e9),
+            deny_burst=_int(c, audit_m, "deny_burst", "audit", audit.deny_burst, 1),
+        )
+
+    timeouts = Timeouts()
+    t_m = _mapping(c, top.get("timeouts"), "timeouts", _TIMEOUT_KEYS)
+    if t_m is not None:
+        timeouts = Timeouts(
+            **{f.name: _duration(c, t_m, f.name, "timeouts", getattr(timeouts, f.name)) for f in fields(Timeouts)}
+        )
+
+    limits = Limits()
+    l_m = _mapping(c, top.get("limits"), "limits", _LIMIT_KEYS)
+    if l_m is not None:
+        limits = Limits(
+            max_connections=_int(c, l_m, "max_connections", "limits", limits.max_connections, 1),
+            max_header_bytes=_int(c, l_m, "max_header_bytes", "limits", limits.max_header_bytes, 1024),
+            max_request_line_bytes=_int(c, l_m, "max_request_line_bytes", "limits", limits.max_request_line_bytes, 256),
+            max_body_bytes=_optional_int(c, l_m, "max_body_bytes", "limits", limits.max_body_bytes, 0),
+            upstream_pool_size=_int(c, l_m, "upstream_pool_size", "limits", limits.upstream_pool_size, 1),
+        )
+
+    log_level = "info"
+    if "log_level" in top:
+        value = top["log_level"]
+        if isinstance(value, str) and value.lower() in LOG_LEVELS:
+            log_level = value.lower()
+        else:
+            c.add("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+
+    if c.problems or svid_source is None:
+        raise ConfigError(sorted(c.problems, key=_problem_order))
+    return Settings(
+        source=svid_source,
+        inbound=inbound,
+        admin=admin,
+        audit=audit,
+        timeouts=timeouts,
+        limits=limits,
+        log_level=log_level,
+    )
+
+
+def _problem_order(p: Problem) -> tuple[int, int]:
+    # File order (by line), then environment problems (no line) last; sorted() keeps ties stable.
+    m = re.match(r"[^:]*:(\d+)", p.where)
+    return (0, int(m.group(1))) if m else (1, 0)
+
+
+def _parse_source(
+    c: _Collector, value: Any, environ: Mapping[str, str], base_dir: Path
+) -> WorkloadApiSettings | PemSourceSettings | None:
+    path = "svid_source"
+    m = _mapping(c, value, path, _SOURCE_KEYS)
+    if m is None:
+        return None
+    if "workload_api" in m and "pem" in m:
+        c.add(path, "set exactly one of workload_api or pem")
+        return None
+    if "pem" in m:
+        return _parse_pem(c, m["pem"], f"{path}.pem", base_dir)
+    wpath = f"{path}.workload_api"
+    w = _mapping(c, m.get("workload_api"), wpath, _WORKLOAD_API_KEYS)
+    if w is None:
+        return None
+    socket = _string(c, w, "socket", wpath)
+    where = _join(wpath, "socket")
+    if socket is None and "socket" not in w:
+        env_value = environ.get(ENV_SOCKET)
+        if not env_value:
+            c.add(where, f"no Workload API socket: set {where} or {ENV_SOCKET}")
+            return None
+        try:
+            return WorkloadApiSettings(parse_endpoint(env_value))
+        except EndpointError as exc:
+            c.problems.append(Problem(f"env {ENV_SOCKET}", str(exc)))
+            return None
+    if socket is None:
+        return None
+    try:
+        return WorkloadApiSettings(parse_endpoint(socket))
+    except EndpointError as exc:
+        c.add(where, str(exc))
+        return None
+
+
+def _parse_pem(c: _Collector, value: Any, path: str, base_dir: Path) -> PemSourceSettings | None:
+    m = _mapping(c, value, path, _PEM_KEYS)
+    if m is None:
+        return None
+    before = len(c.problems)
+    cert_chain = _required_path(c, m, "cert_chain", path, base_dir)
+    key = _required_path(c, m, "key", path, base_dir)
+    bundle = _required_path(c, m, "bundle", path, base_dir)
+    trust_domain: TrustDomain | None = None
+    if (td_text := _string(c, m, "trust_domain", path)) is not None:
+        try:
+            trust_domain = TrustDomain.parse(td_text)
+        except IdentityError as exc:
+            c.add(_join(path, "trust_domain"), str(exc))
+    poll_interval = _duration(c, m, "poll_interval", path, 1.0)
+    federated: list[tuple[TrustDomain, Path]] = []
+    fpath = _join(path, "federated")
+    f_m = m.get("federated")
+    if f_m is not None and not isinstance(f_m, dict):
+        c.add(fpath, f"expected a mapping of trust domain -> bundle file, got {_kind(f_m)}")
+    elif f_m:
+        for td_name, file in f_m.items():
+            try:
+                td = TrustDomain.parse(td_name)
+            except IdentityError as exc:
+                c.add(_join(fpath, td_name), str(exc))
+                continue
+            if not isinstance(file, str) or not file:
+                c.add(_join(fpath, td_name), f"expected a bundle file name, got {file!r}")
+                continue
+            federated.append((td, base_dir / file))
+    if len(c.problems) != before or cert_chain is None or key is None or bundle is None:
+        return None
+    return PemSourceSettings(
+        cert_chain=cert_chain,
+        key=key,
+        bundle=bundle,
+        trust_domain=trust_domain,
+        federated=tuple(federated),
+        poll_interval=poll_interval,
+    )
+
+
+def _parse_inbound(
+    c: _Collector,
+    top: Mapping[str, Any],
+    environ: Mapping[str, str],
+    base_dir: Path,
+    read_file: Callable[[Path], str],
+) -> InboundSettings | None:
+    path = "inbound"
+    m = _mapping(c, top["inbound"], path, _INBOUND_KEYS)
+    if m is None:
+        return None
+    listen = _host_port(c, m, "listen", path, None, allow_zero=True)
+    app = _host_port(c, m, "app", path, None, allow_zero=False)
+    if listen is not None and (port := _env_port(c, environ, ENV_INBOUND_PORT, allow_zero=True)) is not None:
+        listen = HostPort(listen.host, port)
+    if app is not None and (port := _env_port(c, environ, ENV_APP_PORT, allow_zero=False)) is not None:
+        app = HostPort(app.host, port)
+    mode = ListenerMode.HTTP
+    if "mode" in m:
+        try:
+            mode = ListenerMode(m["mode"])
+        except ValueError:
+            c.add(_join(path, "mode"), f"expected http or tcp, got {m['mode']!r}")
+
+    policy: Policy | None = None
+    policy_file: Path | None = None
+    if ("policy" in m) == ("policy_file" in m):
+        c.add(path, "set exactly one of policy (inline) or policy_file")
+    elif "policy" in m:
+        prefix = _join(path, "policy")
+        policy = _compile(c, m["policy"], c.source, c.lines, prefix)
+    else:
+        text_name = _string(c, m, "policy_file", path)
+        if text_name is not None:
+            policy_file = base_dir / text_name
+            try:
+                text = read_file(policy_file)
+            except OSError as exc:
+                c.add(_join(path, "policy_file"), f"cannot read {policy_file}: {exc.strerror or exc}")
+            else:
+                try:
+                    policy = load_policy(text, str(policy_file))
+                except ConfigError as exc:
+                    c.problems.extend(exc.problems)
+    if policy is not None and mode is ListenerMode.TCP and policy.path_specific_rules:
+        # A TCP listener decides once per connection, on the caller only (authorize_connection).
+        c.add(
+            _join(path, "mode"),
+            "a tcp listener cannot enforce rules that name paths or methods: " + ", ".join(policy.path_specific_rules),
+        )
+    if listen is None or app is None or policy is None:
+        return None
+    return InboundSettings(listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file)
+
+
+def _compile(c: _Collector, data: Any, source: str, lines: Mapping[str, int], prefix: str) -> Policy | None:
+    try:
+        return compile_policy(data, source, lines, prefix=prefix)
+    except ConfigError as exc:
+        c.problems.extend(exc.problems)
+        return None
+
+
+def load_policy(text: str, source: str) -> Policy:
+    """Parse and compile a policy file (YAML); raise ConfigError with every problem and its line."""
+    doc = parse_yaml(text, source)
+    return compile_policy(doc.data, source, doc.lines)
+
+
+def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
+    """Read a config file from disk and parse it (the only I/O in this module: reading files)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([Problem(str(path), f"cannot read config: {reason}")]) from None
+    return parse_settings(
+        text, str(path), environ=environ, base_dir=path.parent, read_file=lambda p: p.read_text(encoding="utf-8")
+    )
+
+
+def warnings(settings: Settings) -> list[str]:
+    """Things that are allowed but probably wrong; `spiffe-sidecar check` prints them."""
+    out: list[str] = []
+    if not is_loopback(settings.admin.listen.host):
+        out.append(
+            f"admin.listen {settings.admin.listen} is not a loopback address: /config and /metrics "
+            "will be reachable from the network"
+        )
+    if settings.inbound is not None and not is_loopback(settings.inbound.app.host):
+        out.append(f"inbound.app {settings.inbound.app} is not a loopback address: callers could bypass the sidecar")
+    return out
+
+
+def describe_settings(settings: Settings) -> dict[str, Any]:
+    """The effective settings as JSON-ready data (for /config and `check`). Paths, never file contents."""
+    src = settings.source
+    source: dict[str, Any]
+    if isinstance(src, WorkloadApiSettings):
+        source = {"workload_api": {"socket": str(src.endpoint)}}
+    else:
+        source = {
+            "pem": {
+                "cert_chain": str(src.cert_chain),
+                "key": str(src.key),
+                "bundle": str(src.bundle),
+                "trust_domain": None if src.trust_domain is None else src.trust_domain.name,
+                "federated": {td.name: str(p) for td, p in src.federated},
+                "poll_interval": src.poll_interval,
+            }
+        }
+    inbound: dict[str, Any] | None = None
+    if settings.inbound is not None:
+        ib = settings.inbound
+        inbound = {
+            "listen": str(ib.listen),
+            "app": str(ib.app),
+            "mode": ib.mode.value,
+            "policy_file": None if ib.policy_file is None else str(ib.policy_file),
+        }
+    return {
+        "svid_source": source,
+        "inbound": inbound,
+        "admin": {"listen": str(settings.admin.listen)},
+        "audit": {
+            "path": settings.audit.path,
+            "sample_allows": settings.audit.sample_allows,
+            "deny_per_second": settings.audit.deny_per_second,
+            "deny_burst": settings.audit.deny_burst,
+        },
+        "timeouts": {f.name: getattr(settings.timeouts, f.name) for f in fields(Timeouts)},
+        "limits": {f.name: getattr(settings.limits, f.name) for f in fields(Limits)},
+        "log_level": settings.log_level,
+    }

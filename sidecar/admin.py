@@ -1,0 +1,141 @@
+"""The admin server (aiohttp, loopback by default): /healthz, /readyz, /metrics, /config. Read-only.
+
+/readyz is what the injected startupProbe/readinessProbe use: ready means an unexpired X.509-SVID is held
+AND the listeners are bound, so traffic is only sent to a sidecar that can complete an mTLS handshake.
+/config shows the effective settings and the compiled policy; it is built from settings and policy
+descriptions only, never from key material (X509Svid keeps its key out of repr and out of these views).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import HostPort, Settings, describe_settings
+from .metrics import Metrics
+from .policy import Policy
+from .svid import X509Context
+
+__all__ = ["AdminServer", "config_view", "readiness"]
+
+log = logging.getLogger("spiffe_sidecar.admin")
+
+
+def readiness(svid_expires_at: datetime | None, listeners_bound: bool, now: datetime) -> str | None:
+    """None when ready, else a short reason (pure; the /readyz body)."""
+    if svid_expires_at is None:
+        return "no X.509-SVID yet"
+    if svid_expires_at <= now:
+        return f"X.509-SVID expired at {svid_expires_at.isoformat()}"
+    if not listeners_bound:
+        return "listeners not bound"
+    return None
+
+
+def config_view(settings: Settings, policy: Policy | None, context: X509Context | None) -> dict[str, Any]:
+    """What /config serves: effective settings, the compiled policy, and the public facts of the current
+    identity (SPIFFE IDs, expiry, leaf hash, trust domains). Built field by field: no key material."""
+    view = describe_settings(settings)
+    view["policy"] = None if policy is None else policy.to_dict()
+    if context is None:
+        view["identity"] = None
+    else:
+        view["identity"] = {
+            "svids": [
+                {
+                    "spiffe_id": str(svid.spiffe_id),
+                    "hint": svid.hint,
+                    "expires_at": svid.expires_at.isoformat(),
+                    "leaf_sha256": svid.leaf_sha256_hex,
+                }
+                for svid in context.svids
+            ],
+            "trust_domains": sorted(td.name for td in context.bundles),
+        }
+    return view
+
+
+class AdminServer:
+    """Serves the admin endpoints on `listen`. State is read through injected callables at request time.
+
+    - `svid_expiry()`: expiry of the current default SVID, or None when none is held.
+    - `listeners_bound()`: True once every data-plane listener is bound (False again while draining).
+    - `config_view()`: a JSON-serialisable description of the effective config and compiled policy.
+    """
+
+    def __init__(
+        self,
+        listen: HostPort,
+        *,
+        metrics: Metrics,
+        svid_expiry: Callable[[], datetime | None],
+        listeners_bound: Callable[[], bool],
+        config_view: Callable[[], Mapping[str, Any]],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._listen = listen
+        self._metrics = metrics
+        self._svid_expiry = svid_expiry
+        self._listeners_bound = listeners_bound
+        self._config_view = config_view
+        self._clock = clock
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_get("/config", self._config)
+        self._app = app
+
+    @property
+    def port(self) -> int | None:
+        """The bound port (useful with listen port 0), or None before start()."""
+        return self._port
+
+    async def start(self) -> int:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, self._listen.host, self._listen.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        addresses = runner.addresses
+        self._port = int(addresses[0][1]) if addresses else self._listen.port
+        log.info("admin listening on %s", HostPort(self._listen.host, self._port))
+        return self._port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        reason = readiness(self._svid_expiry(), self._listeners_bound(), self._clock())
+        if reason is None:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"not ready: {reason}\n")
+
+    async def _metrics_handler(self, _request: web.Request) -> web.Response:
+        expiry = self._svid_expiry()
+        if expiry is not None:
+            self._metrics.svid_expiry.set(expiry.timestamp())
+        body = generate_latest(self._metrics.registry)
+        # CONTENT_TYPE_LATEST carries a charset parameter, which aiohttp wants separately.
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _config(self, _request: web.Request) -> web.Response:
+        body = json.dumps(self._config_view(), indent=2, sort_keys=False, default=str)
+        return web.Response(text=body + "\n", content_type="application/json")

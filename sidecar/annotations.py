@@ -1,0 +1,570 @@
+"""Pod annotations under `spiffe-sidecar.io/` and the downward API file that carries them (pure core).
+
+The webhook (to reject a pod whose policy does not compile) and the sidecar (annotations mode, live
+reload) run the same parser, so a pod that was admitted always starts with the policy that was checked.
+
+Opt-in is the LABEL `spiffe-sidecar.io/inject: "true"` on the pod or its namespace (the webhook's
+objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annotations (all optional):
+
+| key (after the prefix) | value |
+|---|---|
+| `inject` | `"false"` opts a pod out even when its namespace opted in |
+| `app-port` | the app's port on 127.0.0.1 (default: the first container's first TCP containerPort) |
+| `inbound-port` | the mTLS port (default 8443) |
+| `inbound-mode` | `http` (per-request policy, default) or `tcp` (decided once per connection) |
+| `inbound-policy` | the policy: a YAML block with the config file's schema, or one rule per line |
+| `policy-mode` | `enforce` (default) or `audit` (dry run: denies are logged and forwarded) |
+| `outbound` | one target per line: `127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://...` |
+| `cpu-request` `memory-request` `cpu-limit` `memory-limit` | Kubernetes quantities for the sidecar |
+| `native-sidecar` | `true`/`false`: override the injector's default (native initContainer vs classic) |
+| `strict-bypass-check` | `true`: the sidecar refuses to become ready while the app port answers on the pod IP |
+| `status` | written by the injector (JSON); never set it by hand |
+
+Compact policy lines (`#` starts a comment line; blank lines are ignored):
+
+    <allow|deny|audit-deny> <METHODS|*> <PATH>... from <CALLER>... [as <rule-name>]
+
+METHODS is one token, comma-separated (`GET,HEAD`); paths and callers are whitespace-separated (callers
+also comma-separated). A rule without `as` is named `line-<N>` after its line in the annotation.
+`audit-deny` is a deny rule in audit mode. Both forms compile with `policy.compile_policy`, so the rule
+model (deny > allow > default deny, path and caller patterns) is exactly the config file's.
+
+The downward API file (kubernetes-notes §3.1, `fieldpath.FormatMap`): sorted `key="value"` lines joined
+by `\\n`, values quoted with Go's `strconv.Quote`. It is parsed with a small Go-unquote written here: no
+eval of pod-controlled text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
+from .errors import ConfigError, IdentityError, Problem
+from .identity import CallerPattern, PatternKind
+from .policy import AUDIT, ENFORCE, Policy, compile_policy
+
+__all__ = [
+    "DEFAULT_INBOUND_PORT",
+    "INJECT_LABEL",
+    "KEYS",
+    "PREFIX",
+    "STATUS_ANNOTATION",
+    "OutboundTarget",
+    "ProbeRoute",
+    "SidecarAnnotations",
+    "annotation_source",
+    "go_unquote",
+    "parse_downward_api",
+    "parse_pod_annotations",
+    "parse_probe_routes",
+    "policy_from_annotations",
+]
+
+PREFIX: Final = "spiffe-sidecar.io/"
+INJECT_LABEL: Final = PREFIX + "inject"  # the opt-in label; as an annotation, "false" opts out
+STATUS_ANNOTATION: Final = PREFIX + "status"
+DEFAULT_INBOUND_PORT: Final = 8443
+
+KEYS: Final = (
+    "inject",
+    "app-port",
+    "inbound-port",
+    "inbound-mode",
+    "inbound-policy",
+    "policy-mode",
+    "outbound",
+    "cpu-request",
+    "memory-request",
+    "cpu-limit",
+    "memory-limit",
+    "native-sidecar",
+    "strict-bypass-check",
+    "status",
+)
+_KEYS_SET: Final = frozenset(KEYS)
+
+# Annotation names (the part after the prefix), Kubernetes "Syntax and character set" (notes §5).
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_PREFIX_RE: Final = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+# resource.Quantity's serialised form (apimachinery quantity.go); negative quantities are useless here.
+_QUANTITY_RE: Final = re.compile(
+    r"(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?"
+)
+_ACTIONS: Final = {"allow": ("allow", None), "deny": ("deny", None), "audit-deny": ("deny", AUDIT)}
+_MAX_LINES: Final = 1000  # a pod annotation is a config, not a database; keeps parsing bounded
+
+
+def annotation_source(key: str) -> str:
+    """How problems name an annotation: `annotation spiffe-sidecar.io/inbound-policy`."""
+    return f"annotation {PREFIX}{key}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundTarget:
+    """A plain listener for the app (`listen`, loopback) relayed over mTLS to `target`, whose SVID must
+    match `expect` (an exact ID or a pattern; `*` is refused: the server must be named)."""
+
+    listen: HostPort
+    target: HostPort
+    expect: CallerPattern
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarAnnotations:
+    """Everything the `spiffe-sidecar.io/` annotations of one pod say, validated and compiled."""
+
+    inject: bool | None  # None: not set; False: opted out
+    app_port: int | None
+    inbound_port: int
+    inbound_mode: ListenerMode
+    policy: Policy  # always set: no inbound-policy means "no rules" (every request denied)
+    policy_mode: str
+    outbound: tuple[OutboundTarget, ...]
+    cpu_request: str | None
+    memory_request: str | None
+    cpu_limit: str | None
+    memory_limit: str | None
+    native_sidecar: bool | None
+    strict_bypass_check: bool
+    has_policy: bool  # False when the inbound-policy annotation is absent
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeRoute:
+    """One kubelet probe the sidecar's probe port forwards: `path` on the probe port -> the app's
+    `app_path` on 127.0.0.1:`app_port` (`scheme` HTTP or HTTPS, as the original probe)."""
+
+    path: str
+    app_port: int
+    app_path: str
+    scheme: str = "HTTP"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "port": self.app_port, "appPath": self.app_path, "scheme": self.scheme}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pod annotations
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, key: str, message: str, line: int | None = None) -> None:
+        where = annotation_source(key) + (f":{line}" if line is not None else "")
+        self.problems.append(Problem(where, message))
+
+
+def _bool(c: _Collector, key: str, value: str) -> bool | None:
+    v = value.strip().lower()
+    if v in ("true", "false"):
+        return v == "true"
+    c.add(key, f'expected "true" or "false", got {value!r}')
+    return None
+
+
+def _port(c: _Collector, key: str, value: str) -> int | None:
+    v = value.strip()
+    if v.isascii() and v.isdigit() and len(v) <= 5 and 1 <= int(v) <= 65535:
+        return int(v)
+    c.add(key, f"expected a port number 1-65535, got {value!r}")
+    return None
+
+
+def _quantity(c: _Collector, key: str, value: str) -> str | None:
+    v = value.strip()
+    if _QUANTITY_RE.fullmatch(v):
+        return v
+    c.add(key, f"expected a Kubernetes quantity such as 100m, 0.5, 64Mi or 1Gi, got {value!r}")
+    return None
+
+
+def _check_key(c: _Collector, full_key: str) -> str | None:
+    """The name after our prefix, or None (with a problem) when it is not one we know."""
+    name = full_key[len(PREFIX) :]
+    if len(name) > 63 or _NAME_RE.fullmatch(name) is None:
+        c.add(name, "annotation names are 1-63 characters [A-Za-z0-9_.-], starting and ending alphanumeric")
+        return None
+    if name not in _KEYS_SET:
+        c.add(name, f"unknown annotation (expected one of: {', '.join(KEYS)})")
+        return None
+    return name
+
+
+def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
+    """Validate and compile the `spiffe-sidecar.io/` annotations of a pod (others are ignored).
+
+    Raises ConfigError listing every problem; each names the annotation (and the line inside it for
+    multi-line values). Unknown keys under the prefix are errors: a typo must not silently drop policy.
+    """
+    c = _Collector()
+    values: dict[str, str] = {}
+    for full_key, value in annotations.items():
+        if not isinstance(full_key, str) or not full_key.startswith(PREFIX):
+            continue
+        name = _check_key(c, full_key)
+        if name is None:
+            continue
+        if not isinstance(value, str):
+            c.add(name, f"annotation values are strings, got {type(value).__name__}")
+            continue
+        values[name] = value
+
+    inject = _bool(c, "inject", values["inject"]) if "inject" in values else None
+    app_port = _port(c, "app-port", values["app-port"]) if "app-port" in values else None
+    inbound_port = DEFAULT_INBOUND_PORT
+    if "inbound-port" in values:
+        inbound_port = _port(c, "inbound-port", values["inbound-port"]) or DEFAULT_INBOUND_PORT
+    if app_port is not None and app_port == inbound_port:
+        c.add("app-port", f"the app port and the inbound port must differ (both {app_port})")
+
+    mode = ListenerMode.HTTP
+    if "inbound-mode" in values:
+        try:
+            mode = ListenerMode(values["inbound-mode"].strip())
+        except ValueError:
+            c.add("inbound-mode", f"expected http or tcp, got {values['inbound-mode']!r}")
+
+    policy_mode: str | None = None
+    if "policy-mode" in values:
+        pm = values["policy-mode"].strip()
+        if pm in (ENFORCE, AUDIT):
+            policy_mode = pm
+        else:
+            c.add("policy-mode", f"expected enforce or audit, got {values['policy-mode']!r}")
+
+    policy = _policy(c, values.get("inbound-policy"), policy_mode)
+    if policy is not None and mode is ListenerMode.TCP and policy.path_specific_rules:
+        c.add(
+            "inbound-mode",
+            "a tcp listener cannot enforce rules that name paths or methods: " + ", ".join(policy.path_specific_rules),
+        )
+
+    outbound = _outbound(c, values["outbound"]) if "outbound" in values else ()
+    resources = {
+        k: (_quantity(c, k, values[k]) if k in values else None)
+        for k in ("cpu-request", "memory-request", "cpu-limit", "memory-limit")
+    }
+    native = _bool(c, "native-sidecar", values["native-sidecar"]) if "native-sidecar" in values else None
+    strict = False
+    if "strict-bypass-check" in values:
+        strict = bool(_bool(c, "strict-bypass-check", values["strict-bypass-check"]))
+    if "status" in values:
+        try:
+            json.loads(values["status"])
+        except ValueError:
+            c.add("status", "written by the injector as JSON; remove it to inject again")
+
+    if c.problems or policy is None:
+        raise ConfigError(c.problems)
+    return SidecarAnnotations(
+        inject=inject,
+        app_port=app_port,
+        inbound_port=inbound_port,
+        inbound_mode=mode,
+        policy=policy,
+        policy_mode=policy.mode,
+        outbound=outbound,
+        cpu_request=resources["cpu-request"],
+        memory_request=resources["memory-request"],
+        cpu_limit=resources["cpu-limit"],
+        memory_limit=resources["memory-limit"],
+        native_sidecar=native,
+        strict_bypass_check=strict,
+        has_policy="inbound-policy" in values,
+    )
+
+
+def policy_from_annotations(annotations: Mapping[str, str]) -> Policy:
+    """The compiled inbound policy of a pod's annotations (ConfigError when any annotation is bad)."""
+    return parse_pod_annotations(annotations).policy
+
+
+def _is_compact(text: str) -> bool:
+    for line in text.split("\n"):
+        s = line.strip()
+        if not s or s.startswith("#"):
+            continue
+        first = s.split(None, 1)[0]
+        return first in _ACTIONS
+    return False
+
+
+def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy | None:
+    key = "inbound-policy"
+    source = annotation_source(key)
+    data: Any
+    lines: Mapping[str, int] | None
+    if text is None or not text.strip():
+        data, lines = {"rules": []}, None
+    elif _is_compact(text):
+        parsed = _compact_rules(c, text)
+        if parsed is None:
+            return None
+        data, lines = parsed
+    else:
+        try:
+            doc = parse_yaml(text, source)
+        except ConfigError as exc:
+            c.problems.extend(exc.problems)
+            return None
+        data, lines = doc.data, doc.lines
+        if isinstance(data, list):  # a bare list of rules is accepted as `rules:`
+            lines = {("rules" + k if k else "rules"): v for k, v in lines.items()}
+            data = {"rules": data}
+    if policy_mode is not None and isinstance(data, dict):
+        if "mode" in data and data["mode"] != policy_mode:
+            c.add("policy-mode", f"conflicts with 'mode: {data['mode']}' inside {PREFIX}{key}; set it in one place")
+            return None
+        data = {**data, "mode": policy_mode}
+    try:
+        return compile_policy(data, source, lines)
+    except ConfigError as exc:
+        c.problems.extend(exc.problems)
+        return None
+
+
+def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, int]] | None:
+    key = "inbound-policy"
+    rules: list[dict[str, Any]] = []
+    lines: dict[str, int] = {}
+    before = len(c.problems)
+    raw_lines = text.split("\n")
+    if len(raw_lines) > _MAX_LINES:
+        c.add(key, f"more than {_MAX_LINES} lines")
+        return None
+    for n, raw in enumerate(raw_lines, start=1):
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        tokens = s.split()
+        if tokens[0] not in _ACTIONS:
+            c.add(key, f"a rule line starts with allow, deny or audit-deny, got {tokens[0]!r}", n)
+            continue
+        action, mode = _ACTIONS[tokens[0]]
+        name = f"line-{n}"
+        if len(tokens) >= 2 and tokens[-2] == "as":
+            name = tokens[-1]
+            tokens = tokens[:-2]
+        if "from" not in tokens:
+            c.add(key, "expected '<action> <METHODS> <PATH>... from <CALLER>... [as <name>]' (no 'from')", n)
+            continue
+        at = tokens.index("from")
+        head, callers_tok = tokens[1:at], tokens[at + 1 :]
+        if len(head) < 2:
+            c.add(key, "expected methods (or '*') and at least one path before 'from'", n)
+            continue
+        callers = [x for tok in callers_tok for x in tok.split(",") if x]
+        if not callers:
+            c.add(key, "expected at least one caller after 'from' (a SPIFFE ID pattern or '*')", n)
+            continue
+        methods = [m for m in head[0].split(",") if m]
+        rule: dict[str, Any] = {"name": name, "action": action}
+        if mode is not None:
+            rule["mode"] = mode
+        if methods != ["*"]:
+            rule["methods"] = methods
+        rule["paths"] = head[1:]
+        rule["callers"] = callers
+        lines[f"rules[{len(rules)}]"] = n
+        rules.append(rule)
+    if len(c.problems) != before:
+        return None
+    return {"rules": rules}, lines
+
+
+def _outbound(c: _Collector, text: str) -> tuple[OutboundTarget, ...]:
+    key = "outbound"
+    out: list[OutboundTarget] = []
+    seen: dict[HostPort, int] = {}
+    raw_lines = text.split("\n")
+    if len(raw_lines) > _MAX_LINES:
+        c.add(key, f"more than {_MAX_LINES} lines")
+        return ()
+    for n, raw in enumerate(raw_lines, start=1):
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        tokens = s.split()
+        if len(tokens) != 5 or tokens[1] != "->" or tokens[3] != "expect":
+            c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID>'", n)
+            continue
+        try:
+            listen = parse_host_port(tokens[0], allow_zero_port=False)
+        except ValueError as exc:
+            c.add(key, f"listen address: {exc}", n)
+            continue
+        if not is_loopback(listen.host):
+            # The outbound listener is plain HTTP: anything but loopback would let others use our identity.
+            c.add(key, f"the listen address must be loopback (e.g. 127.0.0.1), got {listen.host!r}", n)
+            continue
+        try:
+            target = parse_host_port(tokens[2], allow_zero_port=False)
+        except ValueError as exc:
+            c.add(key, f"target address: {exc}", n)
+            continue
+        try:
+            expect = CallerPattern.parse(tokens[4])
+        except IdentityError as exc:
+            c.add(key, f"expect: {exc}", n)
+            continue
+        if expect.kind is PatternKind.ANY:
+            c.add(key, "expect '*' would accept any server: name the server's SPIFFE ID", n)
+            continue
+        if listen in seen:
+            c.add(key, f"listen address {listen} already used on line {seen[listen]}", n)
+            continue
+        seen[listen] = n
+        out.append(OutboundTarget(listen, target, expect, n))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downward API file
+
+
+_SIMPLE_ESCAPES: Final = {
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "t": "\t",
+    "v": "\v",
+    "\\": "\\",
+    '"': '"',
+}
+_HEXDIGITS: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def go_unquote(quoted: str) -> str:
+    """Inverse of Go's `strconv.Quote` (the `"..."` form of `strconv.Unquote`); raises ValueError.
+
+    Escapes: \\a \\b \\f \\n \\r \\t \\v \\\\ \\" , \\xHH and \\OOO (bytes, which must form UTF-8 together with
+    their neighbours), \\uHHHH and \\UHHHHHHHH (valid Unicode scalar values). Raw `"`, newline or a lone
+    backslash are errors, as in Go.
+    """
+    if len(quoted) < 2 or quoted[0] != '"' or quoted[-1] != '"':
+        raise ValueError("not a double-quoted string")
+    body = quoted[1:-1]
+    out: list[str] = []
+    pending = bytearray()  # \x and octal escapes are bytes; decode them as UTF-8 once the run ends
+
+    def flush() -> None:
+        if pending:
+            try:
+                out.append(pending.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError("\\x or octal escapes do not form valid UTF-8") from None
+            pending.clear()
+
+    i, n = 0, len(body)
+    while i < n:
+        ch = body[i]
+        if ch == '"' or ch == "\n":
+            raise ValueError(f"unescaped {ch!r} inside a quoted string")
+        if ch != "\\":
+            flush()
+            out.append(ch)
+            i += 1
+            continue
+        if i + 1 >= n:
+            raise ValueError("lone backslash at the end of a quoted string")
+        esc = body[i + 1]
+        if esc in _SIMPLE_ESCAPES:
+            flush()
+            out.append(_SIMPLE_ESCAPES[esc])
+            i += 2
+        elif esc in "xuU":
+            width = {"x": 2, "u": 4, "U": 8}[esc]
+            digits = body[i + 2 : i + 2 + width]
+            if len(digits) != width or not all(d in _HEXDIGITS for d in digits):
+                raise ValueError(f"\\{esc} needs {width} hex digits")
+            value = int(digits, 16)
+            if esc == "x":
+                pending.append(value)
+            else:
+                if value > 0x10FFFF or 0xD800 <= value <= 0xDFFF:
+                    raise ValueError(f"\\{esc}{digits} is not a Unicode scalar value")
+                flush()
+                out.append(chr(value))
+            i += 2 + width
+        elif esc in "01234567":
+            digits = body[i + 1 : i + 4]
+            if len(digits) != 3 or not all(d in "01234567" for d in digits) or int(digits, 8) > 255:
+                raise ValueError("octal escapes are three digits up to \\377")
+            pending.append(int(digits, 8))
+            i += 4
+        else:
+            raise ValueError(f"unknown escape \\{esc}")
+    flush()
+    return "".join(out)
+
+
+def _valid_annotation_key(key: str) -> bool:
+    prefix, sep, name = key.rpartition("/")
+    if sep and (len(prefix) > 253 or _PREFIX_RE.fullmatch(prefix.lower()) is None):
+        return False
+    return len(name) <= 63 and _NAME_RE.fullmatch(name) is not None
+
+
+def parse_downward_api(text: str) -> dict[str, str]:
+    """Parse the kubelet's downward API annotations file (`key="go-quoted value"` per line, sorted,
+    no trailing newline; an empty file is no annotations). Raises ValueError naming the line."""
+    out: dict[str, str] = {}
+    if not text:
+        return out
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line:
+            continue  # tolerate a trailing newline (a hand-written file)
+        key, sep, quoted = line.partition("=")
+        if not sep:
+            raise ValueError(f"line {n}: expected key=\"value\"")
+        if not _valid_annotation_key(key):
+            raise ValueError(f"line {n}: {key[:80]!r} is not an annotation key")
+        if key in out:
+            raise ValueError(f"line {n}: duplicate key {key!r}")
+        try:
+            out[key] = go_unquote(quoted)
+        except ValueError as exc:
+            raise ValueError(f"line {n} ({key}): {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probe routes (SPIFFE_SIDECAR_PROBES, written by the injector)
+
+
+def parse_probe_routes(text: str) -> tuple[ProbeRoute, ...]:
+    """Parse the injector's SPIFFE_SIDECAR_PROBES JSON (a list of {path, port, appPath, scheme});
+    raises ValueError. The probe port forwards exactly these paths and nothing else."""
+    try:
+        data = json.loads(text) if text.strip() else []
+    except ValueError as exc:
+        raise ValueError(f"probe routes are not JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ValueError("probe routes must be a JSON list")
+    out: list[ProbeRoute] = []
+    seen: set[str] = set()
+    for i, item in enumerate(data):
+        if not isinstance(item, dict) or set(item) - {"path", "port", "appPath", "scheme"}:
+            raise ValueError(f"probe route {i}: expected an object with path, port, appPath, scheme")
+        path, port, app_path = item.get("path"), item.get("port"), item.get("appPath", item.get("path"))
+        scheme = item.get("scheme", "HTTP")
+        if not isinstance(path, str) or not path.startswith("/") or path in seen:
+            raise ValueError(f"probe route {i}: path must be a unique string starting with '/'")
+        if not isinstance(app_path, str) or not app_path.startswith("/"):
+            raise ValueError(f"probe route {i}: appPath must start with '/'")
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"probe route {i}: port must be 1-65535")
+        if scheme not in ("HTTP", "HTTPS"):
+            raise ValueError(f"probe route {i}: scheme must be HTTP or HTTPS")
+        seen.add(path)
+        out.append(ProbeRoute(path, port, app_path, scheme))
+    return tuple(out)

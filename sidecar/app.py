@@ -1,0 +1,338 @@
+"""Composition root: the only module that wires the edges together (source -> TLS, policy -> inbound, ...).
+
+Lifecycle of `run()`:
+1. build metrics, audit log, SVID source, TLS contexts, policy holder; start the admin server (readyz 503);
+2. wait for the first X.509-SVID (deadline `first_svid_timeout`, progress logged every few seconds);
+3. bind the inbound listener, log one "ready" line;
+4. until SIGTERM/SIGINT: apply every new X509Context (rotation), reload `policy_file` when it changes
+   (a bad update keeps the last good policy), flush audit drop summaries;
+5. on SIGTERM/SIGINT: readyz goes 503, the listener stops accepting and drains in-flight requests up to
+   `timeouts.drain`; exit status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from .admin import AdminServer, config_view
+from .audit import AuditLog, open_writer
+from .config import HostPort, PemSourceSettings, Settings, load_policy
+from .errors import ConfigError, SourceError
+from .inbound import InboundServer, PolicyRef
+from .metrics import Metrics
+from .policy import Policy
+from .sources import PemFileSource, SourceEvent, WorkloadApiSource
+from .svid import X509Context
+from .tls import TlsContexts
+
+__all__ = ["FIRST_SVID_TIMEOUT", "POLICY_POLL_INTERVAL", "PolicyWatcher", "run"]
+
+log = logging.getLogger("spiffe_sidecar.app")
+
+FIRST_SVID_TIMEOUT = 60.0  # a pod without an SVID after a minute is misconfigured (no entry, no socket)
+POLICY_POLL_INTERVAL = 1.0  # downward API files change by a symlink swap; polling is the portable way
+_PROGRESS_EVERY = 5.0
+_AUDIT_FLUSH_EVERY = 1.0
+_STOP_GRACE = 5.0  # on top of timeouts.drain, for closing the admin server and cancelling tasks
+
+
+@dataclass(slots=True)
+class _State:
+    context: X509Context | None = None
+    listeners_bound: bool = False
+    exit_code: int = 0
+    exit_reason: str = ""
+
+    def fail(self, code: int, reason: str, stop: asyncio.Event) -> None:
+        if not self.exit_code:
+            self.exit_code, self.exit_reason = code, reason
+        stop.set()
+
+
+class PolicyWatcher:
+    """Polls a policy file (content hash) and swaps `PolicyRef.policy` when a new version compiles.
+
+    A version that does not compile is logged (every problem, one line each) and counted as
+    `policy_reloads{result="error"}`; the last good policy stays in force. Each distinct content is
+    judged once, so a bad file is not re-logged every second.
+    """
+
+    def __init__(self, path: Path, ref: PolicyRef, metrics: Metrics, initial_text: str | None = None) -> None:
+        self._path = path
+        self._ref = ref
+        self._metrics = metrics
+        self._seen = None if initial_text is None else _digest(initial_text.encode())
+
+    def _read(self) -> bytes | None:
+        try:
+            return self._path.read_bytes()
+        except OSError as exc:
+            # The kubelet's symlink swap can briefly leave no file; keep the last good policy.
+            log.debug("policy file %s unreadable: %s", self._path, exc)
+            return None
+
+    async def check_once(self) -> bool | None:
+        """Reload if the content changed: True (swapped), False (rejected), None (unchanged/unreadable)."""
+        async with asyncio.timeout(10):
+            data = await asyncio.to_thread(self._read)
+        if data is None:
+            return None
+        digest = _digest(data)
+        if digest == self._seen:
+            return None
+        self._seen = digest
+        try:
+            policy = load_policy(data.decode("utf-8"), str(self._path))
+        except UnicodeDecodeError:
+            log.error("policy reload rejected, keeping the last good policy: %s: not UTF-8", self._path)
+            self._metrics.policy_reloads.labels(result="error").inc()
+            return False
+        except ConfigError as exc:
+            log.error("policy reload rejected (%d problems), keeping the last good policy", len(exc.problems))
+            for problem in exc.problems:
+                log.error("  %s", problem)
+            self._metrics.policy_reloads.labels(result="error").inc()
+            return False
+        self._ref.policy = policy  # one reference assignment: each request sees the old or the new policy
+        self._metrics.policy_reloads.labels(result="ok").inc()
+        log.info("policy reloaded from %s (%s)", self._path, _rule_summary(policy))
+        return True
+
+    async def run(self, interval: float = POLICY_POLL_INTERVAL) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.check_once()
+            except TimeoutError:
+                log.warning("policy file %s: read timed out", self._path)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _rule_summary(policy: Policy) -> str:
+    rules = getattr(policy, "rules", None)
+    if rules is not None:
+        return f"{len(rules)} rules"
+    return f"{len(policy.describe())} lines"
+
+
+def _make_source(settings: Settings) -> WorkloadApiSource | PemFileSource:
+    src = settings.source
+    if isinstance(src, PemSourceSettings):
+        return PemFileSource(
+            src.cert_chain,
+            src.key,
+            src.bundle,
+            trust_domain=src.trust_domain,
+            federated=dict(src.federated),
+            poll_interval=src.poll_interval,
+            on_event=_source_event,
+        )
+    return WorkloadApiSource(src.endpoint, on_event=_source_event)
+
+
+_EVENT_LEVELS = {
+    "update": logging.DEBUG,  # the subscriber logs applied contexts
+    "connected": logging.INFO,
+    "backoff": logging.DEBUG,  # the stream_error before it is the news
+    "rejected": logging.WARNING,
+    "stream_error": logging.WARNING,
+    "duplicate_hint": logging.WARNING,
+    "expired": logging.WARNING,
+    "subscriber_error": logging.ERROR,
+    "fatal": logging.ERROR,
+}
+
+
+def _source_event(event: SourceEvent) -> None:
+    # One line per source event (reconnects, rejected file sets, expiry); events never carry key material.
+    level = _EVENT_LEVELS.get(event.kind, logging.INFO)
+    delay = f" (retry in {event.delay:.1f}s)" if event.delay is not None else ""
+    log.log(
+        level, "svid source %s: %s%s%s", event.source, event.kind, f": {event.detail}" if event.detail else "", delay
+    )
+
+
+async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_timeout: float = FIRST_SVID_TIMEOUT) -> int:
+    """Run the sidecar until SIGTERM/SIGINT; return the process exit status (0 after a clean drain).
+
+    Status 1 when the SVID source gives up or no SVID arrives within `first_svid_timeout`.
+    """
+    del environ  # env overrides were applied by the config loader; kept in the signature for the CLI contract
+    inbound_settings = settings.inbound
+    if inbound_settings is None or inbound_settings.policy is None:
+        log.error("nothing to run: the config has no inbound listener")
+        return 2
+    metrics = Metrics()
+    write, close_audit = open_writer(settings.audit.path)
+    audit = AuditLog(settings.audit, write=write, clock=time.time, metrics=metrics, rng=random.random)
+    policy_ref = PolicyRef(inbound_settings.policy)
+    tls = TlsContexts()
+    state = _State()
+    source = _make_source(settings)
+    stop = asyncio.Event()
+
+    def on_context(ctx: X509Context) -> None:
+        # Called on the loop for every new snapshot (SVID rotation or bundle change).
+        if ctx is state.context:
+            return
+        tls.update(ctx)
+        state.context = ctx
+        metrics.rotations.inc()
+        metrics.svid_expiry.set(ctx.expires_at.timestamp())
+        log.info("X509 context applied: %s, SVID expires %s", ctx.default_svid.spiffe_id, ctx.expires_at.isoformat())
+
+    def svid_expiry() -> datetime | None:
+        current = source.current()
+        return None if current is None else current.expires_at
+
+    inbound = InboundServer(
+        inbound_settings,
+        timeouts=settings.timeouts,
+        limits=settings.limits,
+        tls=tls,
+        policy=policy_ref,
+        audit=audit,
+        metrics=metrics,
+    )
+    admin = AdminServer(
+        settings.admin.listen,
+        metrics=metrics,
+        svid_expiry=svid_expiry,
+        listeners_bound=lambda: state.listeners_bound,
+        config_view=lambda: config_view(settings, policy_ref.policy, source.current()),
+    )
+
+    async def guard_source() -> None:
+        # A source that gives up (e.g. InvalidArgument from the Workload API) ends the process.
+        try:
+            await source.run()
+        except SourceError as exc:
+            state.fail(1, f"SVID source failed: {exc}", stop)
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    unsubscribe = source.subscribe(on_context)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            background = [tg.create_task(guard_source(), name="svid-source")]
+            try:
+                await admin.start()
+            except OSError as exc:
+                state.fail(1, f"admin listener {settings.admin.listen}: {exc.strerror or exc}", stop)
+            ctx = None if stop.is_set() else await _wait_first_svid(source, first_svid_timeout, stop)
+            if ctx is None:
+                if not stop.is_set():
+                    state.fail(
+                        1,
+                        f"no X.509-SVID after {first_svid_timeout:.0f}s; check the Workload API socket and that "
+                        "a registration entry matches this workload",
+                        stop,
+                    )
+            else:
+                on_context(ctx)
+                try:
+                    port = await inbound.start()
+                except OSError as exc:
+                    state.fail(1, f"inbound listener {inbound_settings.listen}: {exc.strerror or exc}", stop)
+                else:
+                    state.listeners_bound = True
+                    log.info(
+                        "ready: inbound %s:%d -> app %s (%s), identity %s, policy %s, admin %s",
+                        inbound_settings.listen.host,
+                        port,
+                        inbound_settings.app,
+                        inbound_settings.mode.value,
+                        ctx.default_svid.spiffe_id,
+                        _rule_summary(policy_ref.policy),
+                        HostPort(settings.admin.listen.host, admin.port or settings.admin.listen.port),
+                    )
+                    if inbound_settings.policy_file is not None:
+                        watcher = PolicyWatcher(
+                            inbound_settings.policy_file,
+                            policy_ref,
+                            metrics,
+                            initial_text=_read_text(inbound_settings.policy_file),
+                        )
+                        background.append(tg.create_task(watcher.run(), name="policy-watcher"))
+                    background.append(tg.create_task(_flush_audit(audit), name="audit-flush"))
+
+            await stop.wait()
+            if state.listeners_bound:
+                log.info("stopping: draining in-flight requests (up to %.1fs)", settings.timeouts.drain)
+                state.listeners_bound = False  # readyz -> 503 so endpoints stop routing here
+                try:
+                    async with asyncio.timeout(settings.timeouts.drain + _STOP_GRACE):
+                        await inbound.drain(settings.timeouts.drain)
+                except TimeoutError:
+                    log.warning("drain did not finish within %.1fs; closed the rest", settings.timeouts.drain)
+            for task in background:
+                task.cancel()
+    finally:
+        unsubscribe()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(_STOP_GRACE):
+                await admin.stop()
+        audit.flush_dropped()
+        close_audit()
+    if state.exit_code:
+        log.error("%s", state.exit_reason)
+        return state.exit_code
+    log.info("stopped")
+    return 0
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+async def _wait_first_svid(
+    source: WorkloadApiSource | PemFileSource, deadline: float, stop: asyncio.Event
+) -> X509Context | None:
+    """The first X509Context, logging progress every few seconds; None when stopped or after `deadline`."""
+    started = time.monotonic()
+    while not stop.is_set():
+        left = deadline - (time.monotonic() - started)
+        if left <= 0:
+            return None
+        waiter = asyncio.ensure_future(source.wait_ready(min(_PROGRESS_EVERY, left)))
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((waiter, stopper), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            if not waiter.done():
+                waiter.cancel()
+        if waiter.done() and not waiter.cancelled():
+            exc = waiter.exception()
+            if exc is None:
+                ctx: X509Context = waiter.result()
+                return ctx
+            if not isinstance(exc, SourceError):
+                raise exc
+            log.info("waiting for the first X.509-SVID (%.0fs so far)", time.monotonic() - started)
+    return None
+
+
+async def _flush_audit(audit: AuditLog) -> None:
+    while True:
+        await asyncio.sleep(_AUDIT_FLUSH_EVERY)
+        audit.flush_dropped()

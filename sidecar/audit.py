@@ -1,0 +1,183 @@
+"""The audit log: one JSON line per authorization decision, with its rule and reason (edge).
+
+Allows are sampled (`sample_allows`); denies and would-denies are always logged but pass a token
+bucket (`deny_per_second`, `deny_burst`) so that a flood of denied requests cannot turn into a flood of
+disk writes. Dropped lines are counted in `spiffe_sidecar_audit_lines_dropped` and reported on the next
+deny line that gets through (`"dropped": N`) or by `flush_dropped()` (the app calls it periodically).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Protocol
+
+from .config import AuditSettings
+from .metrics import Metrics
+
+__all__ = ["AuditLog", "DecisionLike", "open_writer"]
+
+
+class DecisionLike(Protocol):
+    """What the audit log reads from a policy Decision (sidecar.policy.Decision has these fields)."""
+
+    @property
+    def allowed(self) -> bool: ...
+    @property
+    def enforced(self) -> bool: ...
+    @property
+    def rule(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+
+
+class AuditLog:
+    """Writes decision lines through an injected `write(line)` (line includes the trailing newline).
+
+    `clock()` returns Unix time in seconds (timestamps and the token bucket); `rng()` returns a float in
+    [0, 1) for sampling. Not thread-safe: it lives on the event loop.
+    """
+
+    __slots__ = (
+        "_burst",
+        "_clock",
+        "_dropped",
+        "_dumps",
+        "_last_refill",
+        "_metrics",
+        "_rate",
+        "_rng",
+        "_sample",
+        "_sec",
+        "_sec_text",
+        "_tokens",
+        "_write",
+    )
+
+    def __init__(
+        self,
+        settings: AuditSettings,
+        *,
+        write: Callable[[str], None],
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics,
+        rng: Callable[[], float],
+    ) -> None:
+        self._write = write
+        self._clock = clock
+        self._metrics = metrics
+        self._rng = rng
+        self._sample = settings.sample_allows
+        self._rate = settings.deny_per_second
+        self._burst = float(settings.deny_burst)
+        self._tokens = self._burst
+        self._last_refill = clock()
+        self._dropped = 0
+        self._sec = -1
+        self._sec_text = ""
+        self._dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+    @property
+    def dropped_pending(self) -> int:
+        """Deny lines dropped since the last line that reported them."""
+        return self._dropped
+
+    def decision(
+        self,
+        *,
+        listener: str,
+        peer: object,
+        method: str,
+        path: str,
+        decision: DecisionLike,
+        status: int,
+        bytes_in: int,
+        bytes_out: int,
+        duration: float,
+    ) -> None:
+        """Log one decision. `peer` is a SpiffeId (or None when no identity was established)."""
+        now = self._clock()
+        if decision.allowed:
+            verdict = "allow"
+            # Sampling: sample_allows == 1.0 never consults the rng (rng() < 1.0 always holds anyway).
+            if self._sample < 1.0 and self._rng() >= self._sample:
+                return
+        else:
+            verdict = "deny" if decision.enforced else "would-deny"
+            if not self._take_token(now):
+                self._dropped += 1
+                self._metrics.audit_dropped.inc()
+                return
+        line = {
+            "time": self._timestamp(now),
+            "listener": listener,
+            "peer": "-" if peer is None else str(peer),
+            "method": method,
+            "path": path,
+            "rule": decision.rule,
+            "decision": verdict,
+            "mode": decision.mode,
+            "reason": decision.reason,
+            "status": status,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": round(duration * 1000.0, 3),
+        }
+        if self._dropped and verdict != "allow":
+            line["dropped"] = self._dropped
+            self._dropped = 0
+        self._write(self._dumps(line) + "\n")
+
+    def flush_dropped(self) -> int:
+        """Write a summary line for deny lines dropped since the last report; returns how many."""
+        n = self._dropped
+        if n:
+            self._dropped = 0
+            self._write(self._dumps({"time": self._timestamp(self._clock()), "event": "dropped", "dropped": n}) + "\n")
+        return n
+
+    def _take_token(self, now: float) -> bool:
+        elapsed = now - self._last_refill
+        if elapsed > 0:  # a clock that steps backwards never adds tokens
+            self._tokens = min(self._burst, self._tokens + elapsed * self._rate)
+        self._last_refill = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+    def _timestamp(self, now: float) -> str:
+        # RFC 3339, UTC, milliseconds. The seconds part is formatted once per second, not per line.
+        sec = int(now)
+        if sec != self._sec:
+            self._sec = sec
+            self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        ms = min(999, int((now - sec) * 1000))
+        return f"{self._sec_text}.{ms:03d}Z"
+
+
+def open_writer(path: str) -> tuple[Callable[[str], None], Callable[[], None]]:
+    """(write, close) for an audit destination: "-" is stdout, anything else a file opened for append.
+
+    Both are line-buffered: one write() per decision line and no unbounded buffering in the process.
+    """
+    if path == "-":
+        out: IO[str] = sys.stdout
+        return _line_writer(out), out.flush
+    fh = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed by the returned close())
+    return _line_writer(fh), fh.close
+
+
+def _line_writer(out: IO[str]) -> Callable[[str], None]:
+    write = out.write
+    flush = out.flush
+
+    def _write(line: str) -> None:
+        write(line)
+        flush()
+
+    return _write

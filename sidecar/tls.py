@@ -1,0 +1,241 @@
+"""TLS contexts built from X.509-SVID snapshots, and the SPIFFE check that follows every handshake.
+
+Rotation is a reference swap (DESIGN "Rotation = swap a reference"): `TlsContexts.update()` builds a
+fresh server and client `ssl.SSLContext` from an `X509Context` and replaces one immutable `TlsSnapshot`.
+A live `SSLContext` is never mutated; open connections keep the context they were handshaked with.
+
+The inbound listener accepts plain TCP and wraps each accepted socket with the snapshot current at that
+moment (`loop.connect_accepted_socket(ssl=snapshot.server)`), so every new handshake uses the newest SVID
+and bundles. OpenSSL verifies the peer chain against the union of all bundles (it has no per-trust-domain
+store); `verify_peer_connection()` then runs `svid.verify_peer` on the presented chain with the bundle of
+the peer ID's own trust domain (X509-SVID §5.2, federation: never the union) before a byte is read.
+
+Private keys reach OpenSSL only through `load_cert_chain`, which needs a path: we use an anonymous
+memfd (never on a filesystem) and fall back to a 0700 temp dir with 0600 files removed right after loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import ssl
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives import serialization
+
+from .errors import SvidError
+from .identity import SpiffeId
+from .svid import PeerIdentity, X509Context, verify_peer
+
+__all__ = [
+    "HandshakeFailure",
+    "TlsContexts",
+    "TlsSnapshot",
+    "build_client_context",
+    "build_server_context",
+    "classify_handshake_error",
+    "peer_chain_der",
+    "verify_peer_connection",
+]
+
+# Cipher policy: OpenSSL 3 defaults (TLS 1.3 suites always on); for TLS 1.2 keep only AEAD + ECDHE.
+_TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+
+# OpenSSL X509_V_ERR_* codes mapped to the stable reason codes of sidecar.svid, so a peer rejected by
+# OpenSSL and one rejected by our own check are counted under the same names.
+_VERIFY_CODES = {
+    2: "bad_chain",  # unable to get issuer certificate
+    9: "not_yet_valid",
+    10: "expired",
+    18: "bad_chain",  # self-signed leaf
+    19: "bad_chain",  # self-signed certificate in chain
+    20: "bad_chain",  # unable to get local issuer certificate
+    21: "bad_chain",  # unable to verify the first certificate
+    24: "leaf_is_ca",  # invalid CA certificate (a leaf used as CA)
+    26: "bad_chain",  # unsupported certificate purpose
+    7: "bad_chain",  # certificate signature failure
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSnapshot:
+    """One consistent generation: the X509Context and the contexts built from it."""
+
+    x509: X509Context
+    server: ssl.SSLContext = field(repr=False)
+    client: ssl.SSLContext = field(repr=False)
+    own_id: SpiffeId
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailure:
+    """Why a connection was refused before any request: `reason` is a stable metric label."""
+
+    reason: str
+    detail: str
+
+
+class TlsContexts:
+    """Holder of the newest `TlsSnapshot`. `update()` is called by the composition root on each new
+    X509Context (on the loop thread); readers take `.current` once per connection."""
+
+    def __init__(self, ctx: X509Context | None = None) -> None:
+        self._current: TlsSnapshot | None = None
+        self._generation = 0
+        if ctx is not None:
+            self.update(ctx)
+
+    def update(self, ctx: X509Context) -> TlsSnapshot:
+        """Build fresh contexts from `ctx` and swap them in. Raises ssl.SSLError / SvidError on a
+        snapshot OpenSSL cannot load; the previous snapshot then stays current."""
+        server = build_server_context(ctx)
+        client = build_client_context(ctx)
+        self._generation += 1
+        snap = TlsSnapshot(ctx, server, client, ctx.default_svid.spiffe_id, self._generation)
+        self._current = snap  # the swap: one reference assignment
+        return snap
+
+    @property
+    def current(self) -> TlsSnapshot:
+        snap = self._current
+        if snap is None:
+            raise SvidError("no_svid", "no X.509-SVID has been received yet")
+        return snap
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def server(self) -> ssl.SSLContext:
+        return self.current.server
+
+    @property
+    def client(self) -> ssl.SSLContext:
+        return self.current.client
+
+
+def _base_context(protocol: ssl._SSLMethod, ctx: X509Context) -> ssl.SSLContext:
+    c = ssl.SSLContext(protocol)
+    c.minimum_version = ssl.TLSVersion.TLSv1_2
+    c.set_ciphers(_TLS12_CIPHERS)
+    # No renegotiation (a peer could otherwise re-handshake with another identity mid-connection), no
+    # compression (CRIME).
+    c.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    c.verify_mode = ssl.CERT_REQUIRED
+    authorities = ctx.all_authorities()
+    if authorities:
+        c.load_verify_locations(
+            cadata=b"".join(a.public_bytes(serialization.Encoding.DER) for a in authorities)
+        )
+    svid = ctx.default_svid
+    with _key_files(svid.chain_pem(), svid.key_pem()) as (cert_path, key_path):
+        c.load_cert_chain(cert_path, key_path)
+    return c
+
+
+def build_server_context(ctx: X509Context) -> ssl.SSLContext:
+    """Server side: client certificate REQUIRED, TLS >= 1.2, the union of bundles as OpenSSL's store."""
+    c = _base_context(ssl.PROTOCOL_TLS_SERVER, ctx)
+    # No session resumption: a resumed session carries no fresh peer chain for verify_peer, and a
+    # rotated bundle must apply to every new connection. TLS 1.3 tickets off; TLS 1.2 tickets off.
+    c.num_tickets = 0
+    c.options |= ssl.OP_NO_TICKET
+    return c
+
+
+def build_client_context(ctx: X509Context) -> ssl.SSLContext:
+    """Client side (outbound): our SVID presented, server chain verified by OpenSSL against the union;
+    the caller must still run `verify_peer_connection` and check the expected server SPIFFE ID.
+    Hostname checking is off: SPIFFE identifies by URI SAN, not DNS name (X509-SVID §5.1)."""
+    c = _base_context(ssl.PROTOCOL_TLS_CLIENT, ctx)
+    c.check_hostname = False
+    c.verify_mode = ssl.CERT_REQUIRED
+    return c
+
+
+@contextlib.contextmanager
+def _key_files(chain_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
+    """Paths holding the chain and key for exactly as long as `load_cert_chain` needs them."""
+    memfd_create: Callable[..., int] | None = getattr(os, "memfd_create", None)
+    if memfd_create is not None and os.path.isdir("/proc/self/fd"):
+        fds: list[int] = []
+        try:
+            for name, data in (("svid-chain", chain_pem), ("svid-key", key_pem)):
+                fd = memfd_create(name, os.MFD_CLOEXEC)
+                fds.append(fd)
+                os.write(fd, data)
+            yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="spiffe-sidecar-") as d:  # mode 0700
+        paths = []
+        for name, data in (("chain.pem", chain_pem), ("key.pem", key_pem)):
+            p = os.path.join(d, name)
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            paths.append(p)
+        try:
+            yield paths[0], paths[1]
+        finally:
+            for p in paths:
+                os.unlink(p)
+
+
+def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
+    """The chain the peer presented, leaf first, as DER (empty when it presented none).
+
+    CPython 3.11 exposes it only on the private `_sslobj` (`get_unverified_chain`, public from 3.13);
+    on the server side CPython prepends the peer leaf that OpenSSL leaves out of the chain.
+    """
+    inner = getattr(ssl_object, "_sslobj", None)
+    getter = getattr(inner, "get_unverified_chain", None)
+    if getter is None:  # pragma: no cover - very old CPython; leaf only
+        leaf = ssl_object.getpeercert(binary_form=True)
+        return [leaf] if leaf else []
+    chain: Sequence[object] | None = getter()
+    if not chain:
+        return []
+    der = ssl._ssl.ENCODING_DER  # type: ignore[attr-defined]
+    return [c.public_bytes(der) for c in chain]  # type: ignore[attr-defined]
+
+
+def verify_peer_connection(
+    ssl_object: ssl.SSLObject | ssl.SSLSocket, snapshot: TlsSnapshot, now: dt.datetime
+) -> PeerIdentity:
+    """The SPIFFE check after the handshake: the presented chain against the bundle of the peer ID's own
+    trust domain in the snapshot the handshake used. Raises SvidError(reason, detail)."""
+    chain = peer_chain_der(ssl_object)
+    if not chain:
+        raise SvidError("no_client_certificate", "the peer presented no certificate")
+    return verify_peer(chain, snapshot.x509.bundles, now)
+
+
+def classify_handshake_error(exc: BaseException) -> HandshakeFailure:
+    """Map a handshake exception to a stable reason code and a one-line detail (no key material)."""
+    if isinstance(exc, TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "handshake is taking longer" in str(exc)
+    ):
+        return HandshakeFailure("handshake_timeout", "TLS handshake did not finish in time")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = exc.verify_code
+        return HandshakeFailure(_VERIFY_CODES.get(code, "bad_chain"), f"{exc.verify_message} ({code})")
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason or ""
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED"):
+            return HandshakeFailure("no_client_certificate", "the client presented no certificate")
+        if reason == "CERTIFICATE_VERIFY_FAILED":
+            return HandshakeFailure("bad_chain", str(exc.args[1] if len(exc.args) > 1 else exc))
+        return HandshakeFailure("tls_error", reason or type(exc).__name__)
+    if isinstance(exc, ConnectionError | OSError):
+        return HandshakeFailure("tls_error", f"{type(exc).__name__}: connection closed during handshake")
+    return HandshakeFailure("tls_error", type(exc).__name__)

@@ -1,0 +1,432 @@
+"""The whole sidecar as a subprocess (`spiffe-sidecar run -c FILE`), as an operator runs it.
+
+Identity comes from PEM files built with tests/pki.py (the pem source); the app is an aiohttp server in
+this test; callers are curl with client certificates. Checked: readyz, an allowed and a denied request,
+live policy reload (a bad update keeps the old policy; a good one takes effect), /config without keys,
+audit lines, and SIGTERM draining an in-flight request, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.pki import CA
+
+pytestmark = pytest.mark.timeout(90)
+
+SCRIPT = Path(sys.executable).parent / "spiffe-sidecar"
+TD = "example.org"
+CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
+REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
+INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
+
+POLICY = f"""\
+rules:
+  - name: checkout-reads-stock
+    action: allow
+    methods: [GET]
+    paths: ["/api/stock/*"]
+    callers: ["{CHECKOUT}"]
+  - name: no-admin
+    action: deny
+    paths: ["/admin/**"]
+    callers: ["*"]
+"""
+
+POLICY_WITH_REPORTING = (
+    POLICY
+    + f"""\
+  - name: reporting-reads-stock
+    action: allow
+    methods: [GET]
+    paths: ["/api/stock/*"]
+    callers: ["{REPORTING}"]
+"""
+)
+
+BROKEN_POLICY = """\
+rules:
+  - name: everyone-everything
+    action: allow
+    paths: ["/**"]
+    callers: ["*"]
+    colour: red
+"""
+
+
+@dataclass
+class App:
+    """The workload behind the sidecar: records what reached it."""
+
+    seen: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, xfcc
+    slow_started: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+
+@dataclass
+class Sidecar:
+    proc: asyncio.subprocess.Process
+    inbound_port: int
+    admin_port: int
+    lines: list[str]
+    dir: Path
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+async def start_app() -> tuple[App, web.AppRunner]:
+    state = App()
+
+    async def handler(request: web.Request) -> web.Response:
+        state.seen.append((request.method, request.path, request.headers.get("x-forwarded-client-cert", "")))
+        if request.path.endswith("/slow"):
+            state.slow_started.set()
+            await asyncio.sleep(2.0)
+        return web.Response(text=f"app saw {request.method} {request.path}\n")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.port = int(runner.addresses[0][1])
+    return state, runner
+
+
+def write_pki(tmp: Path) -> None:
+    root = CA.root(TD)
+    inventory = root.leaf(INVENTORY, dns=["localhost"])  # DNS SAN only so that curl can verify the server
+    (tmp / "tls.crt").write_bytes(inventory.chain_pem())
+    (tmp / "tls.key").write_bytes(inventory.key_pem())
+    (tmp / "ca.crt").write_bytes(root.bundle_pem())
+    for name, sid in (("checkout", CHECKOUT), ("reporting", REPORTING)):
+        leaf = root.leaf(sid)
+        (tmp / f"{name}.crt").write_bytes(leaf.chain_pem())
+        (tmp / f"{name}.key").write_bytes(leaf.key_pem())
+    (tmp / "tls.key").chmod(0o600)
+
+
+def write_config(tmp: Path, app_port: int) -> Path:
+    (tmp / "policy.yaml").write_text(POLICY)
+    config = tmp / "inventory.yaml"
+    config.write_text(
+        f"""\
+svid_source:
+  pem: {{cert_chain: tls.crt, key: tls.key, bundle: ca.crt, trust_domain: {TD}, poll_interval: 250ms}}
+inbound:
+  listen: "127.0.0.1:0"
+  app: "127.0.0.1:{app_port}"
+  policy_file: policy.yaml
+admin: {{listen: "127.0.0.1:0"}}
+audit: {{path: audit.log}}
+timeouts: {{drain: 10s}}
+log_level: info
+"""
+    )
+    return config
+
+
+async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
+    while raw := await stream.readline():
+        lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+
+async def wait_for_line(lines: list[str], pattern: str, proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
+    regex = re.compile(pattern)
+    async with asyncio.timeout(timeout):
+        while True:
+            for line in lines:
+                if regex.search(line):
+                    return line
+            if proc.returncode is not None:
+                raise AssertionError(f"sidecar exited {proc.returncode}: " + "\n".join(lines))
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    state, runner = await start_app()
+    try:
+        yield state
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(
+    config: Path, *, loop: str = "uvloop", env: dict[str, str] | None = None, rules: int = 2
+) -> AsyncIterator[Sidecar]:
+    """`spiffe-sidecar run -c config` until ready; killed on exit if still running."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    full_env.update(env or {})
+    proc = await asyncio.create_subprocess_exec(
+        str(SCRIPT), "run", "-c", str(config), "--loop", loop,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=full_env, cwd=config.parent,
+    )  # fmt: skip
+    lines: list[str] = []
+    assert proc.stderr is not None
+    reader = asyncio.create_task(_collect(proc.stderr, lines))
+    try:
+        ready = await wait_for_line(lines, r"ready: inbound 127\.0\.0\.1:\d+", proc)
+        admin = await wait_for_line(lines, r"admin listening on 127\.0\.0\.1:\d+", proc)
+        inbound_port = int(re.search(r"ready: inbound 127\.0\.0\.1:(\d+)", ready).group(1))  # type: ignore[union-attr]
+        admin_port = int(re.search(r"admin listening on 127\.0\.0\.1:(\d+)", admin).group(1))  # type: ignore[union-attr]
+        assert INVENTORY in ready and f"{rules} rules" in ready
+        yield Sidecar(proc, inbound_port, admin_port, lines, config.parent)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(10):
+                await proc.wait()
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])  # uvloop is what ships; `--loop asyncio` is the debug path
+async def sidecar(tmp_path: Path, app: App, request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
+    write_pki(tmp_path)
+    config = write_config(tmp_path, app.port)
+    async with running_sidecar(config, loop=request.param) as sc:
+        yield sc
+
+
+async def curl(sc: Sidecar, who: str, path: str, method: str = "GET") -> tuple[int, str]:
+    """curl as `who` (checkout|reporting) to the sidecar; returns (HTTP status or 0 on failure, body)."""
+    d = sc.dir
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", "--max-time", "20", "-X", method,
+        "--resolve", f"localhost:{sc.inbound_port}:127.0.0.1",
+        "--cacert", str(d / "ca.crt"), "--cert", str(d / f"{who}.crt"), "--key", str(d / f"{who}.key"),
+        "-w", "\n%{http_code}", f"https://localhost:{sc.inbound_port}{path}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    body, _, code = out.decode().rpartition("\n")
+    return int(code or 0), body + err.decode()
+
+
+async def admin_get(sc: Sidecar, path: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
+        session.get(sc.admin + path) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+async def metric(sc: Sidecar, name: str) -> float:
+    _, body = await admin_get(sc, "/metrics")
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def wait_metric(sc: Sidecar, name: str, value: float, timeout: float = 20) -> None:
+    async with asyncio.timeout(timeout):
+        while await metric(sc, name) < value:
+            await asyncio.sleep(0.2)
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic, like the kubelet's ..data symlink swap
+
+
+async def test_sidecar_end_to_end(sidecar: Sidecar, app: App) -> None:
+    sc = sidecar
+    assert await admin_get(sc, "/healthz") == (200, "ok\n")
+    assert await admin_get(sc, "/readyz") == (200, "ready\n")
+
+    # Allowed: checkout GET /api/stock/42 reaches the app with our XFCC.
+    status, body = await curl(sc, "checkout", "/api/stock/42")
+    assert (status, body) == (200, "app saw GET /api/stock/42\n"), "\n".join(sc.lines)
+    method, path, xfcc = app.seen[-1]
+    assert (method, path) == ("GET", "/api/stock/42")
+    assert f"URI={CHECKOUT}" in xfcc and f"By={INVENTORY}" in xfcc
+
+    # Denied: reporting may call nothing; nobody may call /admin/**. The app sees neither.
+    seen = len(app.seen)
+    assert (await curl(sc, "reporting", "/api/stock/42"))[0] == 403
+    assert (await curl(sc, "checkout", "/admin/users"))[0] == 403
+    assert (await curl(sc, "checkout", "/api/stock/../../admin/users"))[0] == 403
+    assert len(app.seen) == seen
+
+    # /config: effective config + policy + public identity facts, never key material.
+    status, body = await admin_get(sc, "/config")
+    assert status == 200
+    view = json.loads(body)
+    assert view["identity"]["svids"][0]["spiffe_id"] == INVENTORY
+    assert "PRIVATE KEY" not in body
+    key_body = "".join((sc.dir / "tls.key").read_text().splitlines()[1:-1])
+    assert key_body[:40] not in body
+
+    # A bad policy update is rejected: the last good policy stays in force.
+    replace_file(sc.dir / "policy.yaml", BROKEN_POLICY)
+    await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="error"}', 1)
+    assert (await curl(sc, "checkout", "/api/stock/7"))[0] == 200
+    assert (await curl(sc, "reporting", "/api/stock/7"))[0] == 403
+    assert (await curl(sc, "reporting", "/admin/x"))[0] == 403
+    assert any("policy reload rejected" in line for line in sc.lines)
+    assert any("rules[0].colour" in line for line in sc.lines)
+
+    # A good update takes effect without a restart.
+    replace_file(sc.dir / "policy.yaml", POLICY_WITH_REPORTING)
+    await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="ok"}', 1)
+    assert (await curl(sc, "reporting", "/api/stock/7"))[0] == 200
+    assert (await curl(sc, "reporting", "/admin/x"))[0] == 403
+
+    # Audit lines: one JSON object per decision, with rule and reason.
+    records = [json.loads(line) for line in (sc.dir / "audit.log").read_text().splitlines()]
+    decisions = {(r["peer"], r["path"], r["decision"], r["rule"]) for r in records}
+    assert (CHECKOUT, "/api/stock/42", "allow", "checkout-reads-stock") in decisions
+    assert (REPORTING, "/api/stock/42", "deny", "default-deny") in decisions
+    assert (CHECKOUT, "/admin/users", "deny", "no-admin") in decisions
+
+    # SIGTERM with a request in flight: the request completes, the process exits 0.
+    slow = asyncio.create_task(curl(sc, "checkout", "/api/stock/slow"))
+    async with asyncio.timeout(20):
+        await app.slow_started.wait()
+    sc.proc.send_signal(signal.SIGTERM)
+    status, body = await slow
+    assert (status, body) == (200, "app saw GET /api/stock/slow\n")
+    async with asyncio.timeout(10 + 10):  # timeouts.drain + generous slack
+        code = await sc.proc.wait()
+    assert code == 0, "\n".join(sc.lines)
+    assert any("draining" in line for line in sc.lines)
+    assert not any("Traceback" in line for line in sc.lines), "\n".join(sc.lines)
+
+
+async def test_policy_watcher_keeps_the_last_good_policy(tmp_path: Path) -> None:
+    from sidecar.app import PolicyWatcher
+    from sidecar.config import load_policy
+    from sidecar.identity import SpiffeId
+    from sidecar.inbound import PolicyRef
+    from sidecar.metrics import Metrics
+    from sidecar.policy import authorize
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    ref = PolicyRef(load_policy(POLICY, str(path)))
+    metrics = Metrics()
+    watcher = PolicyWatcher(path, ref, metrics, initial_text=POLICY)
+    reporting = SpiffeId.parse(REPORTING)
+
+    def reloads(result: str) -> float:
+        value = metrics.registry.get_sample_value("spiffe_sidecar_policy_reloads_total", {"result": result})
+        return value or 0.0
+
+    assert await watcher.check_once() is None  # unchanged
+    replace_file(path, BROKEN_POLICY)
+    assert await watcher.check_once() is False
+    assert await watcher.check_once() is None  # the same bad content is judged once
+    assert reloads("error") == 1 and reloads("ok") == 0
+    assert not authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+    path.unlink()  # mid-swap: no file for a moment
+    assert await watcher.check_once() is None
+    replace_file(path, POLICY_WITH_REPORTING)
+    assert await watcher.check_once() is True
+    assert authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+    assert reloads("ok") == 1
+    path.write_bytes(b"\xff\xfe not utf-8")
+    assert await watcher.check_once() is False
+    assert authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+
+
+SPIRE_ENTRIES = f"""\
+trust_domain: {TD}
+svid_ttl: 4s
+entries:
+  - spiffe_id: {INVENTORY}
+    socket: inventory.sock
+    dns_names: [localhost]
+"""
+
+
+def _pem(svid: object) -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+
+    chain = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)  # type: ignore[attr-defined]
+    key = svid.private_key.private_bytes(  # type: ignore[attr-defined]
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return chain, key
+
+
+async def test_sidecar_on_the_embedded_spire_follows_rotation(tmp_path: Path, app: App) -> None:
+    """Workload API source (socket from $SPIFFE_ENDPOINT_SOCKET), SVIDs rotating every 2 s."""
+    from spire.entries import parse_config
+    from spire.server import EmbeddedSpire
+
+    socket_dir = tmp_path / "spire"
+    spire_config = parse_config(SPIRE_ENTRIES, "entries.yaml", socket_dir=str(socket_dir))
+    async with EmbeddedSpire(spire_config) as spire:
+        (tmp_path / "ca.crt").write_bytes(spire.bundle_pem())
+        chain, key = _pem(spire.mint_x509_svid(CHECKOUT, ttl=120))
+        (tmp_path / "checkout.crt").write_bytes(chain)
+        (tmp_path / "checkout.key").write_bytes(key)
+        (tmp_path / "policy.yaml").write_text(POLICY)
+        config = tmp_path / "inventory.yaml"
+        config.write_text(
+            f"""\
+svid_source: {{workload_api: {{}}}}
+inbound: {{listen: "127.0.0.1:0", app: "127.0.0.1:{app.port}", policy_file: policy.yaml}}
+admin: {{listen: "127.0.0.1:0"}}
+audit: {{path: audit.log}}
+"""
+        )
+        env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{spire.socket_path_for(INVENTORY)}"}
+        async with running_sidecar(config, env=env) as sc:
+            assert await admin_get(sc, "/readyz") == (200, "ready\n")
+            assert (await curl(sc, "checkout", "/api/stock/1"))[0] == 200
+            first = json.loads((await admin_get(sc, "/config"))[1])["identity"]["svids"][0]["leaf_sha256"]
+
+            # Two rotations (TTL 4 s, new SVID at half-life) reach the sidecar over the stream ...
+            await wait_metric(sc, "spiffe_sidecar_svid_rotations_total", 3, timeout=30)
+            later = json.loads((await admin_get(sc, "/config"))[1])["identity"]["svids"][0]["leaf_sha256"]
+            assert later != first
+            # ... and new handshakes use the new SVID.
+            assert (await curl(sc, "checkout", "/api/stock/2"))[0] == 200
+            assert await admin_get(sc, "/readyz") == (200, "ready\n")
+
+            sc.proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await sc.proc.wait() == 0, "\n".join(sc.lines)
+
+
+async def test_no_svid_within_the_deadline_exits_1(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from sidecar.app import run
+    from sidecar.config import load_settings
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    config = tmp_path / "side.yaml"
+    config.write_text(
+        f"""\
+svid_source: {{workload_api: {{socket: "unix://{tmp_path}/no-agent.sock"}}}}
+inbound: {{listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}}
+admin: {{listen: "127.0.0.1:0"}}
+"""
+    )
+    settings = load_settings(config, {})
+    async with asyncio.timeout(30):
+        assert await run(settings, environ={}, first_svid_timeout=1.0) == 1
+    assert any("no X.509-SVID after 1s" in r.getMessage() for r in caplog.records)

@@ -1,0 +1,675 @@
+"""The inbound mTLS listener over real loopback TLS, with curl, openssl s_client, aiohttp and raw TLS
+sockets as outside clients and a recording aiohttp app behind it (running example: checkout may call
+inventory's GET /api/stock/*; nobody may call /admin/**; reporting may call nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+
+from sidecar.audit import AuditLog
+from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, ListenerMode, Timeouts
+from sidecar.identity import TrustDomain
+from sidecar.inbound import InboundServer, PolicyRef
+from sidecar.metrics import Metrics
+from sidecar.policy import compile_policy
+from sidecar.svid import X509Bundle, X509Context, X509Svid
+from sidecar.tls import TlsContexts
+from tests.pki import CA, Leaf, bad_leaf
+
+TD = "example.org"
+CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
+REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
+INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
+
+POLICY = {
+    "rules": [
+        {
+            "name": "checkout-reads-stock",
+            "action": "allow",
+            "methods": ["GET", "HEAD"],
+            "paths": ["/api/stock/*"],
+            "callers": [CHECKOUT],
+        },
+        {
+            "name": "checkout-test-api",
+            "action": "allow",
+            "methods": ["GET", "POST", "PUT", "HEAD"],
+            "paths": ["/api/**", "/ws"],
+            "callers": [CHECKOUT],
+        },
+        {"name": "no-admin", "action": "deny", "paths": ["/admin/**"], "callers": ["*"]},
+    ]
+}
+TCP_POLICY = {"rules": [{"name": "checkout-tcp", "action": "allow", "paths": ["**"], "callers": [CHECKOUT]}]}
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    # The sidecar runs on uvloop; test the same transports.
+    return uvloop.EventLoopPolicy()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PKI and contexts
+
+
+@dataclass
+class Pki:
+    root: CA
+    server: Leaf
+    checkout: Leaf
+    reporting: Leaf
+    dir: Path
+
+    def context(self, leaf: Leaf | None = None, root: CA | None = None) -> X509Context:
+        leaf = leaf or self.server
+        root = root or self.root
+        svid = X509Svid.from_pem(leaf.chain_pem(), leaf.key_pem())
+        bundle = X509Bundle.from_der(TrustDomain.parse(TD), root.bundle_der())
+        return X509Context((svid,), {bundle.trust_domain: bundle})
+
+    def files(self, name: str, leaf: Leaf) -> tuple[str, str]:
+        cert, key = self.dir / f"{name}.pem", self.dir / f"{name}.key"
+        cert.write_bytes(leaf.chain_pem())
+        key.write_bytes(leaf.key_pem())
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+    @property
+    def ca_file(self) -> str:
+        p = self.dir / "ca.pem"
+        if not p.exists():
+            p.write_bytes(self.root.bundle_pem())
+        return str(p)
+
+    def client_ssl(self, leaf: Leaf | None) -> ssl.SSLContext:
+        c = ssl.create_default_context(cafile=self.ca_file)
+        c.check_hostname = False  # the server is identified by its SPIFFE ID, not a DNS name
+        if leaf is not None:
+            c.load_cert_chain(*self.files(f"c{id(leaf)}", leaf))
+        return c
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = CA.root(TD)
+    inter = root.intermediate()
+    d = tmp_path_factory.mktemp("pki")
+    return Pki(
+        root,
+        inter.leaf(INVENTORY, dns=["localhost"]),
+        inter.leaf(CHECKOUT),
+        root.leaf(REPORTING),
+        d,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The recording app
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: Any  # CIMultiDict: case-insensitive
+    body_len: int
+    body_sha: str
+
+
+@dataclass
+class App:
+    port: int
+    seen: list[Seen] = field(default_factory=list)
+
+
+async def _record(request: web.Request, app: App) -> Seen:
+    h = hashlib.sha256()
+    n = 0
+    async for chunk in request.content.iter_any():
+        h.update(chunk)
+        n += len(chunk)
+        if request.path == "/api/slow-upload":
+            await asyncio.sleep(0.002)
+    seen = Seen(request.method, request.raw_path, request.headers.copy(), n, h.hexdigest())
+    app.seen.append(seen)
+    return seen
+
+
+def _make_app(state: App) -> web.Application:
+    async def any_handler(request: web.Request) -> web.StreamResponse:
+        seen = await _record(request, state)
+        if request.path == "/api/slow":
+            await asyncio.sleep(float(request.query.get("s", "1")))
+        if request.path == "/api/big":
+            resp = web.StreamResponse()
+            resp.content_length = 10 * 1024 * 1024
+            await resp.prepare(request)
+            block = b"x" * 65536
+            for _ in range(160):
+                await resp.write(block)
+            return resp
+        if request.path == "/api/chunked":
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(5):
+                await resp.write(b"part%d;" % i)
+            await resp.write_eof()
+            return resp
+        return web.json_response(
+            {"path": seen.path, "xfcc": seen.headers.get("X-Forwarded-Client-Cert"), "len": seen.body_len,
+             "sha": seen.body_sha}
+        )
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        state.seen.append(Seen("WS", request.raw_path, request.headers.copy(), 0, ""))
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str("echo:" + msg.data)
+        return ws
+
+    a = web.Application(client_max_size=64 * 1024 * 1024)
+    a.router.add_get("/ws", ws_handler)
+    a.router.add_route("*", "/{tail:.*}", any_handler)
+    return a
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    state = App(0)
+    runner = web.AppRunner(_make_app(state), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield state
+    await runner.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sidecar under test
+
+
+@dataclass
+class Sidecar:
+    server: InboundServer
+    tls: TlsContexts
+    policy: PolicyRef
+    metrics: Metrics
+    audit_lines: list[dict[str, Any]]
+    port: int
+
+    def metric(self, name: str, **labels: str) -> float:
+        v = self.metrics.registry.get_sample_value(name, labels)
+        return v or 0.0
+
+
+async def start_sidecar(
+    pki: Pki,
+    app_port: int,
+    *,
+    policy: dict[str, Any] = POLICY,
+    mode: ListenerMode = ListenerMode.HTTP,
+    timeouts: Timeouts | None = None,
+    limits: Limits | None = None,
+) -> Sidecar:
+    metrics = Metrics()
+    lines: list[dict[str, Any]] = []
+    audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics,
+                     rng=lambda: 0.0)
+    tls = TlsContexts(pki.context())
+    ref = PolicyRef(compile_policy(policy, "test-policy"))
+    settings = InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app_port), mode=mode)
+    server = InboundServer(
+        settings,
+        timeouts=timeouts or Timeouts(handshake=3, request_head=3, idle=5, upstream_connect=1,
+                                      upstream_response=5, drain=5),
+        limits=limits or Limits(),
+        tls=tls,
+        policy=ref,
+        audit=audit,
+        metrics=metrics,
+    )
+    port = await server.start()
+    return Sidecar(server, tls, ref, metrics, lines, port)
+
+
+@pytest.fixture
+async def sidecar(pki: Pki, app: App) -> AsyncIterator[Sidecar]:
+    sc = await start_sidecar(pki, app.port)
+    yield sc
+    await sc.server.drain(1.0)
+
+
+async def run(*argv: str, stdin: bytes = b"", timeout: float = 20.0) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate(stdin)
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def curl(pki: Pki, port: int, path: str, leaf: Leaf | None, *extra: str) -> tuple[int, str, str]:
+    """Returns (http status or 0, body, stderr)."""
+    argv = ["/usr/bin/curl", "-sS", "--max-time", "10", "--cacert", pki.ca_file,
+            "--resolve", f"localhost:{port}:127.0.0.1", "-o", "-", "-w", "\n%{http_code}"]
+    if leaf is not None:
+        cert, key = pki.files(f"curl{id(leaf)}", leaf)
+        argv += ["--cert", cert, "--key", key]
+    _rc, out, err = await run(*argv, *extra, f"https://localhost:{port}{path}")
+    text = out.decode()
+    body, _, code = text.rpartition("\n")
+    return (int(code) if code.strip().isdigit() else 0), body, err.decode()
+
+
+async def raw_exchange(pki: Pki, port: int, data: bytes, leaf: Leaf | None = None, *,
+                       timeout: float = 5.0) -> bytes:
+    """Send raw bytes over a client-authenticated TLS connection; read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_ssl(leaf or pki.checkout))
+    writer.write(data)
+    out = b""
+    try:
+        async with asyncio.timeout(timeout):
+            while chunk := await reader.read(65536):
+                out += chunk
+    except (TimeoutError, ConnectionError, ssl.SSLError):
+        pass
+    writer.close()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# curl / openssl: allow, deny, refused peers
+
+
+async def test_allowed_request_reaches_app_with_xfcc(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    code, _body, err = await curl(pki, sidecar.port, "/api/stock/42?x=1", pki.checkout)
+    assert code == 200, err
+    assert len(app.seen) == 1
+    seen = app.seen[0]
+    assert seen.path == "/api/stock/42?x=1"
+    xfcc = seen.headers["X-Forwarded-Client-Cert"]
+    leaf_sha = hashlib.sha256(pki.checkout.der_list()[0]).hexdigest()
+    assert xfcc == f"By={INVENTORY};Hash={leaf_sha};URI={CHECKOUT}"
+    line = sidecar.audit_lines[-1]
+    assert line["decision"] == "allow" and line["status"] == 200 and line["peer"] == CHECKOUT
+    assert line["rule"] == "checkout-reads-stock" and line["bytes_out"] > 0
+    assert sidecar.metric("spiffe_sidecar_requests_total", listener="inbound", decision="allow",
+                          rule="checkout-reads-stock", mode="enforce") == 1
+
+
+async def test_spoofed_xfcc_is_replaced(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    code, _, err = await curl(pki, sidecar.port, "/api/stock/1", pki.checkout,
+                              "-H", "X-Forwarded-Client-Cert: URI=spiffe://example.org/ns/shop/sa/admin")
+    assert code == 200, err
+    assert app.seen[0].headers["X-Forwarded-Client-Cert"].endswith(f"URI={CHECKOUT}")
+    assert "admin" not in app.seen[0].headers["X-Forwarded-Client-Cert"]
+
+
+async def test_denied_gets_fixed_403_and_app_sees_nothing(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    code, body, _ = await curl(pki, sidecar.port, "/api/stock/42", pki.reporting)
+    assert code == 403
+    assert json.loads(body) == {"error": "forbidden"}
+    code, body, _ = await curl(pki, sidecar.port, "/admin/users", pki.checkout)
+    assert code == 403 and "no-admin" not in body
+    assert app.seen == []
+    denies = [line for line in sidecar.audit_lines if line["decision"] == "deny"]
+    assert [d["peer"] for d in denies] == [REPORTING, CHECKOUT]
+    assert denies[1]["rule"] == "no-admin" and denies[1]["status"] == 403
+    assert sidecar.metric("spiffe_sidecar_requests_total", listener="inbound", decision="deny",
+                          rule="default-deny", mode="enforce") == 1
+
+
+async def test_client_without_certificate_is_refused(
+    pki: Pki, app: App, sidecar: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="spiffe_sidecar.inbound")
+    code, _, _err = await curl(pki, sidecar.port, "/api/stock/42", None)
+    assert code == 0
+    _rc, out, _ = await run("openssl", "s_client", "-connect", f"127.0.0.1:{sidecar.port}", "-noservername",
+                           "-CAfile", pki.ca_file, "-ign_eof",
+                           stdin=b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"HTTP/1.1" not in out
+    assert app.seen == []
+    await _until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+                                        reason="no_client_certificate") >= 2)
+    assert any("no_client_certificate" in r.getMessage() and "127.0.0.1:" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("untrusted_ca", "bad_chain"),
+        ("foreign_td", "untrusted_trust_domain"),
+        ("expired", "expired"),
+        ("leaf_is_ca", "leaf_is_ca"),
+        ("multiple_uri_sans", "multiple_uri_sans"),
+    ],
+)
+async def test_bad_client_certificates_are_refused(
+    pki: Pki, app: App, sidecar: Sidecar, case: str, reason: str
+) -> None:
+    if case == "untrusted_ca":
+        leaf = CA.root(TD).leaf(CHECKOUT)  # same trust domain name, a CA nobody trusts
+    elif case == "foreign_td":
+        leaf = pki.root.leaf("spiffe://other.test/ns/shop/sa/checkout")  # signed by a trusted CA, wrong TD
+    else:
+        leaf = bad_leaf(pki.root, case)
+    code, _, _ = await curl(pki, sidecar.port, "/api/stock/1", leaf)
+    assert code == 0
+    assert app.seen == []
+    await _until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+                                        reason=reason) >= 1)
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# aiohttp client: keep-alive, streaming, chunked, 100-continue, WebSocket
+
+
+def _session(pki: Pki, leaf: Leaf | None = None, limit: int = 1) -> aiohttp.ClientSession:
+    conn = aiohttp.TCPConnector(ssl=pki.client_ssl(leaf or pki.checkout), limit=limit)
+    return aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30))
+
+
+async def test_keep_alive_many_requests_one_connection(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    async with _session(pki) as s:
+        for i in range(20):
+            async with s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/{i}") as r:
+                assert r.status == 200
+                assert (await r.json())["path"] == f"/api/stock/{i}"
+        async with s.get(f"https://127.0.0.1:{sidecar.port}/admin/x") as r:
+            assert r.status == 403  # a denial keeps the connection
+        async with s.head(f"https://127.0.0.1:{sidecar.port}/api/stock/1") as r:
+            assert r.status == 200
+        async with s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/last") as r:
+            assert r.status == 200
+    assert sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound", reason="tls_error") == 0
+    assert len(app.seen) == 22
+    # one downstream connection served everything
+    assert sidecar.server.pool.size <= 2
+
+
+async def test_streaming_10mb_both_ways_bounded_memory(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    size = 10 * 1024 * 1024
+    block = os.urandom(65536)
+    h = hashlib.sha256()
+    for _ in range(size // len(block)):
+        h.update(block)
+
+    async def gen() -> AsyncIterator[bytes]:
+        for _ in range(size // len(block)):
+            yield block
+
+    async with _session(pki) as s:
+        # chunked upload (generator body), app reads slowly
+        async with s.post(f"https://127.0.0.1:{sidecar.port}/api/slow-upload", data=gen()) as r:
+            assert r.status == 200
+            got = await r.json()
+        assert got["len"] == size and got["sha"] == h.hexdigest()
+        # Content-Length upload
+        body = block * (size // len(block))
+        async with s.put(f"https://127.0.0.1:{sidecar.port}/api/put", data=body) as r:
+            assert r.status == 200
+            assert (await r.json())["len"] == size
+        # 10 MB download, read slowly
+        n = 0
+        async with s.get(f"https://127.0.0.1:{sidecar.port}/api/big") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_chunked(65536):
+                n += len(chunk)
+                if n < 2 * 1024 * 1024:
+                    await asyncio.sleep(0.001)
+        assert n == size
+    assert 0 < sidecar.server.max_buffered < 1024 * 1024, sidecar.server.max_buffered
+
+
+async def test_chunked_both_ways(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    req = (b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+           b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+    out = await raw_exchange(pki, sidecar.port, req)
+    assert out.startswith(b"HTTP/1.1 200")
+    assert app.seen[0].body_len == 11
+    out = await raw_exchange(pki, sidecar.port,
+                             b"GET /api/chunked HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert b"part0;" in body and body.endswith(b"0\r\n\r\n")
+
+
+async def test_expect_100_continue(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port, ssl=pki.client_ssl(pki.checkout))
+    writer.write(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(5):
+        interim = await reader.readuntil(b"\r\n\r\n")
+    assert interim.startswith(b"HTTP/1.1 100")
+    writer.write(b"hello")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
+    # denied: no 100, a 403, the app sees nothing more
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.port, ssl=pki.client_ssl(pki.reporting))
+    writer.write(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 403")
+    writer.close()
+    assert len(app.seen) == 1 and "Expect" not in app.seen[0].headers
+
+
+async def test_websocket_upgrade_is_relayed(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    async with _session(pki) as s, s.ws_connect(f"wss://127.0.0.1:{sidecar.port}/ws") as ws:
+        for i in range(3):
+            await ws.send_str(f"m{i}")
+            msg = await ws.receive(timeout=5)
+            assert msg.data == f"echo:m{i}"
+    assert app.seen[0].method == "WS"
+    assert app.seen[0].headers["X-Forwarded-Client-Cert"].endswith(CHECKOUT)
+    async with _session(pki, pki.reporting) as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as ei:
+            await s.ws_connect(f"wss://127.0.0.1:{sidecar.port}/ws")
+        assert ei.value.status == 403
+    await _until(lambda: any(line["status"] == 101 for line in sidecar.audit_lines))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Smuggling and normalisation
+
+
+SMUGGLING = [
+    ("cl_and_te", b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"0\r\n\r\n", 400),
+    ("dup_cl", b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", 400),
+    ("cl_list", b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 1, 1\r\n\r\na", 400),
+    ("bad_chunk", b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+     400),
+    ("obs_fold", b"GET /api/x HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n", 400),
+    ("te_not_chunked", b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+     400),
+    ("oversized_headers", b"GET /api/x HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    ("oversized_line", b"GET /api/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("dotdot_admin", b"GET /api/../admin/x HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+    ("pct_dotdot", b"GET /api/%2e%2e/admin/x HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+    ("pct_slash", b"GET /api/stock%2F1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("nul", b"GET /api/stock/%00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("raw_nul", b"GET /api/stock/\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("absolute_form", b"GET http://x/api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("no_host", b"GET /api/stock/1 HTTP/1.1\r\n\r\n", 400),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "status"), SMUGGLING, ids=[c[0] for c in SMUGGLING])
+async def test_smuggling_and_ambiguous_targets(
+    pki: Pki, app: App, sidecar: Sidecar, case: str, data: bytes, status: int
+) -> None:
+    out = await raw_exchange(pki, sidecar.port, data)
+    assert out.startswith(b"HTTP/1.1 %d " % status), out[:200]
+    assert app.seen == []
+
+
+async def test_pipelined_requests_decided_in_order(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    req = (b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /admin/x HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"POST /api/p HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+           b"GET /api/stock/%2F HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"GET /api/stock/never HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = await raw_exchange(pki, sidecar.port, req)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+    assert statuses == [b"200", b"403", b"200", b"400"]
+    assert [s.path for s in app.seen] == ["/api/stock/1", "/api/p"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Upstream failures, limits, TCP mode, drain
+
+
+async def test_502_when_app_is_down(pki: Pki, app: App) -> None:
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    sc = await start_sidecar(pki, dead_port)
+    try:
+        code, body, _ = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
+        assert code == 502 and json.loads(body) == {"error": "bad gateway"}
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="connect") == 1
+        assert sc.audit_lines[-1]["status"] == 502
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_504_when_app_is_slow(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(upstream_response=0.5, upstream_connect=1))
+    try:
+        code, _, _ = await curl(pki, sc.port, "/api/slow?s=3", pki.checkout)
+        assert code == 504
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="timeout") == 1
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_body_limit_413(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, limits=Limits(max_body_bytes=1000))
+    try:
+        out = await raw_exchange(pki, sc.port, b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413")
+        out = await raw_exchange(pki, sc.port, b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                                 b"\r\n\r\n7d0\r\n" + b"a" * 2000 + b"\r\n0\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 413") or out == b""
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_connection_limit(pki: Pki, app: App, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="spiffe_sidecar.inbound")
+    sc = await start_sidecar(pki, app.port, limits=Limits(max_connections=1))
+    try:
+        async with _session(pki) as s:
+            async with s.get(f"https://127.0.0.1:{sc.port}/api/stock/1") as r:
+                assert r.status == 200
+            code, _, _ = await curl(pki, sc.port, "/api/stock/2", pki.checkout)
+            assert code == 0
+        assert sc.metric("spiffe_sidecar_connection_limit_hits_total", listener="inbound") >= 1
+        assert any("connection limit" in r.getMessage() for r in caplog.records)
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_idle_keep_alive_is_closed(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(idle=0.3, request_head=0.3))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""  # no request head in time: closed
+        writer.close()
+        assert sc.server.open_connections == 0 or await _zero(sc)
+    finally:
+        await sc.server.drain(1)
+
+
+async def _zero(sc: Sidecar) -> bool:
+    await _until(lambda: sc.server.open_connections == 0)
+    return True
+
+
+async def test_tcp_mode_relays_bytes(pki: Pki) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    sc = await start_sidecar(pki, port, policy=TCP_POLICY, mode=ListenerMode.TCP)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        payload = os.urandom(300_000)
+        writer.write(payload)
+        got = b""
+        async with asyncio.timeout(10):
+            while len(got) < len(payload):
+                got += await reader.read(65536)
+        assert got == payload
+        writer.close()
+        # reporting is denied at connection level
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.reporting))
+        writer.write(b"hello")
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        await _until(lambda: len(sc.audit_lines) >= 2)
+        denied = [line for line in sc.audit_lines if line["decision"] == "deny"]
+        assert denied and denied[0]["method"] == "-" and denied[0]["path"] == "-"
+        allowed = [line for line in sc.audit_lines if line["decision"] == "allow"]
+        assert allowed[0]["bytes_in"] == len(payload)
+    finally:
+        await sc.server.drain(1)
+        srv.close()
+
+
+async def test_drain_finishes_in_flight_and_refuses_new(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port)
+    async with _session(pki) as s:
+        slow = asyncio.create_task(s.get(f"https://127.0.0.1:{sc.port}/api/slow?s=1"))
+        await _until(lambda: len(app.seen) == 1)
+        drain = asyncio.create_task(sc.server.drain(10))
+        await asyncio.sleep(0.1)
+        code, _, _ = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
+        assert code == 0  # not accepting any more
+        r = await slow
+        assert r.status == 200
+        assert r.headers.get("Connection", "").lower() == "close"
+        r.release()
+        async with asyncio.timeout(10):
+            await drain
+    assert sc.server.open_connections == 0

@@ -1,0 +1,449 @@
+"""Config loader: examples load, every problem is listed with file:line and field path, env overrides."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import (
+    AuditSettings,
+    HostPort,
+    ListenerMode,
+    PemSourceSettings,
+    Settings,
+    Timeouts,
+    WorkloadApiSettings,
+    describe_settings,
+    load_policy,
+    load_settings,
+    parse_duration,
+    parse_host_port,
+    parse_settings,
+    parse_yaml,
+    warnings,
+)
+from sidecar.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
+
+POLICY = """\
+rules:
+  - name: checkout-reads-stock
+    action: allow
+    methods: [GET]
+    paths: ["/api/stock/*"]
+    callers: ["spiffe://example.org/ns/shop/sa/checkout"]
+  - name: no-admin
+    action: deny
+    paths: ["/admin/**"]
+    callers: ["*"]
+"""
+
+MINIMAL = """\
+svid_source:
+  workload_api: {socket: "unix:///run/spire/agent.sock"}
+inbound:
+  listen: "127.0.0.1:8443"
+  app: "127.0.0.1:8080"
+  policy_file: policy.yaml
+"""
+
+
+def _files(**files: str) -> dict[Path, str]:
+    return {Path("/cfg") / name: text for name, text in files.items()}
+
+
+def parse(text: str, environ: dict[str, str] | None = None, files: dict[Path, str] | None = None) -> Settings:
+    store = _files(**{"policy.yaml": POLICY}) if files is None else files
+
+    def read_file(path: Path) -> str:
+        try:
+            return store[path]
+        except KeyError:
+            raise FileNotFoundError(2, "No such file or directory", str(path)) from None
+
+    return parse_settings(
+        textwrap.dedent(text), "side.yaml", environ=environ or {}, base_dir=Path("/cfg"), read_file=read_file
+    )
+
+
+def problems(text: str, environ: dict[str, str] | None = None, files: dict[Path, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, environ, files)
+    return [str(p) for p in info.value.problems]
+
+
+# --- the examples ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["inventory.yaml", "checkout.yaml", "reporting.yaml"])
+def test_every_example_config_loads(name: str) -> None:
+    env = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent.sock"}
+    settings = load_settings(CONFIG_DIR / name, env)
+    assert settings.inbound is not None
+    assert settings.inbound.policy is not None
+    assert settings.inbound.policy.describe()
+
+
+def test_inventory_example_is_the_documented_schema() -> None:
+    settings = load_settings(CONFIG_DIR / "inventory.yaml", {})
+    assert isinstance(settings.source, WorkloadApiSettings)
+    assert str(settings.source.endpoint) == "unix:///run/spire/agent-sockets/spire-agent.sock"
+    assert settings.inbound is not None
+    assert settings.inbound.listen == HostPort("0.0.0.0", 8443)
+    assert settings.inbound.app == HostPort("127.0.0.1", 8080)
+    assert settings.inbound.mode is ListenerMode.HTTP
+    assert settings.inbound.policy_file == CONFIG_DIR / "inventory-policy.yaml"
+    assert settings.admin.listen == HostPort("127.0.0.1", 15000)
+    assert settings.timeouts == Timeouts()
+    assert settings.audit == AuditSettings()
+    assert warnings(settings) == []
+
+
+def test_checkout_example_uses_pem_files() -> None:
+    settings = load_settings(CONFIG_DIR / "checkout.yaml", {})
+    assert isinstance(settings.source, PemSourceSettings)
+    assert settings.source.cert_chain == Path("/var/run/secrets/spiffe.io/tls.crt")
+    assert settings.source.trust_domain is not None and settings.source.trust_domain.name == "example.org"
+    assert settings.timeouts.drain == 10.0
+
+
+def test_reporting_example_needs_the_socket_from_env() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(CONFIG_DIR / "reporting.yaml", {})
+    assert [p.message for p in info.value.problems] == [
+        "no Workload API socket: set svid_source.workload_api.socket or SPIFFE_ENDPOINT_SOCKET"
+    ]
+    assert re.match(r".*reporting\.yaml:\d+: svid_source\.workload_api\.socket$", info.value.problems[0].where)
+
+
+# --- a good config -----------------------------------------------------------------------------------
+
+
+def test_minimal_config_defaults() -> None:
+    s = parse(MINIMAL)
+    assert s.inbound is not None and s.inbound.policy_file == Path("/cfg/policy.yaml")
+    assert s.admin.listen == HostPort("127.0.0.1", 15000)
+    assert s.limits.max_body_bytes is None
+    assert s.log_level == "info"
+
+
+def test_durations_and_limits() -> None:
+    s = parse(
+        MINIMAL
+        + """\
+timeouts: {handshake: 250ms, request_head: 1m, idle: 90, upstream_connect: 1.5, upstream_response: 2s, drain: 1h}
+limits: {max_connections: 5, max_body_bytes: 1048576, upstream_pool_size: 2}
+audit: {path: audit.log, sample_allows: 0.25, deny_per_second: 5, deny_burst: 10}
+log_level: DEBUG
+"""
+    )
+    assert s.timeouts == Timeouts(0.25, 60.0, 90.0, 1.5, 2.0, 3600.0)
+    assert s.limits.max_connections == 5 and s.limits.max_body_bytes == 1048576 and s.limits.upstream_pool_size == 2
+    assert s.audit == AuditSettings(path="/cfg/audit.log", sample_allows=0.25, deny_per_second=5.0, deny_burst=10)
+    assert s.log_level == "debug"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("250ms", 0.25), ("5s", 5.0), ("1m", 60.0), ("2h", 7200.0), (3, 3.0), (0.5, 0.5)]
+)
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["5", "5 minutes", "-1s", "0s", 0, -2, True, None, "1d", "nan", float("inf")])
+def test_parse_duration_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("127.0.0.1:80", HostPort("127.0.0.1", 80)), ("[::1]:8443", HostPort("::1", 8443)), ("localhost:0", None)],
+)
+def test_parse_host_port(text: str, expected: HostPort | None) -> None:
+    if expected is None:
+        assert parse_host_port(text, allow_zero_port=True) == HostPort("localhost", 0)
+        with pytest.raises(ValueError):
+            parse_host_port(text, allow_zero_port=False)
+    else:
+        assert parse_host_port(text, allow_zero_port=False) == expected
+        assert str(expected) == text
+
+
+@pytest.mark.parametrize("bad", ["8080", ":8080", "::1:80", "[::1]80", "[nothost]:1", "h:70000", "h:x", 8080])
+def test_parse_host_port_rejects(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_host_port(bad, allow_zero_port=True)
+
+
+def test_pem_source_paths_are_relative_to_the_config_file() -> None:
+    s = parse(
+        """\
+        svid_source:
+          pem: {cert_chain: tls.crt, key: tls.key, bundle: ca.crt, poll_interval: 250ms,
+                federated: {other.org: other-ca.pem}}
+        inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}
+        """
+    )
+    assert isinstance(s.source, PemSourceSettings)
+    assert s.source.cert_chain == Path("/cfg/tls.crt")
+    assert s.source.key == Path("/cfg/tls.key")
+    assert s.source.bundle == Path("/cfg/ca.crt")
+    assert s.source.poll_interval == 0.25
+    assert [(td.name, p) for td, p in s.source.federated] == [("other.org", Path("/cfg/other-ca.pem"))]
+
+
+def test_tcp_mode_needs_connection_level_rules() -> None:
+    tcp_policy = 'rules:\n  - {name: db-clients, action: allow, callers: ["spiffe://example.org/ns/shop/**"]}\n'
+    tcp = MINIMAL + "  mode: tcp\n"
+    s = parse(tcp, files=_files(**{"policy.yaml": tcp_policy}))
+    assert s.inbound is not None and s.inbound.mode is ListenerMode.TCP
+    found = problems(tcp)  # the HTTP example policy names paths and methods
+    assert found == [
+        "side.yaml:7: inbound.mode: a tcp listener cannot enforce rules that name paths or methods: "
+        "checkout-reads-stock, no-admin"
+    ]
+
+
+def test_inline_policy() -> None:
+    s = parse(
+        """\
+        svid_source: {workload_api: {socket: "unix:///s.sock"}}
+        inbound:
+          listen: "127.0.0.1:8443"
+          app: "127.0.0.1:8080"
+          policy:
+            rules:
+              - {name: a, action: allow, methods: [GET], paths: ["/x"], callers: ["*"]}
+        """
+    )
+    assert s.inbound is not None and s.inbound.policy is not None and s.inbound.policy_file is None
+
+
+# --- environment overrides ---------------------------------------------------------------------------
+
+
+def test_env_overrides_ports_and_socket() -> None:
+    text = MINIMAL.replace('workload_api: {socket: "unix:///run/spire/agent.sock"}', "workload_api: {}")
+    s = parse(
+        text,
+        {
+            "SPIFFE_ENDPOINT_SOCKET": "unix:///env/agent.sock",
+            "SPIFFE_SIDECAR_INBOUND_PORT": "9443",
+            "SPIFFE_SIDECAR_APP_PORT": "9080",
+            "SPIFFE_SIDECAR_ADMIN_PORT": "9000",
+        },
+    )
+    assert isinstance(s.source, WorkloadApiSettings)
+    assert "/env/agent.sock" in str(s.source.endpoint)
+    assert s.inbound is not None
+    assert s.inbound.listen == HostPort("127.0.0.1", 9443)
+    assert s.inbound.app == HostPort("127.0.0.1", 9080)
+    assert s.admin.listen == HostPort("127.0.0.1", 9000)
+
+
+def test_configured_socket_wins_over_env() -> None:
+    s = parse(MINIMAL, {"SPIFFE_ENDPOINT_SOCKET": "unix:///env/agent.sock"})
+    assert isinstance(s.source, WorkloadApiSettings)
+    assert "/run/spire/agent.sock" in str(s.source.endpoint)
+
+
+def test_no_svid_source_section_uses_env() -> None:
+    text = MINIMAL.split("inbound:")[1]
+    s = parse("inbound:" + text, {"SPIFFE_ENDPOINT_SOCKET": "unix:///env/agent.sock"})
+    assert isinstance(s.source, WorkloadApiSettings)
+
+
+def test_bad_env_values_are_problems_located_at_the_variable() -> None:
+    found = problems(
+        MINIMAL.replace('{socket: "unix:///run/spire/agent.sock"}', "{}"),
+        {
+            "SPIFFE_ENDPOINT_SOCKET": "unix://relative/agent.sock",
+            "SPIFFE_SIDECAR_INBOUND_PORT": "http",
+            "SPIFFE_SIDECAR_APP_PORT": "0",
+            "SPIFFE_SIDECAR_ADMIN_PORT": "65536",
+        },
+    )
+    wheres = sorted(p.split(": ", 1)[0] for p in found)
+    assert wheres == [
+        "env SPIFFE_ENDPOINT_SOCKET",
+        "env SPIFFE_SIDECAR_ADMIN_PORT",
+        "env SPIFFE_SIDECAR_APP_PORT",
+        "env SPIFFE_SIDECAR_INBOUND_PORT",
+    ]
+
+
+# --- problems: all of them, with file:line and field path --------------------------------------------
+
+BROKEN = """\
+svid_source:
+  workload_api: {socket: "http://nope"}
+inbound:
+  listen: "0.0.0.0"
+  app: "127.0.0.1:99999"
+  mode: udp
+  policy_file: policy.yaml
+  colour: blue
+admin: {listen: "127.0.0.1:x"}
+audit: {sample_allows: 2, deny_burst: 0, path: ""}
+timeouts: {handshake: 5 seconds, drain: -1}
+limits: {max_connections: many, max_body_bytes: -1, max_headers: 3}
+log_level: loud
+extra: true
+"""
+
+
+def test_broken_config_lists_all_problems_with_line_and_field() -> None:
+    found = problems(BROKEN)
+    expected = {
+        "side.yaml:2: svid_source.workload_api.socket",
+        "side.yaml:4: inbound.listen",
+        "side.yaml:5: inbound.app",
+        "side.yaml:6: inbound.mode",
+        "side.yaml:8: inbound.colour",
+        "side.yaml:9: admin.listen",
+        "side.yaml:10: audit.sample_allows",
+        "side.yaml:10: audit.deny_burst",
+        "side.yaml:10: audit.path",
+        "side.yaml:11: timeouts.handshake",
+        "side.yaml:11: timeouts.drain",
+        "side.yaml:12: limits.max_connections",
+        "side.yaml:12: limits.max_body_bytes",
+        "side.yaml:12: limits.max_headers",
+        "side.yaml:13: log_level",
+        "side.yaml:14: extra",
+    }
+    wheres = [": ".join(p.split(": ", 2)[:2]) for p in found]
+    assert set(wheres) == expected, found
+    assert len(found) == len(expected), found
+    assert all(len(p.split(": ", 2)) == 3 and p.split(": ", 2)[2] for p in found)  # each has a message
+
+
+def test_policy_file_problems_carry_the_policy_files_lines() -> None:
+    bad_policy = """\
+rules:
+  - name: a
+    action: allow
+    paths: ["/x"]
+    callers: ["spiffe://EXAMPLE.org/x"]
+    colour: red
+"""
+    found = problems(MINIMAL, files=_files(**{"policy.yaml": bad_policy}))
+    assert found, found
+    assert all(p.startswith("/cfg/policy.yaml:") for p in found), found
+    assert any(re.match(r"/cfg/policy\.yaml:5: .*rules\[0\]\.callers\[0\]", p) for p in found), found
+    assert any(re.match(r"/cfg/policy\.yaml:6: .*rules\[0\]\.colour", p) for p in found), found
+
+
+def test_inline_policy_problems_are_under_inbound_policy() -> None:
+    found = problems(
+        """\
+        svid_source: {workload_api: {socket: "unix:///s.sock"}}
+        inbound:
+          listen: "127.0.0.1:8443"
+          app: "127.0.0.1:8080"
+          policy:
+            rules:
+              - {name: a, action: maybe, paths: ["/x"], callers: ["*"]}
+        """
+    )
+    assert any(re.match(r"side\.yaml:7: inbound\.policy\.rules\[0\]\.action", p) for p in found), found
+
+
+def test_missing_policy_file_is_a_problem() -> None:
+    found = problems(MINIMAL, files={})
+    assert len(found) == 1
+    assert found[0].startswith("side.yaml:6: inbound.policy_file: cannot read /cfg/policy.yaml")
+
+
+def test_exactly_one_of_policy_and_policy_file() -> None:
+    found = problems(MINIMAL.replace("  policy_file: policy.yaml\n", ""))
+    assert found == ["side.yaml:3: inbound: set exactly one of policy (inline) or policy_file"]
+
+
+def test_missing_required_fields() -> None:
+    found = problems(
+        """\
+        svid_source:
+          pem: {key: k.pem}
+        inbound: {policy_file: policy.yaml}
+        """
+    )
+    assert sorted(found) == sorted(
+        [
+            "side.yaml:2: svid_source.pem.cert_chain: required",
+            "side.yaml:2: svid_source.pem.bundle: required",
+            "side.yaml:3: inbound.listen: required",
+            "side.yaml:3: inbound.app: required",
+        ]
+    )
+
+
+def test_both_sources_is_a_problem() -> None:
+    found = problems(
+        MINIMAL.replace(
+            'workload_api: {socket: "unix:///run/spire/agent.sock"}',
+            'workload_api: {socket: "unix:///a"}\n  pem: {cert_chain: a, key: b, bundle: c}',
+        )
+    )
+    assert found == ["side.yaml:1: svid_source: set exactly one of workload_api or pem"]
+
+
+def test_duplicate_keys_are_problems() -> None:
+    found = problems(MINIMAL + "log_level: info\nlog_level: debug\n")
+    assert found == ["side.yaml:8: log_level: duplicate key"]
+
+
+def test_invalid_yaml_names_the_line() -> None:
+    found = problems("svid_source:\n  workload_api: {socket: [\n")
+    assert len(found) == 1 and found[0].startswith("side.yaml:3: invalid YAML")
+
+
+@pytest.mark.parametrize("text", ["", "[1, 2]", "just a string"])
+def test_top_level_must_be_a_mapping(text: str) -> None:
+    found = problems(text) if text else problems("~")
+    assert found, found
+
+
+def test_parse_yaml_records_lines() -> None:
+    doc = parse_yaml("a:\n  b:\n    - x: 1\n    - y: 2\n", "f")
+    assert doc.data == {"a": {"b": [{"x": 1}, {"y": 2}]}}
+    assert doc.lines["a"] == 1 and doc.lines["a.b"] == 2
+    assert doc.lines["a.b[0]"] == 3 and doc.lines["a.b[1].y"] == 4
+
+
+def test_load_policy_reports_lines() -> None:
+    assert load_policy(POLICY, "p.yaml").describe()
+    with pytest.raises(ConfigError) as info:
+        load_policy("rules:\n  - name: a\n    action: nope\n", "p.yaml")
+    assert all(p.where.startswith("p.yaml:") for p in info.value.problems)
+
+
+def test_load_settings_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(tmp_path / "missing.yaml", {})
+    assert info.value.problems[0].message.startswith("cannot read config")
+
+
+# --- warnings and descriptions -----------------------------------------------------------------------
+
+
+def test_non_loopback_admin_is_allowed_but_warned() -> None:
+    s = parse(MINIMAL + 'admin: {listen: "0.0.0.0:15000"}\n')
+    assert s.admin.listen == HostPort("0.0.0.0", 15000)
+    assert any("admin.listen 0.0.0.0:15000 is not a loopback address" in w for w in warnings(s))
+    assert warnings(parse(MINIMAL + 'admin: {listen: "[::1]:15000"}\n')) == []
+
+
+def test_describe_settings_is_json_ready() -> None:
+    import json
+
+    s = parse(MINIMAL)
+    view = describe_settings(s)
+    text = json.dumps(view)
+    assert "unix:///run/spire/agent.sock" in text or "/run/spire/agent.sock" in text
+    assert view["inbound"]["policy_file"] == "/cfg/policy.yaml"
