@@ -483,10 +483,7 @@ class _TcpConn(_BaseConn):
             self.pending.append(data)
 
     def eof_received(self) -> bool | None:
-        up = self.upstream
-        if up is not None and up.transport is not None and up.transport.can_write_eof():
-            up.transport.write_eof()
-            return True
+        # A TLS transport cannot stay half-open under asyncio: the peer's EOF ends the relay.
         return False
 
     def pause_writing(self) -> None:
@@ -520,7 +517,7 @@ class _TcpConn(_BaseConn):
     def _audit(self) -> None:
         self.server.audit.decision(
             listener=LISTENER,
-            peer=self.peer.spiffe_id if self.peer else None,
+            peer=self.peer_id_str,
             method="-",
             path="-",
             decision=self.decision,
@@ -1294,7 +1291,7 @@ class _Exchange:
             assert self.target is not None
             server.audit.decision(
                 listener=LISTENER,
-                peer=conn.peer.spiffe_id if conn.peer else None,
+                peer=conn.peer_id_str,  # str(SpiffeId) computed once per connection
                 method=self.method.decode("ascii", "replace"),
                 path=self.target.path,
                 decision=self.decision,

@@ -54,7 +54,7 @@ _VERIFY_CODES = {
     19: "bad_chain",  # self-signed certificate in chain
     20: "bad_chain",  # unable to get local issuer certificate
     21: "bad_chain",  # unable to verify the first certificate
-    24: "leaf_is_ca",  # invalid CA certificate (a leaf used as CA)
+    24: "bad_chain",  # invalid CA certificate (an issuer that is not a CA)
     26: "bad_chain",  # unsupported certificate purpose
     7: "bad_chain",  # certificate signature failure
 }

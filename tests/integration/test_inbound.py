@@ -673,3 +673,66 @@ async def test_drain_finishes_in_flight_and_refuses_new(pki: Pki, app: App) -> N
         async with asyncio.timeout(10):
             await drain
     assert sc.server.open_connections == 0
+
+
+async def test_audit_mode_forwards_would_deny(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, policy={**POLICY, "mode": "audit"})
+    try:
+        code, _, _ = await curl(pki, sc.port, "/api/stock/42", pki.reporting)
+        assert code == 200
+        assert [s.path for s in app.seen] == ["/api/stock/42"]
+        line = sc.audit_lines[-1]
+        assert line["decision"] == "would-deny" and line["status"] == 200 and line["peer"] == REPORTING
+        assert sc.metric("spiffe_sidecar_requests_total", listener="inbound", decision="would-deny",
+                         rule="default-deny", mode="audit") == 1
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_handshake_timeout_and_garbage_are_counted(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(handshake=0.3))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)  # plain TCP, says nothing
+        async with asyncio.timeout(5):
+            assert await reader.read() == b""
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port)  # plain HTTP to a TLS port
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert b"HTTP/1.1" not in await reader.read()
+        writer.close()
+        await _until(lambda: sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+                                       reason="handshake_timeout") == 1
+                     and sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+                                   reason="tls_error") == 1)
+        assert app.seen == []
+        await _until(lambda: sc.server.open_connections == 0)
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_app_closing_keep_alive_connections_is_survived(pki: Pki) -> None:
+    """An app that silently closes after every response: stale pooled connections are never used
+    (detected while idle, or the idempotent request is retried once on a new connection)."""
+    served = 0
+
+    async def one_shot(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        await reader.readuntil(b"\r\n\r\n")
+        served += 1
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(one_shot, "127.0.0.1", 0)
+    sc = await start_sidecar(pki, srv.sockets[0].getsockname()[1])
+    try:
+        async with _session(pki) as s:
+            for i in range(10):
+                async with s.get(f"https://127.0.0.1:{sc.port}/api/stock/{i}") as r:
+                    assert r.status == 200 and await r.read() == b"ok"
+        assert served == 10
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="closed") == 0
+    finally:
+        await sc.server.drain(1)
+        srv.close()
