@@ -42,6 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+import yaml
+
 from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
 from .errors import ConfigError, IdentityError, Problem
 from .identity import CallerPattern, PatternKind
@@ -314,6 +316,10 @@ def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy 
         except ConfigError as exc:
             c.problems.extend(exc.problems)
             return None
+        except yaml.YAMLError as exc:
+            # parse_yaml builds its SafeLoader outside its own try: control characters raise ReaderError.
+            c.add(key, f"invalid YAML: {getattr(exc, 'reason', None) or exc}")
+            return None
         data, lines = doc.data, doc.lines
         if isinstance(data, list):  # a bare list of rules is accepted as `rules:`
             lines = {("rules" + k if k else "rules"): v for k, v in lines.items()}
@@ -525,7 +531,7 @@ def parse_downward_api(text: str) -> dict[str, str]:
             continue  # tolerate a trailing newline (a hand-written file)
         key, sep, quoted = line.partition("=")
         if not sep:
-            raise ValueError(f"line {n}: expected key=\"value\"")
+            raise ValueError(f'line {n}: expected key="value"')
         if not _valid_annotation_key(key):
             raise ValueError(f"line {n}: {key[:80]!r} is not an annotation key")
         if key in out:

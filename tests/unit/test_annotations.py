@@ -1,0 +1,423 @@
+"""Pod annotations (both policy forms), the downward API file (Go %q) and probe routes."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.annotations import (
+    DEFAULT_INBOUND_PORT,
+    KEYS,
+    PREFIX,
+    ProbeRoute,
+    go_unquote,
+    parse_downward_api,
+    parse_pod_annotations,
+    parse_probe_routes,
+    policy_from_annotations,
+)
+from sidecar.config import ListenerMode
+from sidecar.errors import ConfigError
+from sidecar.identity import SpiffeId
+from sidecar.policy import authorize
+
+CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+REPORTING = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
+
+COMPACT = """\
+# the running example
+allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout as checkout-reads-stock
+
+deny * /admin/** from * as no-admin
+"""
+
+YAML_FORM = """\
+rules:
+  - name: checkout-reads-stock
+    action: allow
+    methods: [GET]
+    paths: ["/api/stock/*"]
+    callers: ["spiffe://example.org/ns/shop/sa/checkout"]
+  - name: no-admin
+    action: deny
+    paths: ["/admin/**"]
+    callers: ["*"]
+"""
+
+
+def ann(**kw: str) -> dict[str, str]:
+    return {PREFIX + k.replace("_", "-"): v for k, v in kw.items()}
+
+
+def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
+    return [str(p) for p in exc.value.problems]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Policy: both forms, one model
+
+
+@pytest.mark.parametrize("text", [COMPACT, YAML_FORM], ids=["compact", "yaml"])
+def test_running_example_in_both_forms(text: str) -> None:
+    policy = policy_from_annotations(ann(inbound_policy=text))
+    assert authorize(policy, CHECKOUT, "GET", "/api/stock/42").allowed
+    assert not authorize(policy, CHECKOUT, "POST", "/api/stock/42").allowed
+    d = authorize(policy, CHECKOUT, "GET", "/admin")
+    assert not d.allowed and d.rule == "no-admin"
+    d = authorize(policy, REPORTING, "GET", "/api/stock/42")
+    assert not d.allowed and d.rule == "default-deny"
+    assert [r.name for r in policy.rules] == ["checkout-reads-stock", "no-admin"]
+
+
+def test_compact_and_yaml_compile_to_the_same_rules() -> None:
+    a = policy_from_annotations(ann(inbound_policy=COMPACT))
+    b = policy_from_annotations(ann(inbound_policy=YAML_FORM))
+    assert [r.to_dict() for r in a.rules] == [r.to_dict() for r in b.rules]
+
+
+def test_compact_details() -> None:
+    text = (
+        "allow GET,HEAD /a/* /b/** from spiffe://example.org/ns/shop/**, spiffe://example.org/ns/x/sa/y\n"
+        "audit-deny * /b/secret from spiffe://example.org/ns/shop/sa/checkout\n"
+    )
+    policy = policy_from_annotations(ann(inbound_policy=text))
+    first, second = policy.rules
+    assert first.name == "line-1" and first.methods == frozenset({"GET", "HEAD"})
+    assert [p.text for p in first.paths] == ["/a/*", "/b/**"]
+    assert [c.text for c in first.callers] == ["spiffe://example.org/ns/shop/**", "spiffe://example.org/ns/x/sa/y"]
+    assert second.name == "line-2" and second.action == "deny" and second.mode == "audit" and second.methods is None
+    d = authorize(policy, CHECKOUT, "GET", "/b/secret")
+    assert d.forward and not d.enforced
+
+
+def test_yaml_bare_list_and_policy_mode() -> None:
+    text = '- {name: r, action: allow, paths: ["/x"], callers: ["*"]}\n'
+    a = parse_pod_annotations(ann(inbound_policy=text, policy_mode="audit"))
+    assert a.policy.mode == "audit" and a.policy_mode == "audit" and a.has_policy
+    assert [r.name for r in a.policy.rules] == ["r"]
+
+
+def test_no_policy_denies_everything() -> None:
+    a = parse_pod_annotations({})
+    assert not a.has_policy and a.policy.rules == ()
+    assert not authorize(a.policy, CHECKOUT, "GET", "/").forward
+    assert a.inbound_port == DEFAULT_INBOUND_PORT and a.inbound_mode is ListenerMode.HTTP
+    assert a.inject is None and a.native_sidecar is None and not a.strict_bypass_check
+
+
+def test_compact_problems_name_annotation_and_line() -> None:
+    text = "allow GET /ok from *\nallow GET api from spife://x\npermit GET /x from *\ndeny GET /x\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy=text))
+    msgs = problems(exc)
+    src = f"annotation {PREFIX}inbound-policy"
+    assert any(m.startswith(f"{src}:3:") and "allow, deny or audit-deny" in m for m in msgs)
+    assert any(m.startswith(f"{src}:4:") and "no 'from'" in m for m in msgs)
+    # Grammar problems stop before compiling; fix them and the rule problems show with their lines.
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy="allow GET /ok from *\nallow GET api from spife://x\n"))
+    msgs = problems(exc)
+    assert any(m.startswith(f"{src}:2: rules[1].paths[0]") for m in msgs), msgs
+    assert any(m.startswith(f"{src}:2: rules[1].callers[0]") and "spiffe://" in m for m in msgs), msgs
+
+
+def test_yaml_problems_name_annotation_and_line() -> None:
+    text = YAML_FORM.replace('callers: ["*"]', 'callers: ["*"]\n    typo: 1')
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy=text))
+    assert problems(exc) == [
+        f"annotation {PREFIX}inbound-policy:11: rules[1].typo: unknown key 'typo' (expected one of: "
+        "action, callers, methods, mode, name, paths)"
+    ]
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy="rules: [\n"))
+    assert problems(exc)[0].startswith(f"annotation {PREFIX}inbound-policy:")
+
+
+def test_every_problem_is_collected() -> None:
+    bad = ann(
+        app_port="http",
+        inbound_port="70000",
+        inbound_mode="udp",
+        policy_mode="dry",
+        cpu_request="lots",
+        native_sidecar="yes",
+        strict_bypass_check="1",
+        inject="maybe",
+        status="{not json",
+    )
+    bad[PREFIX + "inbound-polcy"] = "x"
+    bad[PREFIX + "x" * 64] = "x"
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(bad)
+    keys = {m.split(":")[0].removeprefix(f"annotation {PREFIX}") for m in problems(exc)}
+    assert keys == {
+        "app-port",
+        "inbound-port",
+        "inbound-mode",
+        "policy-mode",
+        "cpu-request",
+        "native-sidecar",
+        "strict-bypass-check",
+        "inject",
+        "status",
+        "inbound-polcy",
+        "x" * 64,
+    }
+
+
+def test_other_prefixes_are_ignored() -> None:
+    a = parse_pod_annotations({"kubectl.kubernetes.io/restartedAt": "now", "other.io/inbound-policy": "junk"})
+    assert a.policy.rules == ()
+
+
+def test_scalars() -> None:
+    a = parse_pod_annotations(
+        ann(
+            app_port="8080",
+            inbound_port=" 9443 ",
+            inbound_mode="tcp",
+            inbound_policy="allow * /** from spiffe://example.org/ns/shop/sa/checkout",
+            cpu_request="100m",
+            memory_request="64Mi",
+            cpu_limit="1.5",
+            memory_limit="1Gi",
+            native_sidecar="False",
+            strict_bypass_check="true",
+            inject="true",
+        )
+    )
+    assert (a.app_port, a.inbound_port, a.inbound_mode) == (8080, 9443, ListenerMode.TCP)
+    assert (a.cpu_request, a.memory_request, a.cpu_limit, a.memory_limit) == ("100m", "64Mi", "1.5", "1Gi")
+    assert a.native_sidecar is False and a.strict_bypass_check and a.inject is True
+
+
+def test_tcp_mode_refuses_path_rules_and_same_ports() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_mode="tcp", inbound_policy=COMPACT, app_port="8443"))
+    msgs = problems(exc)
+    assert any("inbound-mode" in m and "checkout-reads-stock" in m for m in msgs)
+    assert any("app-port" in m and "must differ" in m for m in msgs)
+
+
+def test_policy_mode_conflict() -> None:
+    with pytest.raises(ConfigError, match="set it in one place"):
+        parse_pod_annotations(ann(inbound_policy="mode: enforce\nrules: []\n", policy_mode="audit"))
+    a = parse_pod_annotations(ann(inbound_policy="mode: audit\nrules: []\n", policy_mode="audit"))
+    assert a.policy.mode == "audit"
+
+
+def test_outbound() -> None:
+    text = (
+        "# app -> inventory\n"
+        "127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://example.org/ns/shop/sa/inventory\n"
+        "[::1]:15002 -> 10.0.0.7:8443 expect spiffe://example.org/ns/shop/sa/*\n"
+    )
+    a = parse_pod_annotations(ann(outbound=text))
+    first, second = a.outbound
+    assert (str(first.listen), str(first.target), first.expect.text, first.line) == (
+        "127.0.0.1:15001",
+        "inventory.shop.svc:8443",
+        "spiffe://example.org/ns/shop/sa/inventory",
+        2,
+    )
+    assert second.listen.host == "::1" and second.expect.matches(SpiffeId.parse("spiffe://example.org/ns/shop/sa/x"))
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("0.0.0.0:15001 -> a:1 expect spiffe://td/x", "loopback"),
+        ("127.0.0.1:15001 -> a:1 expect *", "name the server"),
+        ("127.0.0.1:15001 -> a:1 expect spiffe://TD/x", "expect"),
+        ("127.0.0.1:15001 => a:1 expect spiffe://td/x", "expected '<listen"),
+        ("127.0.0.1:0 -> a:1 expect spiffe://td/x", "listen address"),
+        ("127.0.0.1:1 -> a expect spiffe://td/x", "target address"),
+    ],
+)
+def test_outbound_errors(line: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(outbound="\n" + line))
+    (msg,) = problems(exc)
+    assert msg.startswith(f"annotation {PREFIX}outbound:2: ") and message in msg
+
+
+def test_outbound_duplicate_listen() -> None:
+    line = "127.0.0.1:15001 -> a:1 expect spiffe://td/x"
+    with pytest.raises(ConfigError, match="already used on line 1"):
+        parse_pod_annotations(ann(outbound=f"{line}\n{line}"))
+
+
+# Hypothesis: the parser never crashes; it accepts or raises ConfigError with a reason per problem.
+_values = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["true", "false", "8080", "0", "tcp", "http", "audit", "100m", "64Mi", COMPACT, YAML_FORM]),
+    st.lists(
+        st.sampled_from(
+            ["allow", "deny", "audit-deny", "GET", "*", "/a/*", "/**", "from", "as", "x", "spiffe://td/a", ",", "-:"]
+        ),
+        max_size=10,
+    ).map(" ".join),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from([*KEYS, "bogus"]).map(lambda k: PREFIX + k), _values, max_size=6))
+def test_fuzz_pod_annotations(annotations: dict[str, str]) -> None:
+    try:
+        a = parse_pod_annotations(annotations)
+    except ConfigError as exc:
+        assert exc.problems and all(p.where.startswith(f"annotation {PREFIX}") and p.message for p in exc.problems)
+    else:
+        assert a.policy is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Downward API: Go strconv.Quote encoder (a mirror of Go's, for fixtures) and the file format
+
+
+def go_quote(s: str) -> str:
+    """Python mirror of Go's strconv.Quote for valid UTF-8 (appendQuotedWith/appendEscapedRune)."""
+    out = ['"']
+    for ch in s:
+        r = ord(ch)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == " " or (r >= 0x20 and r != 0x7F and unicodedata.category(ch)[0] in "LMNPS"):
+            out.append(ch)  # unicode.IsPrint: letters, marks, numbers, punctuation, symbols, ASCII space
+        elif ch in "\a\b\f\n\r\t\v":
+            out.append("\\" + "abfnrtv"["\a\b\f\n\r\t\v".index(ch)])
+        elif r < 0x20 or r == 0x7F:
+            out.append(f"\\x{r:02x}")
+        elif r < 0x10000:
+            out.append(f"\\u{r:04x}")
+        else:
+            out.append(f"\\U{r:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def format_map(m: dict[str, str]) -> str:
+    """fieldpath.FormatMap: sorted `key=%q` lines, no trailing newline."""
+    return "\n".join(f"{k}={go_quote(m[k])}" for k in sorted(m))
+
+
+# (value, exactly what Go 1.19's strconv.Quote prints): the cases from kubernetes-notes §3.1.
+GO_FIXTURES = [
+    ("", '""'),
+    ('say "hi"', '"say \\"hi\\""'),
+    ("back\\slash", '"back\\\\slash"'),
+    ("a\nb\tc\rd\ae\bf\fg\vh", '"a\\nb\\tc\\rd\\ae\\bf\\fg\\vh"'),
+    ("\x1b[0m\x7f\x00", '"\\x1b[0m\\x7f\\x00"'),
+    ("nb\u00a0sp", '"nb\\u00a0sp"'),
+    ("l\u2028sep", '"l\\u2028sep"'),
+    ("\ufeffbom", '"\\ufeffbom"'),
+    ("\U0010ffff", '"\\U0010ffff"'),
+    ("é 日本 😀", '"é 日本 😀"'),
+]
+
+
+@pytest.mark.parametrize(("value", "quoted"), GO_FIXTURES)
+def test_go_quote_fixtures(value: str, quoted: str) -> None:
+    assert go_quote(value) == quoted
+    assert go_unquote(quoted) == value
+
+
+def test_go_unquote_accepts_go_escapes_quote_never_emits() -> None:
+    assert go_unquote('"\\101\\303\\251"') == "Aé"  # octal bytes forming UTF-8
+    assert go_unquote('"\\xc3\\xa9"') == "é"
+    assert go_unquote('"\\u00E9"') == "é"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ['"', "abc", '"a"b"', '"\\"', '"\\q"', '"\\x4"', '"\\ud800"', '"\\U00110000"', '"\\xff"', '"\\400"', '"a\nb"'],
+)
+def test_go_unquote_rejects(bad: str) -> None:
+    with pytest.raises(ValueError):
+        go_unquote(bad)
+
+
+def test_parse_downward_api_file() -> None:
+    m = {
+        PREFIX + "inbound-policy": COMPACT,
+        PREFIX + "app-port": "8080",
+        "kubectl.kubernetes.io/default-container": "app",
+        "plain": 'quote " and \\ and \x01',
+    }
+    text = format_map(m)
+    assert not text.endswith("\n") and text.splitlines()[0].startswith("kubectl.kubernetes.io/")
+    assert parse_downward_api(text) == m
+    assert parse_downward_api("") == {}
+    assert parse_downward_api(text + "\n") == m
+    # The file goes straight into the annotation parser, as in the sidecar's live reload.
+    assert [r.name for r in policy_from_annotations(parse_downward_api(text)).rules] == [
+        "checkout-reads-stock",
+        "no-admin",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("novalue", "expected key="),
+        ('bad key="x"', "not an annotation key"),
+        ('a="1"\na="2"', "duplicate"),
+        ('a="unterminated', "line 1 (a)"),
+        ('a=__import__("os")', "line 1 (a)"),
+    ],
+)
+def test_parse_downward_api_rejects(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_downward_api(text)
+
+
+_keys = st.from_regex(
+    r"([a-z0-9]([a-z0-9.-]{0,20}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,20}[A-Za-z0-9])?", fullmatch=True
+)
+_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _text, max_size=8))
+def test_downward_round_trip(m: dict[str, str]) -> None:
+    assert parse_downward_api(format_map(m)) == m
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=120))
+def test_fuzz_downward_api(text: str) -> None:
+    try:
+        out = parse_downward_api(text)
+    except ValueError as exc:
+        assert str(exc)
+    else:
+        assert all(isinstance(k, str) and isinstance(v, str) for k, v in out.items())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Probe routes
+
+
+def test_probe_routes() -> None:
+    routes = (
+        ProbeRoute("/healthz", 8080, "/healthz"),
+        ProbeRoute("/spiffe-sidecar/app-probe/a/x", 9090, "/h", "HTTPS"),
+    )
+    assert parse_probe_routes(json.dumps([r.to_json() for r in routes])) == routes
+    assert parse_probe_routes("") == ()
+    for bad in [
+        "{}",
+        "[1]",
+        '[{"path": "x", "port": 1}]',
+        '[{"path": "/x", "port": 0}]',
+        "not json",
+        '[{"path": "/x", "port": 1}, {"path": "/x", "port": 2}]',
+        '[{"path": "/x", "port": 1, "scheme": "FTP"}]',
+    ]:
+        with pytest.raises(ValueError):
+            parse_probe_routes(bad)
