@@ -23,7 +23,7 @@ import yaml
 
 from .endpoint import TcpEndpoint, UnixEndpoint, parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
-from .identity import TrustDomain
+from .identity import CallerPattern, TrustDomain
 from .policy import Policy, compile_policy
 
 
@@ -87,6 +87,33 @@ class InboundSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboundTarget:
+    """Where an outbound route goes and which server SPIFFE ID it must present (checked after the
+    handshake, before a byte is sent). `target.host` may be a DNS name: resolved per connection attempt."""
+
+    target: HostPort
+    expect: CallerPattern
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRoute:
+    """A fixed local port for one target: the app speaks plain HTTP/1.1 (or TCP) to `listen` (loopback)."""
+
+    name: str
+    listen: HostPort
+    to: OutboundTarget
+    mode: ListenerMode = ListenerMode.HTTP
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundProxySettings:
+    """An HTTP proxy port (for apps honouring HTTP_PROXY): the request's Host picks the route."""
+
+    listen: HostPort
+    routes: tuple[tuple[str, OutboundTarget], ...]  # (lower-case host without port, target)
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     listen: HostPort = field(default_factory=lambda: HostPort("127.0.0.1", 15000))
 
@@ -108,6 +135,8 @@ class Settings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     log_level: str = "info"
+    outbound: tuple[OutboundRoute, ...] = ()
+    outbound_proxy: OutboundProxySettings | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +200,11 @@ def parse_yaml(text: str, source: str) -> YamlDocument:
     Mapping keys must be strings and unique (PyYAML silently keeps the last duplicate; a duplicated
     policy key must never silently change what is allowed).
     """
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader rejects control characters already in the constructor.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem(source, "invalid YAML: " + " ".join(str(exc).split()))]) from None
     try:
         try:
             node = loader.get_single_node()
@@ -399,7 +432,12 @@ def _env_port(c: _Collector, environ: Mapping[str, str], name: str, *, allow_zer
         return None
 
 
-_TOP_KEYS: Final = frozenset({"svid_source", "inbound", "admin", "audit", "timeouts", "limits", "log_level"})
+_TOP_KEYS: Final = frozenset(
+    {"svid_source", "inbound", "outbound", "outbound_proxy", "admin", "audit", "timeouts", "limits", "log_level"}
+)
+_OUTBOUND_KEYS: Final = frozenset({"name", "listen", "target", "expect", "mode"})
+_PROXY_KEYS: Final = frozenset({"listen", "routes"})
+_PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect"})
 _SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
 _WORKLOAD_API_KEYS: Final = frozenset({"socket"})
 _PEM_KEYS: Final = frozenset({"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated"})
@@ -433,6 +471,9 @@ def parse_settings(
 
     svid_source = _parse_source(c, top.get("svid_source"), environ, base_dir)
     inbound = _parse_inbound(c, top, environ, base_dir, read_file) if "inbound" in top else None
+    outbound = _parse_outbound(c, top.get("outbound"))
+    outbound_proxy = _parse_outbound_proxy(c, top["outbound_proxy"]) if "outbound_proxy" in top else None
+    _check_listen_clash(c, outbound, outbound_proxy)
 
     admin = AdminSettings()
     admin_m = _mapping(c, top.get("admin"), "admin", _ADMIN_KEYS)
@@ -492,6 +533,8 @@ def parse_settings(
         timeouts=timeouts,
         limits=limits,
         log_level=log_level,
+        outbound=outbound,
+        outbound_proxy=outbound_proxy,
     )
 
 
@@ -636,6 +679,107 @@ def _parse_inbound(
     return InboundSettings(listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file)
 
 
+def _loopback_listen(c: _Collector, m: Mapping[str, Any], path: str) -> HostPort | None:
+    listen = _host_port(c, m, "listen", path, None, allow_zero=True)
+    if listen is not None and not is_loopback(listen.host):
+        # Outbound ports carry the app's plain traffic and our identity: only the pod's own app may use them.
+        c.add(_join(path, "listen"), f"outbound listeners bind to loopback only, got {listen.host}")
+        return None
+    return listen
+
+
+def _outbound_target(c: _Collector, m: Mapping[str, Any], path: str) -> OutboundTarget | None:
+    target = _host_port(c, m, "target", path, None, allow_zero=False)
+    expect: CallerPattern | None = None
+    if "expect" not in m:
+        c.add(_join(path, "expect"), "required: the server SPIFFE ID (pattern) the target must present")
+    elif (text := _string(c, m, "expect", path)) is not None:
+        try:
+            expect = CallerPattern.parse(text)
+        except IdentityError as exc:
+            c.add(_join(path, "expect"), str(exc))
+    if target is None or expect is None:
+        return None
+    return OutboundTarget(target, expect)
+
+
+def _parse_outbound(c: _Collector, value: Any) -> tuple[OutboundRoute, ...]:
+    path = "outbound"
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        c.add(path, f"expected a list of routes, got {_kind(value)}")
+        return ()
+    routes: list[OutboundRoute] = []
+    names: set[str] = set()
+    for i, item in enumerate(value):
+        rpath = f"{path}[{i}]"
+        m = _mapping(c, item, rpath, _OUTBOUND_KEYS)
+        if m is None:
+            continue
+        before = len(c.problems)
+        listen = _loopback_listen(c, m, rpath)
+        to = _outbound_target(c, m, rpath)
+        mode = ListenerMode.HTTP
+        if "mode" in m:
+            try:
+                mode = ListenerMode(m["mode"])
+            except ValueError:
+                c.add(_join(rpath, "mode"), f"expected http or tcp, got {m['mode']!r}")
+        name = _string(c, m, "name", rpath) or (str(to.target) if to is not None else f"route{i}")
+        if name in names:
+            c.add(_join(rpath, "name"), f"duplicate route name {name!r}")
+        names.add(name)
+        if len(c.problems) == before and listen is not None and to is not None:
+            routes.append(OutboundRoute(name, listen, to, mode))
+    return tuple(routes)
+
+
+def _parse_outbound_proxy(c: _Collector, value: Any) -> OutboundProxySettings | None:
+    path = "outbound_proxy"
+    m = _mapping(c, value, path, _PROXY_KEYS)
+    if m is None:
+        return None
+    before = len(c.problems)
+    listen = _loopback_listen(c, m, path)
+    rpath = _join(path, "routes")
+    routes: list[tuple[str, OutboundTarget]] = []
+    r_m = m.get("routes")
+    if not isinstance(r_m, dict) or not r_m:
+        c.add(rpath, "required: a mapping of Host -> {target, expect}")
+    else:
+        for host, item in r_m.items():
+            hpath = _join(rpath, host)
+            key = host.strip().lower()
+            if not key or ":" in key or "/" in key or " " in key:
+                c.add(hpath, "expected a host name without port (the Host header picks the route)")
+                continue
+            hm = _mapping(c, item, hpath, _PROXY_ROUTE_KEYS)
+            if hm is None:
+                continue
+            to = _outbound_target(c, hm, hpath)
+            if to is not None:
+                routes.append((key, to))
+    if len(c.problems) != before or listen is None:
+        return None
+    return OutboundProxySettings(listen, tuple(routes))
+
+
+def _check_listen_clash(
+    c: _Collector, outbound: tuple[OutboundRoute, ...], proxy: OutboundProxySettings | None
+) -> None:
+    seen: dict[HostPort, str] = {}
+    named = [(f"outbound[{i}].listen", r.listen) for i, r in enumerate(outbound)]
+    if proxy is not None:
+        named.append(("outbound_proxy.listen", proxy.listen))
+    for where, hp in named:
+        if hp.port == 0:
+            continue  # 0 picks a free port each
+        if hp in seen:
+            c.add(where, f"{hp} is also used by {seen[hp]}")
+        seen[hp] = where
+
+
 def _compile(c: _Collector, data: Any, source: str, lines: Mapping[str, int], prefix: str) -> Policy | None:
     try:
         return compile_policy(data, source, lines, prefix=prefix)
@@ -704,6 +848,19 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
     return {
         "svid_source": source,
         "inbound": inbound,
+        "outbound": [
+            {"name": r.name, "listen": str(r.listen), "target": str(r.to.target), "expect": r.to.expect.text,
+             "mode": r.mode.value}
+            for r in settings.outbound
+        ],
+        "outbound_proxy": None
+        if settings.outbound_proxy is None
+        else {
+            "listen": str(settings.outbound_proxy.listen),
+            "routes": {
+                h: {"target": str(t.target), "expect": t.expect.text} for h, t in settings.outbound_proxy.routes
+            },
+        },
         "admin": {"listen": str(settings.admin.listen)},
         "audit": {
             "path": settings.audit.path,

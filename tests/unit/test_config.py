@@ -447,3 +447,12 @@ def test_describe_settings_is_json_ready() -> None:
     text = json.dumps(view)
     assert "unix:///run/spire/agent.sock" in text or "/run/spire/agent.sock" in text
     assert view["inbound"]["policy_file"] == "/cfg/policy.yaml"
+
+
+def test_control_characters_are_a_config_error_not_a_crash() -> None:
+    # PyYAML's reader rejects them in its constructor, before any parsing (found by fuzzing annotations).
+    from sidecar.config import parse_yaml
+
+    with pytest.raises(ConfigError) as exc:
+        parse_yaml("a: \x1b", "x.yaml")
+    assert "\n" not in str(exc.value) and "x.yaml: invalid YAML" in str(exc.value)
