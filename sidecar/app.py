@@ -19,18 +19,22 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 from .admin import AdminServer, config_view
+from .annotations import PodRuntime, load_annotations_policy
 from .audit import AuditLog, open_writer
-from .config import HostPort, PemSourceSettings, Settings, load_policy
+from .bypass import BypassCheck, BypassMonitor
+from .config import HostPort, ListenerMode, PemSourceSettings, Settings, load_policy
 from .errors import ConfigError, SourceError
 from .inbound import InboundServer, PolicyRef
 from .metrics import Metrics
+from .outbound import OutboundServer, build_routes
 from .policy import Policy
+from .probes import ProbeServer
 from .sources import PemFileSource, SourceEvent, WorkloadApiSource
 from .svid import X509Context
 from .tls import TlsContexts
@@ -67,8 +71,16 @@ class PolicyWatcher:
     judged once, so a bad file is not re-logged every second.
     """
 
-    def __init__(self, path: Path, ref: PolicyRef, metrics: Metrics, initial_text: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        ref: PolicyRef,
+        metrics: Metrics,
+        initial_text: str | None = None,
+        load: Callable[[str, str], Policy] = load_policy,  # (text, source): YAML file or downward API file
+    ) -> None:
         self._path = path
+        self._load = load
         self._ref = ref
         self._metrics = metrics
         self._seen = None if initial_text is None else _digest(initial_text.encode())
@@ -92,7 +104,7 @@ class PolicyWatcher:
             return None
         self._seen = digest
         try:
-            policy = load_policy(data.decode("utf-8"), str(self._path))
+            policy = self._load(data.decode("utf-8"), str(self._path))
         except UnicodeDecodeError:
             log.error("policy reload rejected, keeping the last good policy: %s: not UTF-8", self._path)
             self._metrics.policy_reloads.labels(result="error").inc()
@@ -165,10 +177,18 @@ def _source_event(event: SourceEvent) -> None:
     )
 
 
-async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_timeout: float = FIRST_SVID_TIMEOUT) -> int:
+async def run(
+    settings: Settings,
+    *,
+    environ: Mapping[str, str],
+    first_svid_timeout: float = FIRST_SVID_TIMEOUT,
+    pod: PodRuntime | None = None,
+) -> int:
     """Run the sidecar until SIGTERM/SIGINT; return the process exit status (0 after a clean drain).
 
     Status 1 when the SVID source gives up or no SVID arrives within `first_svid_timeout`.
+    `pod` (annotations mode): the policy file is a downward API annotations file, and the probe port and
+    the bypass check run when configured.
     """
     del environ  # env overrides were applied by the config loader; kept in the signature for the CLI contract
     inbound_settings = settings.inbound
@@ -189,6 +209,11 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
         if ctx is state.context:
             return
         tls.update(ctx)
+        if state.context is not None:
+            # New SVID or bundles: pooled outbound connections finish their current request and close;
+            # new requests use new connections (new SVID presented, new bundles verified).
+            for ob in outbound:
+                ob.retire()
         state.context = ctx
         metrics.rotations.inc()
         metrics.svid_expiry.set(ctx.expires_at.timestamp())
@@ -207,13 +232,22 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
         audit=audit,
         metrics=metrics,
     )
+    outbound = _make_outbound(settings, tls, audit, metrics)
+    bypass = None
+    if pod is not None and pod.pod_ip is not None:
+        check = BypassCheck(pod.pod_ip, pod.app_port, strict=pod.strict_bypass_check)
+        bypass = BypassMonitor(check, metrics.app_port_exposed)
     admin = AdminServer(
         settings.admin.listen,
         metrics=metrics,
         svid_expiry=svid_expiry,
         listeners_bound=lambda: state.listeners_bound,
         config_view=lambda: config_view(settings, policy_ref.policy, source.current()),
+        hold=(lambda: None) if bypass is None else bypass.hold_reason,
     )
+    probe = None
+    if pod is not None and pod.probe_listen is not None:
+        probe = ProbeServer(pod.probe_listen, pod.probe_routes, ready_reason=admin.ready_reason, metrics=metrics)
 
     async def guard_source() -> None:
         # A source that gives up (e.g. InvalidArgument from the Workload API) ends the process.
@@ -233,6 +267,13 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
                 await admin.start()
             except OSError as exc:
                 state.fail(1, f"admin listener {settings.admin.listen}: {exc.strerror or exc}", stop)
+            if probe is not None and not stop.is_set():
+                try:  # up before the SVID: the kubelet's startupProbe reads readyz (503 until ready) here
+                    await probe.start()
+                except OSError as exc:
+                    state.fail(1, f"probe listener {pod and pod.probe_listen}: {exc.strerror or exc}", stop)
+            if bypass is not None:
+                background.append(tg.create_task(bypass.run(), name="bypass-check"))
             ctx = None if stop.is_set() else await _wait_first_svid(source, first_svid_timeout, stop)
             if ctx is None:
                 if not stop.is_set():
@@ -249,6 +290,16 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
                 except OSError as exc:
                     state.fail(1, f"inbound listener {inbound_settings.listen}: {exc.strerror or exc}", stop)
                 else:
+                    for ob in outbound:
+                        try:
+                            ob_port = await ob.start()
+                        except OSError as exc:
+                            state.fail(1, f"outbound listener {ob.settings.listen}: {exc.strerror or exc}", stop)
+                            break
+                        log.info("outbound %s: 127.0.0.1 port %d -> %s", ob.name, ob_port,
+                                 ", ".join(f"{k or r.name}={r.target} (expect {r.expect.text})"
+                                           for k, r in ob.routes.items()))  # fmt: skip
+                if not stop.is_set():
                     state.listeners_bound = True
                     log.info(
                         "ready: inbound %s:%d -> app %s (%s), identity %s, policy %s, admin %s",
@@ -266,6 +317,7 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
                             policy_ref,
                             metrics,
                             initial_text=_read_text(inbound_settings.policy_file),
+                            load=load_policy if pod is None else load_annotations_policy,
                         )
                         background.append(tg.create_task(watcher.run(), name="policy-watcher"))
                     background.append(tg.create_task(_flush_audit(audit), name="audit-flush"))
@@ -276,7 +328,10 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
                 state.listeners_bound = False  # readyz -> 503 so endpoints stop routing here
                 try:
                     async with asyncio.timeout(settings.timeouts.drain + _STOP_GRACE):
-                        await inbound.drain(settings.timeouts.drain)
+                        await asyncio.gather(
+                            inbound.drain(settings.timeouts.drain),
+                            *(ob.drain(settings.timeouts.drain) for ob in outbound),
+                        )
                 except TimeoutError:
                     log.warning("drain did not finish within %.1fs; closed the rest", settings.timeouts.drain)
             for task in background:
@@ -288,6 +343,10 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_STOP_GRACE):
                 await admin.stop()
+        if probe is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(_STOP_GRACE):
+                    await probe.stop()
         audit.flush_dropped()
         close_audit()
     if state.exit_code:
@@ -295,6 +354,24 @@ async def run(settings: Settings, *, environ: Mapping[str, str], first_svid_time
         return state.exit_code
     log.info("stopped")
     return 0
+
+
+def _make_outbound(settings: Settings, tls: TlsContexts, audit: AuditLog, metrics: Metrics) -> list[OutboundServer]:
+    """One listener per fixed outbound route, plus the HTTP proxy port when configured."""
+    common = {"timeouts": settings.timeouts, "limits": settings.limits, "tls": tls, "audit": audit, "metrics": metrics}
+    servers: list[OutboundServer] = []
+    for r in settings.outbound:
+        size = settings.limits.max_connections if r.mode is ListenerMode.TCP else settings.limits.upstream_pool_size
+        routes = build_routes([(r.name, r.to)], tls=tls, metrics=metrics, timeouts=settings.timeouts, pool_size=size)
+        servers.append(OutboundServer(r.name, r.listen, routes, by_host=False, mode=r.mode, **common))  # type: ignore[arg-type]
+    proxy = settings.outbound_proxy
+    if proxy is not None:
+        routes = build_routes(
+            proxy.routes, tls=tls, metrics=metrics, timeouts=settings.timeouts,
+            pool_size=settings.limits.upstream_pool_size,
+        )  # fmt: skip
+        servers.append(OutboundServer("proxy", proxy.listen, routes, by_host=True, **common))  # type: ignore[arg-type]
+    return servers
 
 
 def _read_text(path: Path) -> str | None:

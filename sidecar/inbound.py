@@ -531,9 +531,16 @@ class _TcpConn(_BaseConn):
 class _HttpConn(_BaseConn):
     """HTTP mode: requests parsed by httptools, decided in order, forwarded through the pool."""
 
-    def verified(self) -> None:
+    # Subclass hooks (sidecar.outbound reuses this request/response relaying): the exchange type, and the
+    # identity header value sent upstream.
+    exchange_class: type[_Exchange]
+
+    def make_xfcc(self) -> bytes:
         assert self.peer is not None
-        self.xfcc = xfcc_value(self.snap.own_id, self.peer.leaf_sha256_hex, self.peer.spiffe_id)
+        return xfcc_value(self.snap.own_id, self.peer.leaf_sha256_hex, self.peer.spiffe_id)
+
+    def verified(self) -> None:
+        self.xfcc = self.make_xfcc()
         self.parser = httptools.HttpRequestParser(self)
         self.queue: collections.deque[_Exchange] = collections.deque()
         self.parsing: _Exchange | None = None
@@ -614,7 +621,7 @@ class _HttpConn(_BaseConn):
     def on_headers_complete(self) -> None:
         server = self.server
         parser = self.parser
-        ex = _Exchange(self, parser.get_method(), self._headers, server.clock())
+        ex = self.exchange_class(self, parser.get_method(), self._headers, server.clock())
         try:
             ex.framing = check_request_headers(self._headers, version=parser.get_http_version())
             ex.target = normalize_target(b"".join(self._url))
@@ -700,7 +707,7 @@ class _HttpConn(_BaseConn):
     def _enqueue_error(self, response: bytes, label: str, detail: str) -> None:
         ex = self.parsing if self.parsing is not None and not self.parsing.started else None
         if ex is None:
-            ex = _Exchange(self, b"-", [], self.server.clock())
+            ex = self.exchange_class(self, b"-", [], self.server.clock())
             self.queue.append(ex)
         ex.set_error(response, label, detail)
         self.parsing = None
@@ -1302,3 +1309,6 @@ class _Exchange:
             )
         if notify and conn.tunnel is not self:
             conn.exchange_done(self, keep_alive)
+
+
+_HttpConn.exchange_class = _Exchange

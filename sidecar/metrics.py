@@ -60,3 +60,35 @@ class Metrics:
         self.audit_dropped = Counter(
             "spiffe_sidecar_audit_lines_dropped", "Deny audit lines dropped by the rate limit.", registry=r
         )
+        # Outbound (the app's own calls, mTLS to the target).
+        self.outbound_handshakes = Counter(
+            "spiffe_sidecar_outbound_handshakes",
+            "mTLS handshakes completed to outbound targets (each new pooled connection is one).",
+            ["route"],
+            registry=r,
+        )
+        self.outbound_server_id_mismatches = Counter(
+            "spiffe_sidecar_outbound_server_id_mismatches",
+            "Outbound targets that presented a valid SVID with the wrong SPIFFE ID.",
+            ["route"],
+            registry=r,
+        )
+        self.outbound_pool_connections = Gauge(
+            "spiffe_sidecar_outbound_pool_connections",
+            "Pooled mTLS connections (idle + leased + connecting) per outbound route.",
+            ["route"],
+            registry=r,
+        )
+        # Kubernetes mode (sidecar/bypass.py, sidecar/probes.py).
+        self.app_port_exposed = Gauge(
+            "spiffe_sidecar_app_port_exposed",
+            "1 while the app port answers on the pod IP (callers could bypass the sidecar), else 0.",
+            registry=r,
+        )
+        self.probe_requests = Counter(
+            "spiffe_sidecar_probe_requests",
+            "Requests on the probe port, by route (a configured probe path, sidecar-healthz/readyz, or "
+            "not-found) and result (the status class, or upstream-error).",
+            ["route", "result"],
+            registry=r,
+        )

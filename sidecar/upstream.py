@@ -49,10 +49,11 @@ class UpstreamSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; owned by its pool, leased to one sink at a time."""
 
-    __slots__ = ("_idle_timer", "_pool", "_sink", "alive", "reused", "transport")
+    __slots__ = ("_idle_timer", "_pool", "_sink", "alive", "generation", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
+        self.generation = pool.generation
         self._sink: UpstreamSink | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -160,6 +161,9 @@ class UpstreamPool:
         self._total = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        # Bumped by `retire()`: connections of an older generation finish their current exchange and are
+        # then closed instead of going back to the pool.
+        self.generation = 0
 
     @property
     def size(self) -> int:
@@ -224,7 +228,7 @@ class UpstreamPool:
         """Give a leased connection back; `reusable` only when the exchange ended cleanly on both sides
         (whole request sent, whole response read, keep-alive on both)."""
         conn._sink = None
-        if reusable and conn.alive and not self._closed:
+        if reusable and conn.alive and not self._closed and conn.generation == self.generation:
             loop = asyncio.get_running_loop()
             conn._idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
             self._idle.append(conn)
@@ -232,6 +236,17 @@ class UpstreamPool:
             conn.close()
             self._total -= 1
         self._wake_one()
+
+    def retire(self) -> int:
+        """Drain gracefully (e.g. our SVID or the bundle rotated): idle connections close now, leased ones
+        finish their current exchange and close on release; new leases get new connections. Returns how
+        many idle connections were closed."""
+        self.generation += 1
+        closed = 0
+        for conn in list(self._idle):
+            self._discard_idle(conn)
+            closed += 1
+        return closed
 
     async def close(self) -> None:
         """Close idle connections and refuse new leases; leased ones are closed by their users."""

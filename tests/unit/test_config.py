@@ -456,3 +456,94 @@ def test_control_characters_are_a_config_error_not_a_crash() -> None:
     with pytest.raises(ConfigError) as exc:
         parse_yaml("a: \x1b", "x.yaml")
     assert "\n" not in str(exc.value) and "x.yaml: invalid YAML" in str(exc.value)
+
+
+# --- outbound ----------------------------------------------------------------------------------------
+
+
+def test_checkout_and_reporting_examples_have_outbound_routes() -> None:
+    env = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent.sock"}
+    chk = load_settings(CONFIG_DIR / "checkout.yaml", env)
+    assert len(chk.outbound) == 1
+    r = chk.outbound[0]
+    assert r.name == "inventory" and r.listen == HostPort("127.0.0.1", 15001) and r.mode is ListenerMode.HTTP
+    assert r.to.target == HostPort("inventory.shop.svc.cluster.local", 8443)
+    assert r.to.expect.text == "spiffe://example.org/ns/shop/sa/inventory"
+    rep = load_settings(CONFIG_DIR / "reporting.yaml", env)
+    assert rep.outbound_proxy is not None and rep.outbound_proxy.listen == HostPort("127.0.0.1", 15080)
+    assert [h for h, _ in rep.outbound_proxy.routes] == ["inventory.shop.svc.cluster.local"]
+    assert load_settings(CONFIG_DIR / "inventory.yaml", env).outbound == ()
+
+
+OUTBOUND = MINIMAL + """
+outbound:
+  - listen: "127.0.0.1:15001"
+    target: "inventory.shop.svc:8443"
+    expect: "spiffe://example.org/ns/shop/sa/inventory"
+  - name: raw
+    listen: "127.0.0.1:0"
+    target: "db:5432"
+    expect: "spiffe://example.org/ns/data/**"
+    mode: tcp
+outbound_proxy:
+  listen: "127.0.0.1:15080"
+  routes:
+    Inventory.Shop.Svc:
+      target: "inventory.shop.svc:8443"
+      expect: "spiffe://example.org/ns/shop/sa/inventory"
+"""
+
+
+def test_outbound_routes_and_proxy() -> None:
+    s = parse(OUTBOUND)
+    a, b = s.outbound
+    assert a.name == "inventory.shop.svc:8443" and a.mode is ListenerMode.HTTP
+    assert b.name == "raw" and b.mode is ListenerMode.TCP and b.listen.port == 0
+    assert s.outbound_proxy is not None
+    assert [h for h, _ in s.outbound_proxy.routes] == ["inventory.shop.svc"]  # Host matching is case-insensitive
+    d = describe_settings(s)
+    assert d["outbound"][1]["expect"] == "spiffe://example.org/ns/data/**"
+    assert d["outbound_proxy"]["routes"]["inventory.shop.svc"]["target"] == "inventory.shop.svc:8443"
+
+
+def test_outbound_problems_carry_file_line_and_field() -> None:
+    text = MINIMAL + """
+outbound:
+  - listen: "0.0.0.0:15001"
+    target: "inventory:8443"
+    expect: "spiffe://example.org"
+    mode: udp
+  - listen: "127.0.0.1:15002"
+    expect: "spiffe://example.org/sa/x"
+  - listen: "127.0.0.1:15002"
+    target: "x:1"
+    expect: "spiffe://example.org/sa/x"
+    colour: blue
+outbound_proxy:
+  listen: "127.0.0.1:15080"
+  routes:
+    "a:80": {target: "a:80", expect: "spiffe://example.org/a"}
+"""
+    got = problems(text)
+    joined = "\n".join(got)
+    assert re.search(r":\d+: outbound\[0\]\.listen: outbound listeners bind to loopback only", joined)
+    assert re.search(r":\d+: outbound\[0\]\.expect: .*root ID", joined)
+    assert re.search(r":\d+: outbound\[0\]\.mode: expected http or tcp", joined)
+    assert re.search(r":\d+: outbound\[1\]\.target: required", joined)
+    assert re.search(r":\d+: outbound\[2\]\.colour: unknown key", joined)
+    assert re.search(r":\d+: outbound_proxy\.routes\.a:80: expected a host name without port", joined)
+    # every problem has a line number
+    assert all(re.match(r"[^:]+:\d+: ", p) for p in got), got
+
+
+def test_outbound_listen_ports_must_not_clash() -> None:
+    text = MINIMAL + """
+outbound:
+  - listen: "127.0.0.1:15001"
+    target: "a:1"
+    expect: "spiffe://example.org/a"
+outbound_proxy:
+  listen: "127.0.0.1:15001"
+  routes: {a: {target: "a:1", expect: "spiffe://example.org/a"}}
+"""
+    assert any("outbound_proxy.listen" in p and "also used by outbound[0].listen" in p for p in problems(text))

@@ -1,0 +1,345 @@
+"""Outbound mTLS origination over real loopback TLS: the app (aiohttp client / raw sockets) speaks plain
+HTTP to checkout's outbound listener, which calls inventory's real inbound listener (in this process)
+with checkout's SVID and checks inventory's SPIFFE ID (running example: checkout may GET /api/stock/*)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import uvloop
+from aiohttp import web
+
+from sidecar.audit import AuditLog
+from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
+from sidecar.identity import CallerPattern, TrustDomain
+from sidecar.inbound import InboundServer, PolicyRef
+from sidecar.metrics import Metrics
+from sidecar.outbound import OutboundServer, Route
+from sidecar.policy import compile_policy
+from sidecar.svid import X509Bundle, X509Context, X509Svid
+from sidecar.tls import TlsContexts
+from tests.pki import CA, Leaf
+
+TD = "example.org"
+CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
+REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
+INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
+POLICY = {
+    "rules": [
+        {"name": "checkout-reads-stock", "action": "allow", "methods": ["GET"], "paths": ["/api/stock/*"],
+         "callers": [CHECKOUT]},
+        {"name": "checkout-slow", "action": "allow", "methods": ["GET"], "paths": ["/slow"], "callers": [CHECKOUT]},
+    ]
+}  # fmt: skip
+TIMEOUTS = Timeouts(handshake=5, request_head=5, idle=10, upstream_connect=2, upstream_response=10, drain=5)
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+@dataclass
+class Pki:
+    root: CA
+    inventory: Leaf
+    checkout: Leaf
+    reporting: Leaf
+
+    def context(self, leaf: Leaf) -> X509Context:
+        svid = X509Svid.from_pem(leaf.chain_pem(), leaf.key_pem())
+        bundle = X509Bundle.from_der(TrustDomain.parse(TD), self.root.bundle_der())
+        return X509Context((svid,), {bundle.trust_domain: bundle})
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    root = CA.root(TD)
+    inter = root.intermediate()
+    return Pki(root, inter.leaf(INVENTORY), inter.leaf(CHECKOUT), inter.leaf(REPORTING))
+
+
+@dataclass
+class App:
+    port: int = 0
+    seen: list[tuple[str, str]] = field(default_factory=list)  # (path, xfcc)
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    state = App()
+
+    async def handler(request: web.Request) -> web.Response:
+        state.seen.append((request.raw_path, request.headers.get("X-Forwarded-Client-Cert", "")))
+        if request.path == "/slow":
+            await asyncio.sleep(1.0)
+        return web.json_response({"path": request.raw_path, "xfcc": request.headers.get("X-Forwarded-Client-Cert")})
+
+    a = web.Application()
+    a.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(a, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield state
+    await runner.cleanup()
+
+
+@dataclass
+class Inventory:
+    server: InboundServer
+    tls: TlsContexts
+    port: int
+
+
+async def start_inventory(pki: Pki, app: App, leaf: Leaf | None = None) -> Inventory:
+    metrics = Metrics()
+    audit = AuditLog(AuditSettings(), write=lambda s: None, metrics=metrics, rng=lambda: 0.0)
+    tls = TlsContexts(pki.context(leaf or pki.inventory))
+    server = InboundServer(
+        InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app.port)),
+        timeouts=TIMEOUTS, limits=Limits(), tls=tls, policy=PolicyRef(compile_policy(POLICY, "p")),
+        audit=audit, metrics=metrics,
+    )  # fmt: skip
+    return Inventory(server, tls, await server.start())
+
+
+@pytest.fixture
+async def inventory(pki: Pki, app: App) -> AsyncIterator[Inventory]:
+    inv = await start_inventory(pki, app)
+    yield inv
+    await inv.server.drain(1.0)
+
+
+@dataclass
+class Checkout:
+    server: OutboundServer
+    tls: TlsContexts
+    metrics: Metrics
+    audit_lines: list[dict[str, Any]]
+    port: int
+
+    def route(self, key: str = "inventory") -> Route:
+        return self.server.routes[key]
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def start_checkout(
+    pki: Pki,
+    targets: dict[str, tuple[int, str]],
+    *,
+    by_host: bool = False,
+    mode: ListenerMode = ListenerMode.HTTP,
+    pool_size: int = 8,
+    down_backoff: float = 2.0,
+) -> Checkout:
+    metrics = Metrics()
+    lines: list[dict[str, Any]] = []
+    audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics, rng=lambda: 0.0)
+    tls = TlsContexts(pki.context(pki.checkout))
+    routes = {
+        key: Route(key, OutboundTarget(HostPort("localhost", port), CallerPattern.parse(expect)), tls=tls,
+                   metrics=metrics, timeouts=TIMEOUTS, pool_size=pool_size, down_backoff=down_backoff)
+        for key, (port, expect) in targets.items()
+    }  # fmt: skip
+    server = OutboundServer(
+        "test", HostPort("127.0.0.1", 0), routes, by_host=by_host, mode=mode, timeouts=TIMEOUTS,
+        limits=Limits(upstream_pool_size=pool_size), tls=tls, audit=audit, metrics=metrics,
+    )  # fmt: skip
+    return Checkout(server, tls, metrics, lines, await server.start())
+
+
+async def get(port: int, path: str, **kw: Any) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}{path}", **kw) as r:
+        return r.status, await r.text()
+
+
+async def test_request_goes_out_over_mtls_with_our_identity(pki: Pki, app: App, inventory: Inventory) -> None:
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)})
+    try:
+        status, body = await get(co.port, "/api/stock/42")
+        assert status == 200, body
+        assert app.seen[0][0] == "/api/stock/42"
+        leaf_sha = hashlib.sha256(pki.checkout.der_list()[0]).hexdigest()
+        assert app.seen[0][1] == f"By={INVENTORY};Hash={leaf_sha};URI={CHECKOUT}"
+        line = co.audit_lines[-1]
+        assert line["listener"] == "outbound" and line["status"] == 200 and line["peer"] == INVENTORY
+        assert co.route().handshakes == 1 and co.route().mismatches == 0
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_server_id_mismatch_is_refused_before_any_byte(pki: Pki, app: App) -> None:
+    # The target is a real sidecar with a valid SVID of the trust domain, but reporting's, not inventory's.
+    impostor = await start_inventory(pki, app, leaf=pki.reporting)
+    co = await start_checkout(pki, {"inventory": (impostor.port, INVENTORY)})
+    try:
+        status, body = await get(co.port, "/api/stock/42")
+        assert status == 502
+        data = json.loads(body)
+        assert data["error"] == "server identity rejected"
+        assert data["expected"] == INVENTORY and REPORTING in data["detail"]
+        assert app.seen == []  # not a byte of the request reached the target's app
+        assert co.route().mismatches == 1
+        assert co.metric("spiffe_sidecar_outbound_server_id_mismatches_total", route="inventory") == 1
+    finally:
+        await co.server.drain(1.0)
+        await impostor.server.drain(1.0)
+
+
+async def test_target_down_gets_fast_503_during_backoff(pki: Pki) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    co = await start_checkout(pki, {"inventory": (dead_port, INVENTORY)}, down_backoff=30.0)
+    try:
+        status, body = await get(co.port, "/api/stock/1")
+        assert status == 502 and json.loads(body)["error"] == "target unreachable"
+        assert co.route().is_down()
+        for _ in range(5):
+            status, body = await get(co.port, "/api/stock/1")
+            assert status == 503 and "marked down" in body
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="down") == 5
+        assert co.route().handshakes == 0
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_target_recovers_after_backoff(pki: Pki, app: App) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    co = await start_checkout(pki, {"inventory": (port, INVENTORY)}, down_backoff=0.2)
+    try:
+        assert (await get(co.port, "/api/stock/1"))[0] == 502
+        inv = await start_inventory(pki, app)
+        co.route().pool.port = inv.port  # the service comes back (at a new address, as after a redeploy)
+        await asyncio.sleep(0.3)
+        assert (await get(co.port, "/api/stock/1"))[0] == 200
+        await inv.server.drain(1.0)
+    finally:
+        await co.server.drain(1.0)
+
+
+HANDSHAKES_SEEN: list[int] = []
+
+
+async def test_pool_reuse_many_requests_few_handshakes(pki: Pki, app: App, inventory: Inventory) -> None:
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)}, pool_size=4)
+    n_clients, per_client = 4, 50
+    try:
+        async def client() -> None:
+            # Each client uses its own keep-alive connection to the outbound listener.
+            async with aiohttp.ClientSession() as s:
+                for i in range(per_client):
+                    async with s.get(f"http://127.0.0.1:{co.port}/api/stock/{i}") as r:
+                        assert r.status == 200
+                        await r.read()
+
+        async with asyncio.timeout(60):
+            await asyncio.gather(*(client() for _ in range(n_clients)))
+        handshakes = co.route().handshakes
+        HANDSHAKES_SEEN.append(handshakes)
+        print(f"pool reuse: {n_clients * per_client} requests used {handshakes} mTLS handshakes")
+        assert len(app.seen) == n_clients * per_client
+        assert 1 <= handshakes <= 4  # bounded by the pool size, not the number of requests
+        assert co.metric("spiffe_sidecar_outbound_handshakes_total", route="inventory") == handshakes
+        assert co.route().pool.size <= 4
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_rotation_drains_pooled_connections_gracefully(pki: Pki, app: App, inventory: Inventory) -> None:
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)}, pool_size=4)
+    try:
+        assert (await get(co.port, "/api/stock/1"))[0] == 200
+        assert co.route().handshakes == 1 and co.route().pool.idle_count == 1
+        # A slow request holds a pooled connection while our SVID rotates.
+        slow = asyncio.ensure_future(get(co.port, "/slow"))
+        for _ in range(100):
+            if any(p == "/slow" for p, _ in app.seen):
+                break
+            await asyncio.sleep(0.02)
+        new_leaf = pki.root.intermediate().leaf(CHECKOUT)
+        co.tls.update(pki.context(new_leaf))
+        co.server.retire()
+        assert co.route().pool.idle_count == 0  # idle ones closed at once
+        status, body = await slow
+        assert status == 200, body  # the in-flight request finished on its old connection
+        assert co.route().pool.size == 0  # ... which then closed instead of returning to the pool
+        assert (await get(co.port, "/api/stock/2"))[0] == 200
+        new_sha = hashlib.sha256(new_leaf.der_list()[0]).hexdigest()
+        assert app.seen[-1][1].endswith(f"Hash={new_sha};URI={CHECKOUT}")  # new connection, new SVID
+        assert co.route().handshakes == 2  # the slow request reused the first; the new request made one
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_http_proxy_mode_routes_by_host(pki: Pki, app: App, inventory: Inventory) -> None:
+    impostor = await start_inventory(pki, app, leaf=pki.reporting)
+    co = await start_checkout(
+        pki,
+        {"inventory.shop.svc": (inventory.port, INVENTORY), "reports.shop.svc": (impostor.port, INVENTORY)},
+        by_host=True,
+    )
+    try:
+        # An app honouring HTTP_PROXY sends the absolute form.
+        proxy = f"http://127.0.0.1:{co.port}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get("http://inventory.shop.svc:8443/api/stock/7", proxy=proxy) as r:
+                assert r.status == 200
+                assert (await r.json())["path"] == "/api/stock/7"
+            async with s.get("http://reports.shop.svc/api/stock/7", proxy=proxy) as r:
+                assert r.status == 502  # routed to the impostor, refused on its ID
+            async with s.get("http://unknown.shop.svc/x", proxy=proxy) as r:
+                assert r.status == 502 and "no outbound route" in await r.text()
+        # Origin form with a Host header picks the route too.
+        status, _ = await get(co.port, "/api/stock/8", headers={"Host": "Inventory.Shop.Svc:8443"})
+        assert status == 200
+        assert [p for p, _ in app.seen] == ["/api/stock/7", "/api/stock/8"]
+    finally:
+        await co.server.drain(1.0)
+        await impostor.server.drain(1.0)
+
+
+async def test_tcp_mode_relays_bytes_over_verified_mtls(pki: Pki, app: App, inventory: Inventory) -> None:
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)}, mode=ListenerMode.TCP)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", co.port)
+        writer.write(b"GET /api/stock/3 HTTP/1.1\r\nHost: inventory\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        writer.close()
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert app.seen[-1][0] == "/api/stock/3"
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_tcp_mode_mismatch_closes_without_sending(pki: Pki, app: App) -> None:
+    impostor = await start_inventory(pki, app, leaf=pki.reporting)
+    co = await start_checkout(pki, {"inventory": (impostor.port, INVENTORY)}, mode=ListenerMode.TCP)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", co.port)
+        writer.write(b"GET /api/stock/3 HTTP/1.1\r\nHost: inventory\r\n\r\n")
+        async with asyncio.timeout(10):
+            data = await reader.read()
+        writer.close()
+        assert data == b"" and app.seen == []
+        assert co.route().mismatches == 1
+    finally:
+        await co.server.drain(1.0)
+        await impostor.server.drain(1.0)
