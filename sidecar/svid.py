@@ -119,7 +119,7 @@ def split_der_certificates(data: bytes) -> list[bytes]:
 def _load_der(blob: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(blob)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
         raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
 
 
@@ -130,7 +130,7 @@ def _load_der_chain(data: bytes) -> tuple[x509.Certificate, ...]:
 def _load_pem_chain(data: bytes) -> tuple[x509.Certificate, ...]:
     try:
         return tuple(x509.load_pem_x509_certificates(data))
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
 
 
