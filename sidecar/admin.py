@@ -67,6 +67,7 @@ class AdminServer:
     - `svid_expiry()`: expiry of the current default SVID, or None when none is held.
     - `listeners_bound()`: True once every data-plane listener is bound (False again while draining).
     - `config_view()`: a JSON-serialisable description of the effective config and compiled policy.
+    - `hold()`: an extra reason to stay not-ready (the strict bypass check), or None.
     """
 
     def __init__(
@@ -78,6 +79,7 @@ class AdminServer:
         listeners_bound: Callable[[], bool],
         config_view: Callable[[], Mapping[str, Any]],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hold: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._listen = listen
         self._metrics = metrics
@@ -85,6 +87,7 @@ class AdminServer:
         self._listeners_bound = listeners_bound
         self._config_view = config_view
         self._clock = clock
+        self._hold = hold
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
         app = web.Application()
@@ -122,8 +125,12 @@ class AdminServer:
     async def _healthz(self, _request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
+    def ready_reason(self) -> str | None:
+        """None when ready, else why not; the probe port's /spiffe-sidecar/readyz answers the same."""
+        return readiness(self._svid_expiry(), self._listeners_bound(), self._clock()) or self._hold()
+
     async def _readyz(self, _request: web.Request) -> web.Response:
-        reason = readiness(self._svid_expiry(), self._listeners_bound(), self._clock())
+        reason = self.ready_reason()
         if reason is None:
             return web.Response(text="ready\n")
         return web.Response(status=503, text=f"not ready: {reason}\n")

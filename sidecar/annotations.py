@@ -36,34 +36,48 @@ eval of pod-controlled text.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import yaml
 
+from . import config as _config
 from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
-from .errors import ConfigError, IdentityError, Problem
+from .endpoint import parse_endpoint
+from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .identity import CallerPattern, PatternKind
 from .policy import AUDIT, ENFORCE, Policy, compile_policy
 
 __all__ = [
+    "DEFAULT_ADMIN_PORT",
     "DEFAULT_INBOUND_PORT",
+    "ENV_LISTEN_HOST",
+    "ENV_POD_IP",
+    "ENV_PROBES",
+    "ENV_PROBE_PORT",
     "INJECT_LABEL",
     "KEYS",
     "PREFIX",
     "STATUS_ANNOTATION",
     "OutboundTarget",
+    "PodRuntime",
     "ProbeRoute",
     "SidecarAnnotations",
     "annotation_source",
+    "annotations_mode",
     "go_unquote",
+    "load_annotations_policy",
     "parse_downward_api",
     "parse_pod_annotations",
     "parse_probe_routes",
+    "pod_runtime",
     "policy_from_annotations",
+    "settings_from_annotations",
 ]
 
 PREFIX: Final = "spiffe-sidecar.io/"
@@ -574,3 +588,170 @@ def parse_probe_routes(text: str) -> tuple[ProbeRoute, ...]:
         seen.add(path)
         out.append(ProbeRoute(path, port, app_path, scheme))
     return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Annotations mode: `spiffe-sidecar run --from-annotations FILE` (the injected sidecar's command line)
+
+# The injected environment (sidecar/inject.py writes these; it imports this module, so the names of the
+# variables it owns are repeated here and a test keeps them equal).
+ENV_PROBE_PORT: Final = "SPIFFE_SIDECAR_PROBE_PORT"
+ENV_PROBES: Final = "SPIFFE_SIDECAR_PROBES"
+ENV_POD_IP: Final = "SPIFFE_SIDECAR_POD_IP"  # downward API status.podIP, for the bypass check
+ENV_LISTEN_HOST: Final = "SPIFFE_SIDECAR_LISTEN_HOST"  # inbound + probe bind address; default every IPv4
+DEFAULT_LISTEN_HOST: Final = "0.0.0.0"  # the pod's mTLS and probe ports must be reachable in the cluster
+DEFAULT_ADMIN_PORT: Final = 15000
+
+
+@dataclass(frozen=True, slots=True)
+class PodRuntime:
+    """The Kubernetes-only parts of annotations mode that `config.Settings` has no field for.
+
+    `probe_listen` is None when no probe port is configured; `pod_ip` None disables the bypass check.
+    `strict_bypass_check` is read at start (like the ports: changing it needs a new pod).
+    """
+
+    annotations_file: Path
+    initial_text: str  # the file content the starting policy was compiled from (the reload baseline)
+    probe_listen: HostPort | None
+    probe_routes: tuple[ProbeRoute, ...]
+    pod_ip: str | None
+    app_port: int
+    strict_bypass_check: bool
+
+
+def _env_port(problems: list[Problem], environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    low = 0 if allow_zero else 1
+    if raw.isascii() and raw.isdigit() and len(raw) <= 5 and low <= int(raw) <= 65535:
+        return int(raw)
+    problems.append(Problem(f"env {name}", f"expected a port number {low}-65535, got {raw!r}"))
+    return None
+
+
+def _env_ip(problems: list[Problem], environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return str(ipaddress.ip_address(raw))
+    except ValueError:
+        problems.append(Problem(f"env {name}", f"expected an IP address, got {raw!r}"))
+        return None
+
+
+def settings_from_annotations(
+    annotations: Mapping[str, str] | SidecarAnnotations,
+    environ: Mapping[str, str],
+    *,
+    annotations_file: Path | None = None,
+    log_level: str = "info",
+) -> _config.Settings:
+    """The frozen Settings of an injected sidecar: policy, mode and outbound targets from the annotations;
+    ports and the Workload API socket from the injected environment (which wins over the annotations: the
+    pod spec's ports were fixed at admission). `annotations_file` becomes `inbound.policy_file`, reloaded
+    live with `load_annotations_policy`. Raises ConfigError naming the annotation or `env NAME`."""
+    ann = annotations if isinstance(annotations, SidecarAnnotations) else parse_pod_annotations(annotations)
+    problems: list[Problem] = []
+
+    source: _config.WorkloadApiSettings | None = None
+    socket = environ.get(_config.ENV_SOCKET, "").strip()
+    if not socket:
+        problems.append(Problem(f"env {_config.ENV_SOCKET}", "required: the Workload API socket (injected)"))
+    else:
+        try:
+            source = _config.WorkloadApiSettings(parse_endpoint(socket))
+        except EndpointError as exc:
+            problems.append(Problem(f"env {_config.ENV_SOCKET}", str(exc)))
+
+    host = _env_ip(problems, environ, ENV_LISTEN_HOST) or DEFAULT_LISTEN_HOST
+    inbound_port = _env_port(problems, environ, _config.ENV_INBOUND_PORT, allow_zero=True)
+    app_port = _env_port(problems, environ, _config.ENV_APP_PORT, allow_zero=False) or ann.app_port
+    if app_port is None:
+        problems.append(
+            Problem(annotation_source("app-port"), f"required (or env {_config.ENV_APP_PORT}): the app's port")
+        )
+    admin_port = _env_port(problems, environ, _config.ENV_ADMIN_PORT, allow_zero=True)
+
+    names = [str(t.target) for t in ann.outbound]
+    outbound = tuple(
+        _config.OutboundRoute(
+            name=str(t.target) if names.count(str(t.target)) == 1 else f"outbound-line-{t.line}",
+            listen=t.listen,
+            to=_config.OutboundTarget(t.target, t.expect),
+        )
+        for t in ann.outbound
+    )
+    if problems or source is None or app_port is None:
+        raise ConfigError(problems)
+    inbound = _config.InboundSettings(
+        listen=HostPort(host, ann.inbound_port if inbound_port is None else inbound_port),
+        app=HostPort("127.0.0.1", app_port),
+        mode=ann.inbound_mode,
+        policy=ann.policy,
+        policy_file=annotations_file,
+    )
+    return _config.Settings(
+        source=source,
+        inbound=inbound,
+        admin=_config.AdminSettings(HostPort("127.0.0.1", DEFAULT_ADMIN_PORT if admin_port is None else admin_port)),
+        log_level=log_level,
+        outbound=outbound,
+    )
+
+
+def pod_runtime(
+    annotations: SidecarAnnotations,
+    environ: Mapping[str, str],
+    settings: _config.Settings,
+    annotations_file: Path,
+    initial_text: str,
+) -> PodRuntime:
+    """Probe port, probe routes and the bypass check from the injected environment (ConfigError)."""
+    problems: list[Problem] = []
+    probe_port = _env_port(problems, environ, ENV_PROBE_PORT, allow_zero=True)
+    routes: tuple[ProbeRoute, ...] = ()
+    try:
+        routes = parse_probe_routes(environ.get(ENV_PROBES, ""))
+    except ValueError as exc:
+        problems.append(Problem(f"env {ENV_PROBES}", str(exc)))
+    pod_ip = _env_ip(problems, environ, ENV_POD_IP)
+    if problems:
+        raise ConfigError(problems)
+    assert settings.inbound is not None  # settings_from_annotations always builds one
+    host = settings.inbound.listen.host
+    return PodRuntime(
+        annotations_file=annotations_file,
+        initial_text=initial_text,
+        probe_listen=None if probe_port is None else HostPort(host, probe_port),
+        probe_routes=routes,
+        pod_ip=pod_ip,
+        app_port=settings.inbound.app.port,
+        strict_bypass_check=annotations.strict_bypass_check,
+    )
+
+
+def _parse_file(text: str, source: str) -> SidecarAnnotations:
+    try:
+        raw = parse_downward_api(text)
+    except ValueError as exc:
+        raise ConfigError([Problem(source, str(exc))]) from None
+    return parse_pod_annotations(raw)
+
+
+def load_annotations_policy(text: str, source: str) -> Policy:
+    """The policy loader for the live reload of a downward API annotations file (same signature as
+    `config.load_policy`): ConfigError when the file or ANY of our annotations is bad, so a pod edit
+    that would be refused at admission is refused here too and the last good policy stays."""
+    return _parse_file(text, source).policy
+
+
+def annotations_mode(
+    text: str, environ: Mapping[str, str], annotations_file: Path, *, log_level: str = "info"
+) -> tuple[_config.Settings, PodRuntime]:
+    """Everything `run --from-annotations FILE` needs, from the file's text and the environment."""
+    ann = _parse_file(text, str(annotations_file))
+    settings = settings_from_annotations(ann, environ, annotations_file=annotations_file, log_level=log_level)
+    return settings, pod_runtime(ann, environ, settings, annotations_file, text)

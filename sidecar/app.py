@@ -316,7 +316,9 @@ async def run(
                             inbound_settings.policy_file,
                             policy_ref,
                             metrics,
-                            initial_text=_read_text(inbound_settings.policy_file),
+                            # pod: the text that was compiled, so an edit made while we waited for the SVID
+                            # is not mistaken for the running policy.
+                            initial_text=_read_text(inbound_settings.policy_file) if pod is None else pod.initial_text,
                             load=load_policy if pod is None else load_annotations_policy,
                         )
                         background.append(tg.create_task(watcher.run(), name="policy-watcher"))

@@ -1,4 +1,8 @@
-"""Command line: `spiffe-sidecar run|check|explain|version|demo`.
+"""Command line: `spiffe-sidecar run|check|explain|version|demo|webhook|inject`.
+
+`run --from-annotations FILE` is Kubernetes mode (what the injector puts in the pod): the policy, mode and
+outbound targets come from the pod's downward API annotations file (reloaded live), ports and the
+Workload API socket from the injected environment (sidecar/annotations.py `annotations_mode`).
 
 Exit statuses: 0 success (explain: allowed), 1 failure (explain: denied), 2 bad input or a config with
 problems (each printed on its own line to stderr). A user sees one readable line per error, never a
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -18,8 +23,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from .annotations import PodRuntime, annotations_mode
 from .config import LOG_LEVELS, Settings, load_settings, warnings
-from .errors import ConfigError, IdentityError, SidecarError
+from .errors import ConfigError, IdentityError, Problem, SidecarError
 from .identity import SpiffeId
 
 __all__ = ["main"]
@@ -42,7 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", parents=[common], help="run the sidecar until SIGTERM")
-    p.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", type=Path, metavar="FILE")
+    where.add_argument(
+        "--from-annotations",
+        type=Path,
+        metavar="FILE",
+        help="Kubernetes mode: the pod's downward API annotations file (the injector sets this up)",
+    )
     p.add_argument(
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop; asyncio to debug)"
     )
@@ -60,6 +73,18 @@ def _parser() -> argparse.ArgumentParser:
 
     # Everything after `demo` that is not ours goes to sidecar.demo.main (see `main`).
     sub.add_parser("demo", parents=[common], help="run the demo (embedded SPIRE + three workloads)")
+
+    # The injector needs jsonpatch; `run` must keep working in an image without it.
+    p = sub.add_parser("webhook", parents=[common], help="run the Kubernetes admission webhook (HTTPS)")
+    with contextlib.suppress(ImportError):
+        from .webhook import add_webhook_arguments
+
+        add_webhook_arguments(p)
+    p = sub.add_parser("inject", parents=[common], help="inject the sidecar into Kubernetes manifests (offline)")
+    with contextlib.suppress(ImportError):
+        from .inject_cli import add_inject_arguments
+
+        add_inject_arguments(p)
     return parser
 
 
@@ -101,6 +126,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         demo = importlib.import_module("sidecar.demo")  # written separately; imported only when asked for
         result: int = demo.main(list(args.demo_args))
         return result
+    if command == "webhook":
+        from .webhook import webhook_main
+
+        return webhook_main(args)
+    if command == "inject":
+        from .inject_cli import inject_main
+
+        return inject_main(args)
+    if command == "run" and args.from_annotations is not None:
+        return _run_from_annotations(args.from_annotations, args.log_level, args.loop)
     settings = load_settings(args.config, os.environ)
     if args.log_level is None:
         logging.getLogger().setLevel(settings.log_level.upper())
@@ -111,15 +146,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(settings, args.loop)
 
 
-def _run(settings: Settings, loop: str) -> int:
+def _run(settings: Settings, loop: str, pod: PodRuntime | None = None) -> int:
     from .app import run  # the data plane is imported only by `run`
 
     if loop == "asyncio":
-        return asyncio.run(run(settings, environ=os.environ))
+        return asyncio.run(run(settings, environ=os.environ, pod=pod))
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(run(settings, environ=os.environ))
+        return runner.run(run(settings, environ=os.environ, pod=pod))
+
+
+def _run_from_annotations(path: Path, log_level: str | None, loop: str) -> int:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([Problem(str(path), f"cannot read the annotations file: {reason}")]) from None
+    settings, pod = annotations_mode(text, os.environ, path, log_level=log_level or "info")
+    return _run(settings, loop, pod)
 
 
 def _check(path: Path, settings: Settings) -> int:

@@ -36,12 +36,22 @@ from typing import Any, Final
 
 import jsonpatch
 
-from .annotations import INJECT_LABEL, STATUS_ANNOTATION, ProbeRoute, SidecarAnnotations, parse_pod_annotations
+from .annotations import (
+    ENV_POD_IP,
+    ENV_PROBE_PORT,
+    ENV_PROBES,
+    INJECT_LABEL,
+    STATUS_ANNOTATION,
+    ProbeRoute,
+    SidecarAnnotations,
+    parse_pod_annotations,
+)
 from .config import ENV_ADMIN_PORT, ENV_APP_PORT, ENV_INBOUND_PORT, ENV_SOCKET
 from .errors import ConfigError, Problem
 
 __all__ = [
     "ANNOTATIONS_DIR",
+    "ENV_POD_IP",
     "ENV_POD_NAMESPACE",
     "ENV_PROBES",
     "ENV_PROBE_PORT",
@@ -66,8 +76,6 @@ ANNOTATIONS_DIR: Final = "/etc/spiffe-sidecar"
 READYZ_PATH: Final = "/spiffe-sidecar/readyz"
 HEALTHZ_PATH: Final = "/spiffe-sidecar/healthz"
 _APP_PROBE_PREFIX: Final = "/spiffe-sidecar/app-probe/"
-ENV_PROBE_PORT: Final = "SPIFFE_SIDECAR_PROBE_PORT"
-ENV_PROBES: Final = "SPIFFE_SIDECAR_PROBES"
 ENV_POD_NAMESPACE: Final = "SPIFFE_SIDECAR_POD_NAMESPACE"
 INBOUND_PORT_NAME: Final = "spiffe-mtls"
 PROBE_PORT_NAME: Final = "spiffe-probe"
@@ -404,6 +412,8 @@ def _sidecar_container(
             {"name": ENV_PROBE_PORT, "value": str(settings.probe_port)},
             {"name": ENV_PROBES, "value": json.dumps([r.to_json() for r in routes], separators=(",", ":"))},
             {"name": ENV_POD_NAMESPACE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            # For the bypass check: does the app port answer on the pod IP? (sidecar/bypass.py)
+            {"name": ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         ],
         "ports": [
             {"name": INBOUND_PORT_NAME, "containerPort": ann.inbound_port, "protocol": "TCP"},

@@ -184,3 +184,81 @@ def test_unexpected_errors_are_one_line_unless_debug(
     assert cli.main(["version", "--debug"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.endswith("error: unexpected RuntimeError: kaboom\n")
+
+
+# --- Kubernetes subcommands (wired here; their behaviour is tested in test_inject_cli / test_webhook) -------
+
+
+def test_inject_demo_manifest_exits_0_and_validates() -> None:
+    import kubernetes_validate  # type: ignore[import-untyped]
+    import yaml
+
+    result = sidecar("inject", "-f", "helm/examples/demo.yaml", "--log-level", "warning")
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    injected = 0
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.29.0", strict=True)
+        spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+        names = [c["name"] for c in spec.get("initContainers", [])]
+        if "spiffe-sidecar" in names:
+            injected += 1
+            (sc,) = [c for c in spec["initContainers"] if c["name"] == "spiffe-sidecar"]
+            assert sc["args"][:2] == ["run", "--from-annotations"]
+            env = {e["name"]: e for e in sc["env"]}
+            assert env["SPIFFE_SIDECAR_POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert injected == 3  # checkout, inventory, reporting
+
+
+def test_injected_args_parse() -> None:
+    # What the injector puts in the pod must be a valid command line for `run`.
+    parser = cli._parser()
+    args = parser.parse_args(["run", "--from-annotations", "/etc/spiffe-sidecar/annotations", "--log-level", "info"])
+    assert (args.command, str(args.from_annotations), args.config) == ("run", "/etc/spiffe-sidecar/annotations", None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "-c", "x.yaml", "--from-annotations", "y"])
+
+
+def test_run_from_missing_annotations_file_is_one_line(tmp_path: Path) -> None:
+    result = sidecar("run", "--from-annotations", str(tmp_path / "nope"))
+    assert result.returncode == 2
+    assert "cannot read the annotations file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_webhook_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    from tests.pki import CA
+
+    leaf = CA.root("webhook.test").leaf("spiffe://webhook.test/webhook", dns=["spiffe-sidecar.spiffe-system.svc"])
+    (tmp_path / "tls.crt").write_bytes(leaf.chain_pem())
+    (tmp_path / "tls.key").write_bytes(leaf.key_pem())
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    proc = subprocess.Popen(
+        [str(SCRIPT), "webhook", "--cert", str(tmp_path / "tls.crt"), "--key", str(tmp_path / "tls.key"),
+         "--listen", "127.0.0.1:0", "--log-level", "debug"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline and "listening" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+        m = re.search(r"https://127\.0\.0\.1:(\d+)", line)
+        assert m is not None, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        curl = subprocess.run(
+            ["curl", "-sS", "-k", "--max-time", "10", f"https://127.0.0.1:{m.group(1)}/healthz"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert curl.returncode == 0, curl.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

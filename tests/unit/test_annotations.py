@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar import annotations as ann_mod
 from sidecar.annotations import (
     DEFAULT_INBOUND_PORT,
     KEYS,
@@ -20,7 +22,7 @@ from sidecar.annotations import (
     parse_probe_routes,
     policy_from_annotations,
 )
-from sidecar.config import ListenerMode
+from sidecar.config import HostPort, ListenerMode, WorkloadApiSettings
 from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId
 from sidecar.policy import authorize
@@ -421,3 +423,113 @@ def test_probe_routes() -> None:
     ]:
         with pytest.raises(ValueError):
             parse_probe_routes(bad)
+
+
+# --- annotations mode (`run --from-annotations`): Settings, PodRuntime, the reload loader -----------------
+
+_ENV = {
+    "SPIFFE_ENDPOINT_SOCKET": "unix:///spiffe-workload-api/spire-agent.sock",
+    "SPIFFE_SIDECAR_INBOUND_PORT": "8443",
+    "SPIFFE_SIDECAR_APP_PORT": "8080",
+    "SPIFFE_SIDECAR_ADMIN_PORT": "15000",
+    "SPIFFE_SIDECAR_PROBE_PORT": "15021",
+    "SPIFFE_SIDECAR_PROBES": '[{"path":"/healthz","port":8080,"appPath":"/healthz","scheme":"HTTP"}]',
+    "SPIFFE_SIDECAR_POD_IP": "10.1.2.3",
+}
+_FILE = Path("/etc/spiffe-sidecar/annotations")
+_CHECKOUT = "spiffe://example.org/ns/shop/sa/checkout"
+
+
+def _downward(values: dict[str, str]) -> str:
+    return "\n".join(f"{k}={json.dumps(v)}" for k, v in sorted(values.items()))  # JSON = Go %q for ASCII
+
+
+def test_annotations_mode_builds_settings_and_runtime() -> None:
+    text = _downward(
+        {
+            "spiffe-sidecar.io/inbound-policy": f"allow GET /api/* from {_CHECKOUT}",
+            "spiffe-sidecar.io/outbound": "127.0.0.1:15001 -> inventory.shop.svc:8443 expect "
+            "spiffe://example.org/ns/shop/sa/inventory",
+            "spiffe-sidecar.io/strict-bypass-check": "true",
+            "other.io/x": "ignored",
+        }
+    )
+    settings, pod = ann_mod.annotations_mode(text, _ENV, _FILE, log_level="debug")
+    assert isinstance(settings.source, WorkloadApiSettings)
+    assert settings.inbound is not None
+    assert settings.inbound.listen == HostPort("0.0.0.0", 8443)
+    assert settings.inbound.app == HostPort("127.0.0.1", 8080)
+    assert settings.inbound.policy_file == _FILE
+    assert settings.admin.listen == HostPort("127.0.0.1", 15000)
+    assert settings.log_level == "debug"
+    (route,) = settings.outbound
+    assert (route.name, route.listen, route.to.target) == (
+        "inventory.shop.svc:8443",
+        HostPort("127.0.0.1", 15001),
+        HostPort("inventory.shop.svc", 8443),
+    )
+    assert pod.probe_listen == HostPort("0.0.0.0", 15021)
+    assert [r.path for r in pod.probe_routes] == ["/healthz"]
+    assert (pod.pod_ip, pod.app_port, pod.strict_bypass_check) == ("10.1.2.3", 8080, True)
+    peer = SpiffeId.parse(_CHECKOUT)
+    assert settings.inbound.policy is not None
+    assert authorize(settings.inbound.policy, peer, "GET", "/api/x").allowed
+
+
+def test_annotations_mode_defaults_from_annotations_when_env_is_absent() -> None:
+    env = {"SPIFFE_ENDPOINT_SOCKET": _ENV["SPIFFE_ENDPOINT_SOCKET"], "SPIFFE_SIDECAR_LISTEN_HOST": "127.0.0.1"}
+    text = _downward({"spiffe-sidecar.io/app-port": "9090", "spiffe-sidecar.io/inbound-port": "9443"})
+    settings, pod = ann_mod.annotations_mode(text, env, _FILE)
+    assert settings.inbound is not None
+    assert (settings.inbound.listen, settings.inbound.app) == (HostPort("127.0.0.1", 9443), HostPort("127.0.0.1", 9090))
+    assert settings.admin.listen == HostPort("127.0.0.1", 15000)
+    assert (pod.probe_listen, pod.probe_routes, pod.pod_ip, pod.strict_bypass_check) == (None, (), None, False)
+
+
+def test_annotations_mode_names_every_environment_problem() -> None:
+    env = {
+        "SPIFFE_SIDECAR_INBOUND_PORT": "99999",
+        "SPIFFE_SIDECAR_LISTEN_HOST": "every",
+    }
+    with pytest.raises(ConfigError) as err:
+        ann_mod.annotations_mode("", env, _FILE)
+    where = sorted(p.where for p in err.value.problems)
+    assert where == [
+        "annotation spiffe-sidecar.io/app-port",
+        "env SPIFFE_ENDPOINT_SOCKET",
+        "env SPIFFE_SIDECAR_INBOUND_PORT",
+        "env SPIFFE_SIDECAR_LISTEN_HOST",
+    ]
+    bad_runtime = {**_ENV, "SPIFFE_SIDECAR_PROBES": "{", "SPIFFE_SIDECAR_POD_IP": "pod"}
+    with pytest.raises(ConfigError) as err:
+        ann_mod.annotations_mode("", bad_runtime, _FILE)
+    assert sorted(p.where for p in err.value.problems) == ["env SPIFFE_SIDECAR_POD_IP", "env SPIFFE_SIDECAR_PROBES"]
+
+
+def test_reload_loader_rejects_a_bad_file_or_a_bad_annotation() -> None:
+    good = _downward({"spiffe-sidecar.io/inbound-policy": f"allow GET /a from {_CHECKOUT}"})
+    assert ann_mod.load_annotations_policy(good, str(_FILE)).rules
+    with pytest.raises(ConfigError) as err:
+        ann_mod.load_annotations_policy('spiffe-sidecar.io/inbound-policy="unterminated', str(_FILE))
+    assert err.value.problems[0].where == str(_FILE)
+    # A typo in another of our annotations is refused too (the webhook would refuse it at admission).
+    typo = _downward(
+        {"spiffe-sidecar.io/inbound-policy": f"allow GET /a from {_CHECKOUT}", "spiffe-sidecar.io/polcy": "x"}
+    )
+    with pytest.raises(ConfigError) as err:
+        ann_mod.load_annotations_policy(typo, str(_FILE))
+    assert err.value.problems[0].where == "annotation spiffe-sidecar.io/polcy"
+
+
+def test_injected_environment_names_match() -> None:
+    from sidecar import inject
+
+    pod = {
+        "metadata": {"labels": {"spiffe-sidecar.io/inject": "true"}},
+        "spec": {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": 8080}]}]},
+    }
+    out = inject.mutate(pod, namespace="shop", settings=inject.InjectSettings())
+    (sc,) = [c for c in out["spec"]["initContainers"] if c["name"] == "spiffe-sidecar"]
+    names = {e["name"] for e in sc["env"]}
+    assert {ann_mod.ENV_PROBE_PORT, ann_mod.ENV_PROBES, ann_mod.ENV_POD_IP} <= names
+    assert ann_mod.ENV_LISTEN_HOST not in names  # a test/ops override, never injected
