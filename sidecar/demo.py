@@ -451,11 +451,17 @@ class Cluster:
             async with session.request(method, url, proxy=proxy) as resp:
                 return resp.status, await resp.text()
 
-    def audit_for(self, sidecar: str, method: str, path: str, peer: str) -> str:
-        for line in reversed(self.sidecars[sidecar].audit_lines()):
-            if line.get("method") == method and line.get("path") == path and line.get("peer") == peer:
-                return f"{line['decision']}: {line['reason']}"
-        return "no audit line"
+    async def audit_for(self, sidecar: str, method: str, path: str, peer: str, *, within: float = 5.0) -> str:
+        """The newest matching audit line's verdict and reason. The sidecar writes the line once the
+        exchange is finished, which can be just after the caller already has its response: poll briefly."""
+        deadline = time.monotonic() + within
+        while True:
+            for line in reversed(self.sidecars[sidecar].audit_lines()):
+                if line.get("method") == method and line.get("path") == path and line.get("peer") == peer:
+                    return f"{line['decision']}: {line['reason']}"
+            if time.monotonic() >= deadline:
+                return "no audit line"
+            await asyncio.sleep(0.05)  # another process writes the file: nothing to wait on but time
 
     async def metric(self, sidecar: str, name: str, **labels: str) -> float:
         port = self.sidecars[sidecar].admin_port
@@ -510,16 +516,16 @@ async def run_service_stage(config_dir: Path, work: Path, report: Report, *, svi
         report.check("checkout -> inventory GET /api/stock/42", "200, caller's ID in inventory's XFCC",
                      f"{status}, inventory saw {_short(seen.split(';')[-1], 60)}",
                      status == 200 and seen.endswith(f"URI={checkout}"),
-                     _short(c.audit_for("inventory", "GET", "/api/stock/42", checkout)))  # fmt: skip
+                     _short(await c.audit_for("inventory", "GET", "/api/stock/42", checkout)))  # fmt: skip
 
         status, body = await c.call(p["checkout_out"], "POST", "/admin/reset")
         report.check("checkout -> inventory POST /admin/reset", "403", str(status), status == 403,
-                     _short(c.audit_for("inventory", "POST", "/admin/reset", checkout)))  # fmt: skip
+                     _short(await c.audit_for("inventory", "POST", "/admin/reset", checkout)))  # fmt: skip
 
         status, body = await c.call(p["reporting_proxy"], "GET", "/api/stock/42", proxy_host=INVENTORY_HOST)
         report.check("reporting -> inventory GET /api/stock/42", "403", f"{status} (via reporting's HTTP proxy port)",
                      status == 403,
-                     _short(c.audit_for("inventory", "GET", "/api/stock/42", reporting)))  # fmt: skip
+                     _short(await c.audit_for("inventory", "GET", "/api/stock/42", reporting)))  # fmt: skip
 
         before = len(c.apps["inventory"].seen)
         observed = await c.plain_client(p["inventory"])
@@ -563,7 +569,7 @@ async def run_service_stage(config_dir: Path, work: Path, report: Report, *, svi
         report.check("live policy change: reporting may GET stock", "200 without a restart",
                      f"{status} after {waited:.1f}s, same inventory pid {c.sidecars['inventory'].proc.pid}",
                      status == 200 and c.sidecars["inventory"].proc.returncode is None,
-                     _short(c.audit_for("inventory", "GET", "/api/stock/42", reporting)))  # fmt: skip
+                     _short(await c.audit_for("inventory", "GET", "/api/stock/42", reporting)))  # fmt: skip
 
 
 async def _burst(c: Cluster, *, seconds: float, workers: int = 4) -> tuple[int, int, set[str]]:

@@ -34,19 +34,19 @@ async def test_checkout_reads_stock_and_inventory_sees_its_id(cluster: Cluster) 
     status, body = await cluster.call(cluster.ports["checkout_out"], "GET", "/api/stock/42")
     assert status == 200, body
     assert json.loads(body)["xfcc"].endswith(f"URI={CHECKOUT}")
-    assert cluster.audit_for("inventory", "GET", "/api/stock/42", CHECKOUT).startswith("allow")
+    assert (await cluster.audit_for("inventory", "GET", "/api/stock/42", CHECKOUT)).startswith("allow")
 
 
 async def test_admin_is_denied_to_checkout(cluster: Cluster) -> None:
     status, _ = await cluster.call(cluster.ports["checkout_out"], "POST", "/admin/reset")
     assert status == 403
-    assert "no-admin" in cluster.audit_for("inventory", "POST", "/admin/reset", CHECKOUT)
+    assert "no-admin" in await cluster.audit_for("inventory", "POST", "/admin/reset", CHECKOUT)
 
 
 async def test_reporting_is_denied_through_its_http_proxy_port(cluster: Cluster) -> None:
     status, _ = await cluster.call(cluster.ports["reporting_proxy"], "GET", "/api/stock/42", proxy_host=INVENTORY_HOST)
     assert status == 403
-    assert cluster.audit_for("inventory", "GET", "/api/stock/42", REPORTING).startswith("deny")
+    assert (await cluster.audit_for("inventory", "GET", "/api/stock/42", REPORTING)).startswith("deny")
 
 
 async def test_client_without_certificate_is_refused(cluster: Cluster) -> None:
@@ -89,5 +89,5 @@ async def test_live_policy_change_allows_reporting(cluster: Cluster) -> None:
             break
         await asyncio.sleep(0.25)
     assert status == 200
-    assert "reporting-reads-stock" in cluster.audit_for("inventory", "GET", "/api/stock/1", REPORTING)
+    assert "reporting-reads-stock" in await cluster.audit_for("inventory", "GET", "/api/stock/1", REPORTING)
     assert cluster.sidecars["inventory"].proc.pid == pid and cluster.sidecars["inventory"].proc.returncode is None
