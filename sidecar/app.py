@@ -220,8 +220,9 @@ async def run(
         log.info("X509 context applied: %s, SVID expires %s", ctx.default_svid.spiffe_id, ctx.expires_at.isoformat())
 
     def svid_expiry() -> datetime | None:
-        current = source.current()
-        return None if current is None else current.expires_at
+        # The last applied context, not source.current(): that turns None at expiry, and readiness should
+        # then say "expired", not "no SVID yet".
+        return None if state.context is None else state.context.expires_at
 
     inbound = InboundServer(
         inbound_settings,

@@ -265,9 +265,9 @@ class InboundServer:
         loop = asyncio.get_running_loop()
         try:
             snap = self.tls.current
-        except SvidError:
+        except SvidError as exc:  # none yet, or ours expired: refuse rather than serve an expired SVID
             client.close()
-            self._refuse(addr, "no_svid", "no X.509-SVID yet")
+            self._refuse(addr, exc.reason, exc.detail)
             self._conn_closed()
             return
         factory: Callable[[], _BaseConn]

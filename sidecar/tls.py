@@ -21,6 +21,7 @@ import datetime as dt
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -69,6 +70,7 @@ class TlsSnapshot:
     client: ssl.SSLContext = field(repr=False)
     own_id: SpiffeId
     generation: int
+    expires_at: float = 0.0  # epoch seconds of the default SVID's notAfter: one float compare per use
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +85,10 @@ class TlsContexts:
     """Holder of the newest `TlsSnapshot`. `update()` is called by the composition root on each new
     X509Context (on the loop thread); readers take `.current` once per connection."""
 
-    def __init__(self, ctx: X509Context | None = None) -> None:
+    def __init__(self, ctx: X509Context | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self._current: TlsSnapshot | None = None
         self._generation = 0
+        self._clock = clock
         if ctx is not None:
             self.update(ctx)
 
@@ -95,20 +98,28 @@ class TlsContexts:
         server = build_server_context(ctx)
         client = build_client_context(ctx)
         self._generation += 1
-        snap = TlsSnapshot(ctx, server, client, ctx.default_svid.spiffe_id, self._generation)
+        snap = TlsSnapshot(
+            ctx, server, client, ctx.default_svid.spiffe_id, self._generation, ctx.expires_at.timestamp()
+        )
         self._current = snap  # the swap: one reference assignment
         return snap
 
     @property
     def current(self) -> TlsSnapshot:
+        """The newest snapshot. Fails closed: raises SvidError when there is none, or when its SVID has
+        expired (the agent went away and no new SVID came in time): an expired certificate is never
+        presented on a new connection, inbound or outbound."""
         snap = self._current
         if snap is None:
             raise SvidError("no_svid", "no X.509-SVID has been received yet")
+        if self._clock() >= snap.expires_at:
+            raise SvidError("own_svid_expired", "our X.509-SVID expired and no new one has arrived")
         return snap
 
     @property
     def ready(self) -> bool:
-        return self._current is not None
+        snap = self._current
+        return snap is not None and self._clock() < snap.expires_at
 
     @property
     def server(self) -> ssl.SSLContext:
