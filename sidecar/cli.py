@@ -146,8 +146,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(settings, args.loop)
 
 
+def _no_core_dumps() -> None:
+    """A core file or a same-uid debugger would expose the SVID private key: turn both off (Linux)."""
+    import resource
+
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_dumpable = 4
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
 def _run(settings: Settings, loop: str, pod: PodRuntime | None = None) -> int:
     from .app import run  # the data plane is imported only by `run`
+
+    _no_core_dumps()
 
     if loop == "asyncio":
         return asyncio.run(run(settings, environ=os.environ, pod=pod))

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import bisect
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -137,6 +138,7 @@ def _bad_byte_reason(where: str, b: int) -> str:
 def _decode_unreserved(path: str) -> str:
     parts = path.split("%")
     out = [parts[0]]
+    high = False
     for part in parts[1:]:
         if len(part) < 2 or part[0] not in _HEX or part[1] not in _HEX:
             raise BadRequest("invalid percent-encoding in the request path")
@@ -150,9 +152,18 @@ def _decode_unreserved(path: str) -> str:
         elif b < 0x20 or b == 0x7F:
             raise BadRequest("encoded control character in the request path")
         else:
+            high = high or b >= 0x80
             out.append("%" + part[:2].upper())
         out.append(part[2:])
-    return "".join(out)
+    decoded = "".join(out)
+    if high:
+        # Encoded non-ASCII must be valid UTF-8: an overlong form such as %C0%AE ('.') would let a lenient
+        # decoder in the app see a path the policy never saw. Python's strict decoder refuses overlongs.
+        try:
+            urllib.parse.unquote_to_bytes(decoded).decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadRequest("percent-encoded bytes in the request path are not valid UTF-8") from None
+    return decoded
 
 
 def _remove_dot_segments(path: str) -> str:

@@ -735,3 +735,18 @@ def test_explain_rejects_bad_paths() -> None:
         explain(policy, CHECKOUT, "GET", "/api/stock%2F1")
     with pytest.raises(BadRequest):
         explain(policy, CHECKOUT, "GET", "/api/stock/é")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"/api/%c0%ae%c0%ae/admin/x", b"/api/%C0%AF", b"/api/%ff", b"/api/%e2%82", b"/api/%ed%a0%80"],
+)
+def test_encoded_bytes_that_are_not_utf8_are_rejected(raw: bytes) -> None:
+    # Overlong forms (%C0%AE is '.'), truncated sequences and surrogates: a lenient decoder in the app would
+    # see a path the policy never saw.
+    with pytest.raises(BadRequest, match="not valid UTF-8"):
+        normalize_target(raw)
+
+
+def test_encoded_utf8_is_kept_encoded() -> None:
+    assert normalize_target(b"/api/caf%c3%a9").forward == b"/api/caf%C3%A9"
