@@ -3,7 +3,8 @@
 Lifecycle of `run()`:
 1. build metrics, audit log, SVID source, TLS contexts, policy holder; start the admin server (readyz 503);
 2. wait for the first X.509-SVID (deadline `first_svid_timeout`, progress logged every few seconds);
-3. bind the inbound listener, log one "ready" line;
+3. bind every configured listener (inbound, outbound ports, outbound proxy), log one "ready" line;
+   readyz turns 200 only then (an outbound-only sidecar, a pure client, has no inbound listener);
 4. until SIGTERM/SIGINT: apply every new X509Context (rotation), reload `policy_file` when it changes
    (a bad update keeps the last good policy), flush audit drop summaries;
 5. on SIGTERM/SIGINT: readyz goes 503, the listener stops accepting and drains in-flight requests up to
@@ -192,13 +193,18 @@ async def run(
     """
     del environ  # env overrides were applied by the config loader; kept in the signature for the CLI contract
     inbound_settings = settings.inbound
-    if inbound_settings is None or inbound_settings.policy is None:
-        log.error("nothing to run: the config has no inbound listener")
+    if inbound_settings is not None and inbound_settings.policy is None:
+        log.error("nothing to run: the inbound listener has no policy")
+        return 2
+    if inbound_settings is None and not settings.outbound and settings.outbound_proxy is None:
+        log.error("nothing to run: the config has no inbound, outbound or outbound_proxy listener")
         return 2
     metrics = Metrics()
     write, close_audit = open_writer(settings.audit.path)
     audit = AuditLog(settings.audit, write=write, clock=time.time, metrics=metrics, rng=random.random)
-    policy_ref = PolicyRef(inbound_settings.policy)
+    policy_ref = None if inbound_settings is None or inbound_settings.policy is None else PolicyRef(
+        inbound_settings.policy
+    )
     tls = TlsContexts()
     state = _State()
     source = _make_source(settings)
@@ -224,16 +230,19 @@ async def run(
         # then say "expired", not "no SVID yet".
         return None if state.context is None else state.context.expires_at
 
-    inbound = InboundServer(
-        inbound_settings,
-        timeouts=settings.timeouts,
-        limits=settings.limits,
-        tls=tls,
-        policy=policy_ref,
-        audit=audit,
-        metrics=metrics,
-    )
+    inbound = None
+    if inbound_settings is not None and policy_ref is not None:
+        inbound = InboundServer(
+            inbound_settings,
+            timeouts=settings.timeouts,
+            limits=settings.limits,
+            tls=tls,
+            policy=policy_ref,
+            audit=audit,
+            metrics=metrics,
+        )
     outbound = _make_outbound(settings, tls, audit, metrics)
+    listeners: list[InboundServer] = [*outbound] if inbound is None else [inbound, *outbound]
     bypass = None
     if pod is not None and pod.pod_ip is not None:
         check = BypassCheck(pod.pod_ip, pod.app_port, strict=pod.strict_bypass_check)
@@ -243,7 +252,7 @@ async def run(
         metrics=metrics,
         svid_expiry=svid_expiry,
         listeners_bound=lambda: state.listeners_bound,
-        config_view=lambda: config_view(settings, policy_ref.policy, source.current()),
+        config_view=lambda: config_view(settings, None if policy_ref is None else policy_ref.policy, source.current()),
         hold=(lambda: None) if bypass is None else bypass.hold_reason,
     )
     probe = None
@@ -286,11 +295,16 @@ async def run(
                     )
             else:
                 on_context(ctx)
-                try:
-                    port = await inbound.start()
-                except OSError as exc:
-                    state.fail(1, f"inbound listener {inbound_settings.listen}: {exc.strerror or exc}", stop)
-                else:
+                bound: list[str] = []  # for the ready line
+                if inbound is not None:
+                    try:
+                        port = await inbound.start()
+                    except OSError as exc:
+                        state.fail(1, f"inbound listener {inbound.settings.listen}: {exc.strerror or exc}", stop)
+                    else:
+                        ib = inbound.settings
+                        bound.append(f"inbound {ib.listen.host}:{port} -> app {ib.app} ({ib.mode.value})")
+                if not stop.is_set():
                     for ob in outbound:
                         try:
                             ob_port = await ob.start()
@@ -300,19 +314,19 @@ async def run(
                         log.info("outbound %s: 127.0.0.1 port %d -> %s", ob.name, ob_port,
                                  ", ".join(f"{k or r.name}={r.target} (expect {r.expect.text})"
                                            for k, r in ob.routes.items()))  # fmt: skip
+                        bound.append(f"outbound {ob.name} {ob.settings.listen.host}:{ob_port}")
                 if not stop.is_set():
+                    # Ready = an SVID is held and every configured listener is bound.
                     state.listeners_bound = True
+                    policy_text = "none" if policy_ref is None else _rule_summary(policy_ref.policy)
                     log.info(
-                        "ready: inbound %s:%d -> app %s (%s), identity %s, policy %s, admin %s",
-                        inbound_settings.listen.host,
-                        port,
-                        inbound_settings.app,
-                        inbound_settings.mode.value,
+                        "ready: %s, identity %s, policy %s, admin %s",
+                        ", ".join(bound),
                         ctx.default_svid.spiffe_id,
-                        _rule_summary(policy_ref.policy),
+                        policy_text,
                         HostPort(settings.admin.listen.host, admin.port or settings.admin.listen.port),
                     )
-                    if inbound_settings.policy_file is not None:
+                    if inbound_settings is not None and policy_ref is not None and inbound_settings.policy_file:
                         watcher = PolicyWatcher(
                             inbound_settings.policy_file,
                             policy_ref,
@@ -331,10 +345,7 @@ async def run(
                 state.listeners_bound = False  # readyz -> 503 so endpoints stop routing here
                 try:
                     async with asyncio.timeout(settings.timeouts.drain + _STOP_GRACE):
-                        await asyncio.gather(
-                            inbound.drain(settings.timeouts.drain),
-                            *(ob.drain(settings.timeouts.drain) for ob in outbound),
-                        )
+                        await asyncio.gather(*(s.drain(settings.timeouts.drain) for s in listeners))
                 except TimeoutError:
                     log.warning("drain did not finish within %.1fs; closed the rest", settings.timeouts.drain)
             for task in background:

@@ -51,6 +51,14 @@ class Timeouts:
     upstream_connect: float = 2.0
     upstream_response: float = 30.0
     drain: float = 20.0
+    # Outbound: a target that failed to connect is answered with a fast 503 for this long (no jitter:
+    # one probe connection per route per period, and deterministic behaviour for the app).
+    target_down_backoff: float = 2.0
+    # A peer that takes no response bytes for this long (our write buffer stays full), or stops sending a
+    # request body mid-way for `request_body_stall`, is cut off: it would otherwise pin its connection and
+    # the upstream one indefinitely. Measured between progress, not over the whole exchange.
+    write_stall: float = 10.0
+    request_body_stall: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +482,9 @@ def parse_settings(
     outbound = _parse_outbound(c, top.get("outbound"))
     outbound_proxy = _parse_outbound_proxy(c, top["outbound_proxy"]) if "outbound_proxy" in top else None
     _check_listen_clash(c, outbound, outbound_proxy)
+    if "inbound" not in top and "outbound_proxy" not in top and not top.get("outbound"):
+        # A sidecar with no listener would only hold an SVID; an outbound-only one (a pure client) is fine.
+        c.add("", "nothing to run: configure at least one of inbound, outbound or outbound_proxy")
 
     admin = AdminSettings()
     admin_m = _mapping(c, top.get("admin"), "admin", _ADMIN_KEYS)

@@ -15,7 +15,9 @@ Shape (asyncio Protocols on uvloop, httptools for parsing; DESIGN "The request p
   `httptools.HttpResponseParser`.
 * TCP mode: one connection-level decision (`authorize_connection`), then a byte relay.
 
-Deadlines: handshake, request head, idle keep-alive, upstream connect, upstream response head, drain.
+Deadlines: handshake, request head, idle keep-alive, upstream connect, upstream response head, drain,
+and progress deadlines on a peer that stops reading the response or sending its body (write_stall,
+request_body_stall: it would otherwise pin its connection and the upstream one).
 Nothing is logged per request; the audit call is the decision line.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import datetime as dt
 import logging
 import socket
@@ -81,6 +84,14 @@ _T_IDLE: Final = 2
 _T_RESPONSE: Final = 3
 
 _CHUNK_END: Final = b"0\r\n\r\n"
+# A peer that stalls (timeouts.write_stall / request_body_stall) is cut off; its exchange is audited with
+# 408 whatever was sent, the reason says which side stalled. The peer gets this 408 only for a stalled
+# request body while no response has started (RFC 9110 §15.5.9).
+_STALLED: Final = 408
+_RESPONSE_408: Final = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: 27\r\n"
+    b'connection: close\r\n\r\n{"error":"request timeout"}'
+)
 _CRLF: Final = b"\r\n"
 
 
@@ -140,8 +151,54 @@ class _RateLimitedLog:
         log.log(level, msg, *args)
 
 
+class _LazyTimer:
+    """A deadline that moves with a float store: the handle fires at the old time, sees the new deadline
+    and re-arms, so per-chunk progress costs no TimerHandle."""
+
+    __slots__ = ("at", "callback", "handle", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self.loop = loop
+        self.callback = callback
+        self.at: float | None = None
+        self.handle: asyncio.TimerHandle | None = None
+
+    def set(self, seconds: float) -> None:
+        at = self.loop.time() + seconds
+        self.at = at
+        h = self.handle
+        if h is None or h.when() > at:
+            if h is not None:
+                h.cancel()
+            self.handle = self.loop.call_at(at, self._fire)
+
+    def clear(self) -> None:
+        self.at = None  # the handle fires later, sees no deadline and stops
+
+    def cancel(self) -> None:
+        self.at = None
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _fire(self) -> None:
+        self.handle = None
+        at = self.at
+        if at is None:
+            return
+        if self.loop.time() < at:
+            self.handle = self.loop.call_at(at, self._fire)
+            return
+        self.at = None
+        self.callback()
+
+
 class InboundServer:
     """The inbound listener (HTTP or TCP mode) in front of the app at `settings.app`."""
+
+    # The metric/audit `listener` label is a property of the listener: sidecar.outbound reuses this
+    # machinery and reports under its own label.
+    label: str = LISTENER
 
     def __init__(
         self,
@@ -182,8 +239,8 @@ class InboundServer:
         self._limit_log = _RateLimitedLog(clock, per_second=0.2, burst=1.0)
         # Hot-path caches: metric children by label values.
         self._request_counters: dict[tuple[str, str, str], Any] = {}
-        self.latency = metrics.request_latency.labels(listener=LISTENER)
-        self._open_gauge = metrics.open_connections.labels(listener=LISTENER)
+        self.latency = metrics.request_latency.labels(listener=self.label)
+        self._open_gauge = metrics.open_connections.labels(listener=self.label)
         # Largest number of body bytes held in Python buffers plus transport write buffers by one
         # exchange, for tests of bounded memory (not RSS).
         self.max_buffered = 0
@@ -249,7 +306,7 @@ class InboundServer:
                 continue
             if self._open >= limit:
                 client.close()
-                self.metrics.connection_limit_hits.labels(listener=LISTENER).inc()
+                self.metrics.connection_limit_hits.labels(listener=self.label).inc()
                 self._limit_log(
                     logging.WARNING,
                     "inbound: connection limit %d reached; refusing new connections",
@@ -291,8 +348,8 @@ class InboundServer:
             self._conn_closed()
 
     def _refuse(self, addr: str, reason: str, detail: str) -> None:
-        self.metrics.handshake_failures.labels(listener=LISTENER, reason=reason).inc()
-        self._refusal_log(logging.WARNING, "inbound: refused %s: %s: %s", addr, reason, detail)
+        self.metrics.handshake_failures.labels(listener=self.label, reason=reason).inc()
+        self._refusal_log(logging.WARNING, "%s: refused %s: %s: %s", self.label, addr, reason, detail)
 
     def _conn_opened(self) -> None:
         self._open += 1
@@ -314,7 +371,7 @@ class InboundServer:
             if len(self._request_counters) > 4096:  # bounded by rule names; guard anyway
                 self._request_counters.clear()
             child = self.metrics.requests.labels(
-                listener=LISTENER, decision=verdict, rule=decision.rule, mode=decision.mode
+                listener=self.label, decision=verdict, rule=decision.rule, mode=decision.mode
             )
             self._request_counters[key] = child
         child.inc()
@@ -376,6 +433,9 @@ class _BaseConn(asyncio.Protocol):
         self.server._conns.discard(self)
         self.server._conn_closed()
         self.lost()
+        # Drop the transport (and with it the TLS buffers) now rather than when the cyclic GC finds this
+        # protocol: connections live long enough to reach the oldest generation, which is rarely collected.
+        self.transport = None
 
     def lost(self) -> None:
         pass
@@ -446,6 +506,8 @@ class _TcpConn(_BaseConn):
         self.bytes_out = 0
         self.upstream: _TcpUpstream | None = None
         self.pending: list[bytes] = []
+        self.status = 0  # audited; _STALLED when cut off for not reading
+        self._write_stall: _LazyTimer | None = None
         self.decision = decision = authorize_connection(server.policy.policy, self.peer.spiffe_id)
         server.count_request(decision)
         if not decision.forward:
@@ -465,7 +527,7 @@ class _TcpConn(_BaseConn):
                 )
         except (OSError, TimeoutError) as exc:
             kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind=kind).inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind=kind).inc()
             self.close()
             return
         if self.closed:
@@ -490,11 +552,25 @@ class _TcpConn(_BaseConn):
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.pause_reading()
+        t = self._write_stall  # as in HTTP mode: a peer that takes no bytes must not pin the relay
+        if t is None:
+            t = self._write_stall = _LazyTimer(asyncio.get_running_loop(), self._on_write_stall)
+        t.set(self.server.timeouts.write_stall)
 
     def resume_writing(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.clear()
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.resume_reading()
+
+    def _on_write_stall(self) -> None:
+        self.server.metrics.peer_stalls.labels(listener=self.server.label, kind="write").inc()
+        self.status = _STALLED
+        up = self.upstream
+        if up is not None and up.transport is not None:
+            up.transport.abort()
+        self.abort()
 
     def resume(self, reason: int) -> None:
         if reason == _P_PENDING and self.pending and self.upstream is not None:
@@ -506,6 +582,8 @@ class _TcpConn(_BaseConn):
     def lost(self) -> None:
         if self.peer is None:
             return
+        if self._write_stall is not None:
+            self._write_stall.cancel()
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.close()
@@ -516,12 +594,12 @@ class _TcpConn(_BaseConn):
 
     def _audit(self) -> None:
         self.server.audit.decision(
-            listener=LISTENER,
+            listener=self.server.label,
             peer=self.peer_id_str,
             method="-",
             path="-",
             decision=self.decision,
-            status=0,
+            status=self.status,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             duration=self.server.clock() - self.started,
@@ -534,6 +612,10 @@ class _HttpConn(_BaseConn):
     # Subclass hooks (sidecar.outbound reuses this request/response relaying): the exchange type, and the
     # identity header value sent upstream.
     exchange_class: type[_Exchange]
+    # Stall deadlines, made on first use (most connections never need them).
+    _write_stall: _LazyTimer | None = None
+    _body_stall: _LazyTimer | None = None
+    _timer: asyncio.TimerHandle | None = None  # head/idle deadline, set in verified()
 
     def make_xfcc(self) -> bytes:
         assert self.peer is not None
@@ -553,7 +635,7 @@ class _HttpConn(_BaseConn):
         # One lazily re-armed timer per connection serves the head, idle and upstream-response deadlines
         # (only one applies at a time): moving a deadline is a float store, not a new TimerHandle.
         self.loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer = None
         self._deadline: float | None = None
         self._deadline_kind = _T_HEAD
         # The first request head is due within `request_head` of the handshake.
@@ -636,6 +718,12 @@ class _HttpConn(_BaseConn):
         self.queue.append(ex)
         if ex.error is not None:
             self.no_more = True
+        elif ex.framing is not None and (ex.framing.chunked or ex.framing.content_length):
+            # A body follows: it must keep arriving (a peer that stops mid-body pins both connections).
+            t = self._body_stall
+            if t is None:
+                t = self._body_stall = _LazyTimer(self.loop, self._on_body_stall)
+            t.set(server.timeouts.request_body_stall)
         if len(self.queue) == 1:
             self._cancel_timer()
             ex.start()
@@ -647,6 +735,9 @@ class _HttpConn(_BaseConn):
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         if ex is not None:
+            t = self._body_stall
+            if t is not None:
+                t.set(self.server.timeouts.request_body_stall)
             ex.request_body(body)
 
     def on_message_complete(self) -> None:
@@ -654,6 +745,8 @@ class _HttpConn(_BaseConn):
         if ex is None:
             return
         self.parsing = None
+        if self._body_stall is not None:
+            self._body_stall.clear()
         if not ex.keep_alive:
             self.no_more = True  # nothing after `Connection: close` (or HTTP/1.0) is read
         ex.request_complete()
@@ -726,12 +819,56 @@ class _HttpConn(_BaseConn):
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.pause_reading()
+        # The peer must take bytes again within write_stall, or it is cut off (it would pin this
+        # connection and the upstream one forever: nothing else runs while a response streams).
+        t = self._write_stall
+        if t is None:
+            t = self._write_stall = _LazyTimer(self.loop, self._on_write_stall)
+        t.set(self.server.timeouts.write_stall)
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._write_stall is not None:
+            self._write_stall.clear()
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.resume_reading()
+
+    def _on_write_stall(self) -> None:
+        if self.transport is None:
+            return
+        ex = self.queue[0] if self.queue else self.tunnel
+        if ex is not None and ex.started and not ex.finished:
+            ex.stalled("write", self.server.timeouts.write_stall)
+        else:  # e.g. closing with a fixed response the peer never takes
+            self.server.metrics.peer_stalls.labels(listener=self.server.label, kind="write").inc()
+            self.abort()
+
+    def _on_body_stall(self) -> None:
+        ex = self.parsing
+        if self.closed or ex is None or ex.finished:
+            return
+        t = self.server.timeouts.request_body_stall
+        if self._paused:
+            # We stopped reading (upstream backpressure, no upstream yet, pipelining): not the peer's stall;
+            # the app's side has its own deadlines (upstream_connect, upstream_response).
+            assert self._body_stall is not None
+            self._body_stall.set(t)
+            return
+        ex.stalled("request_body", t)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for t in (self._write_stall, self._body_stall):
+            if t is not None:
+                t.cancel()
+        # The pending head/idle handle holds the bound `_on_timer`: left alone it would keep this closed
+        # connection and its transport (TLS buffers, ~256 KiB) alive until the deadline. Here rather than
+        # in lost(), which subclasses replace.
+        h = self._timer
+        if h is not None:
+            self._timer = None
+            h.cancel()
+        super().connection_lost(exc)
 
     def lost(self) -> None:
         if self.peer is None:
@@ -951,11 +1088,11 @@ class _Exchange:
             async with asyncio.timeout(server.timeouts.upstream_connect + server.timeouts.upstream_response):
                 up = await server.pool.acquire(self)
         except UpstreamError as exc:
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind=exc.kind).inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind=exc.kind).inc()
             self.fail(RESPONSE_502, b"502")
             return
         except TimeoutError:  # every pooled connection stayed busy
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind="pool_exhausted").inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind="pool_exhausted").inc()
             self.fail(RESPONSE_503, b"503")
             return
         if self.finished or conn.closed:
@@ -1008,7 +1145,7 @@ class _Exchange:
     def on_timeout(self) -> None:
         if self.finished or self.resp_status >= 200 or self.conn.tunnel is self:
             return
-        self.conn.server.metrics.upstream_errors.labels(listener=LISTENER, kind="timeout").inc()
+        self.conn.server.metrics.upstream_errors.labels(listener=self.conn.server.label, kind="timeout").inc()
         self.fail(RESPONSE_504, b"504")
 
     def fail(self, response: bytes, status: bytes) -> None:
@@ -1052,7 +1189,7 @@ class _Exchange:
         except httptools.HttpParserCallbackError:
             pass  # a callback finished the exchange (e.g. HEAD) and stopped the parser
         except httptools.HttpParserError:
-            self.conn.server.metrics.upstream_errors.labels(listener=LISTENER, kind="protocol").inc()
+            self.conn.server.metrics.upstream_errors.labels(listener=self.conn.server.label, kind="protocol").inc()
             self.fail(RESPONSE_502, b"502")
 
     def upstream_eof(self) -> None:
@@ -1095,7 +1232,7 @@ class _Exchange:
             self.resp_parser = None
             self.task = asyncio.get_running_loop().create_task(self.forward())
             return
-        conn.server.metrics.upstream_errors.labels(listener=LISTENER, kind="closed").inc()
+        conn.server.metrics.upstream_errors.labels(listener=conn.server.label, kind="closed").inc()
         self.fail(RESPONSE_502, b"502")
 
     def upstream_pause_writing(self) -> None:
@@ -1133,7 +1270,7 @@ class _Exchange:
         self.response_started = True
         if status == 101:
             if self.framing.upgrade is None:  # a 101 nobody asked for
-                conn.server.metrics.upstream_errors.labels(listener=LISTENER, kind="protocol").inc()
+                conn.server.metrics.upstream_errors.labels(listener=conn.server.label, kind="protocol").inc()
                 self.fail(RESPONSE_502, b"502")
                 raise _StopParsing
             upgrade = next((v for n, v in self.resp_headers if n.lower() == b"upgrade"), self.framing.upgrade)
@@ -1261,6 +1398,37 @@ class _Exchange:
             self.conn.server.pool.release(up, reusable=reusable)
         self.conn._cancel_timer(_T_RESPONSE)
 
+    def stalled(self, kind: str, seconds: float) -> None:
+        """The peer made no progress for `seconds`: it stopped reading our response (kind "write") or
+        sending its request body ("request_body"). End the exchange; the upstream connection is aborted,
+        never pooled (the app may be mid-message). Counted, and audited with status 408 and the reason."""
+        if self.finished:
+            return
+        conn = self.conn
+        server = conn.server
+        server.metrics.peer_stalls.labels(listener=server.label, kind=kind).inc()
+        if self.decision is not None:
+            what = "stopped reading the response" if kind == "write" else "stopped sending the request body"
+            self.decision = dataclasses.replace(
+                self.decision, reason=f"{self.decision.reason}; cut off: the peer {what} for {seconds:g}s"
+            )
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        up = self.upstream
+        if up is not None:
+            up.abort()
+        self.release_upstream(False)
+        conn.no_more = True
+        conn.pause(_P_STOP)
+        if kind == "request_body" and not self.response_started:
+            self.respond_fixed(_RESPONSE_408, b"408")
+            self.finish(keep_alive=False)  # closes once the 408 is flushed
+            return
+        self.status = _STALLED
+        self.resp_head = b""
+        self.finish(keep_alive=False)
+        conn.abort()
+
     def abort_both(self) -> None:
         """Mid-response failure: no status can be sent any more; drop both connections."""
         if self.finished:
@@ -1297,7 +1465,7 @@ class _Exchange:
             server.latency.observe(duration)
             assert self.target is not None
             server.audit.decision(
-                listener=LISTENER,
+                listener=server.label,
                 peer=conn.peer_id_str,  # str(SpiffeId) computed once per connection
                 method=self.method.decode("ascii", "replace"),
                 path=self.target.path,

@@ -39,6 +39,13 @@ class Metrics:
         self.upstream_errors = Counter(
             "spiffe_sidecar_upstream_errors", "Failures talking to the next hop.", ["listener", "kind"], registry=r
         )
+        self.peer_stalls = Counter(
+            "spiffe_sidecar_peer_stalls",
+            "Exchanges cut off because the peer stopped reading the response (kind=write) or stopped "
+            "sending its request body (kind=request_body); see timeouts.write_stall/request_body_stall.",
+            ["listener", "kind"],
+            registry=r,
+        )
         self.open_connections = Gauge(
             "spiffe_sidecar_open_connections", "Open downstream connections.", ["listener"], registry=r
         )

@@ -7,51 +7,69 @@ Shape:
   request/response relaying of `inbound._HttpConn` / `inbound._Exchange`) through small subclasses: the
   downstream side is plain TCP from the app (no handshake, no policy), the upstream side is a `Route`.
 * A `Route` owns a bounded `UpstreamPool` of kept-alive mTLS connections to its target. Each new
-  connection takes the newest client context (rotation = reference swap), resolves the target's DNS name
+  connection takes the newest client snapshot (rotation = reference swap), resolves the target's DNS name
   afresh (Kubernetes service names), and runs `verify_server` right after the handshake: the chain
-  against the bundle of the server ID's own trust domain (X509-SVID §5.2), then the route's `expect`
-  pattern. A mismatch never carries a byte of the request: the app gets a 502 naming both IDs, the line
-  is logged and counted.
+  against the bundle of the server ID's own trust domain (X509-SVID §5.2) in the snapshot that handshake
+  used, then the route's `expect` pattern. A mismatch never carries a byte of the request: the app gets a
+  502 naming both IDs, the line is logged and counted.
+* Metrics and audit: every outbound listener reports `listener="outbound"` (also for errors raised in the
+  relay code shared with inbound.py); the route is the `route` label of the outbound_* series and the
+  audit line's `rule`; the audit line's `peer` is the server SPIFFE ID verified on the connection the
+  request used (on a refused server, the ID it presented, with decision `deny`).
 * Rotation of our SVID or of the bundles: `retire()` bumps the pools' generation; idle connections close
   at once, leased ones finish their current exchange and close on release, new requests use new
   connections (which present the new SVID and verify against the new bundles).
-* Health: a connect failure or timeout marks the route down for `down_backoff` seconds; meanwhile the app
-  gets a fast 503 instead of piling up on a dead target.
+* Health: a connect failure or timeout marks the route down for `timeouts.target_down_backoff` seconds
+  (fixed, no jitter); meanwhile the app gets a fast 503 instead of piling up on a dead target.
 
-TLS session resumption (client side) is not used: asyncio's and uvloop's `create_connection` take no
-`session=` argument (CPython issue 79152), so a ticket from one connection cannot be offered on the next
-without dropping below the stock transports; the inbound side also issues no tickets (`num_tickets=0`)
-so that every connection presents a fresh chain for the SPIFFE check. Pooled keep-alive connections are
-the lever instead: a handshake per pool slot, not per request (see tests/integration/test_outbound.py).
+TLS session resumption (client side) is not used. Measured (CPython 3.11.7, OpenSSL 3.0.19, uvloop
+0.23.0, loopback): no MemoryBIO protocol of our own is needed, since both asyncio's and uvloop's SSL
+protocols call `ctx.wrap_bio(...)` on the context object, so an `SSLContext` subclass whose `wrap_bio`
+adds `session=` resumes with the stock transports (`session_reused` True against a ticket-issuing
+server); and a MemoryBIO protocol in pure Python costs little per byte anyway (64 KiB writes: asyncio's
+pure-Python SSLObject/MemoryBIO protocol 310 MB/s, uvloop's Cython one 329 MB/s, about 3 ns/byte for
+both, bound by the crypto). It is still not worth it: (1) our own inbound listeners issue no tickets
+(`num_tickets=0`), so a sidecar-to-sidecar call never resumes (measured: not reused); (2) on a resumed
+connection the client gets no peer chain (`get_unverified_chain()` and `get_verified_chain()` empty, only
+the `getpeercert()` leaf), so `verify_server` could not check the chain against the bundles of the
+current snapshot: a resumed connection would be trusted on a decision cached across bundle rotations;
+(3) the gain is about 2 ms per new connection (median connect + 1-byte echo 4.4 ms full vs 2.2 ms resumed
+under uvloop), which the pool already pays once per slot, not per request (tests/integration/test_outbound.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import json
 import logging
 import socket
 import ssl
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final, cast
+from typing import Final, cast
 
 from .config import HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
-from .errors import SidecarError
+from .errors import SidecarError, SvidError
 from .identity import SpiffeId
 from .inbound import _T_RESPONSE, AuditSink, InboundServer, PolicyRef, _BaseConn, _Exchange, _HttpConn
 from .metrics import Metrics
 from .policy import Decision, compile_policy
-from .tls import TlsContexts, verify_peer_connection
+from .tls import TlsContexts, TlsSnapshot, verify_peer_connection
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 __all__ = ["OutboundServer", "Route", "ServerIdMismatch", "build_routes"]
 
 log = logging.getLogger("spiffe_sidecar.outbound")
 
+# The `listener` label of every outbound listener (fixed ports and the proxy port alike): one bounded
+# value; the route is a label of the outbound_* series and the `rule` of the audit line.
 LISTENER: Final = "outbound"
-DOWN_BACKOFF: Final = 2.0  # seconds a target that failed to connect is answered with a fast 503
+# Snapshots a route remembers to find the one a handshake used (see Route.verify_server); a handshake
+# that outlives this many rotations is refused (fail closed) rather than checked against other bundles.
+_SNAPSHOTS_KEPT: Final = 8
 _POOL_IDLE_MAX: Final = 30.0  # below common server keep-alive timeouts (ours: timeouts.idle = 60 s)
 _BUFFER_HIGH: Final = 64 * 1024
 
@@ -87,7 +105,7 @@ class Route:
         timeouts: Timeouts,
         pool_size: int,
         clock: Callable[[], float] = time.monotonic,
-        down_backoff: float = DOWN_BACKOFF,
+        down_backoff: float | None = None,
     ) -> None:
         self.name = name
         self.target = to.target
@@ -95,29 +113,61 @@ class Route:
         self.tls = tls
         self.metrics = metrics
         self.clock = clock
-        self.down_backoff = down_backoff
+        self.down_backoff = timeouts.target_down_backoff if down_backoff is None else down_backoff
         self.down_until = 0.0
         self.handshakes = 0  # completed TLS handshakes (each is one new pooled connection)
         self.mismatches = 0
+        # Audit decisions (`rule` is the route name): forwarded, or refused on the server's identity.
         self.decision = Decision(True, True, name, f"outbound route {name} -> {to.target}", "enforce")
+        self.refused_id = Decision(False, True, name, f"server SPIFFE ID does not match {to.expect.text}", "enforce")
+        self.refused_cert = Decision(False, True, name, "server certificate failed the SPIFFE check", "enforce")
+        # Client snapshots handed to new connections, newest last; and the verified server ID of each
+        # live connection (keyed by its SSLObject, gone with it).
+        self._snapshots: collections.deque[TlsSnapshot] = collections.deque(maxlen=_SNAPSHOTS_KEPT)
+        self._server_ids: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self.pool = UpstreamPool(
             to.target.host,
             to.target.port,
             max_size=pool_size,
             connect_timeout=timeouts.upstream_connect,
             idle_timeout=min(timeouts.idle, _POOL_IDLE_MAX),
-            ssl=lambda: tls.client,  # the newest client context for every new connection
+            ssl=self.client_context,  # the newest client context for every new connection
             server_hostname=to.target.host,  # SNI only: hostname checks are off (X509-SVID §5.1)
             verify=self.verify_server,
         )
         self._handshake_counter = metrics.outbound_handshakes.labels(route=name)
         metrics.outbound_pool_connections.labels(route=name).set_function(lambda: self.pool.size)
 
+    def client_context(self) -> ssl.SSLContext:
+        """The newest client context, for one new connection. Its snapshot is remembered so that the
+        check after the handshake uses that snapshot's bundles, even if a rotation lands in between."""
+        try:
+            snap = self.tls.current
+        except SvidError as exc:  # none yet, or ours expired: never present an expired SVID
+            raise UpstreamError("no_svid", f"{exc.reason}: {exc.detail}") from None
+        snaps = self._snapshots
+        if not snaps or snaps[-1] is not snap:
+            snaps.append(snap)
+        return snap.client
+
+    def snapshot_of(self, ssl_object: ssl.SSLObject) -> TlsSnapshot | None:
+        """The snapshot whose client context made this connection (None if it is no longer remembered)."""
+        ctx = ssl_object.context
+        for snap in reversed(self._snapshots):
+            if snap.client is ctx:
+                return snap
+        return None
+
     def verify_server(self, ssl_object: ssl.SSLObject) -> None:
-        """Run right after each handshake, before any request byte: the SPIFFE check of the server."""
+        """Run right after each handshake, before any request byte: the SPIFFE check of the server,
+        against the bundle of the server ID's trust domain in the snapshot the handshake used (OpenSSL
+        verified the chain with that snapshot's store; a newer one may trust other roots)."""
         self.handshakes += 1
         self._handshake_counter.inc()
-        peer = verify_peer_connection(ssl_object, self.tls.current, dt.datetime.now(dt.UTC))
+        snap = self.snapshot_of(ssl_object)
+        if snap is None:
+            raise SvidError("stale_snapshot", "the TLS context of this handshake is no longer known")
+        peer = verify_peer_connection(ssl_object, snap, dt.datetime.now(dt.UTC))
         if not self.expect.matches(peer.spiffe_id):
             self.mismatches += 1
             self.metrics.outbound_server_id_mismatches.labels(route=self.name).inc()
@@ -126,6 +176,12 @@ class Route:
                 self.name, self.target, peer.spiffe_id, self.expect.text,
             )  # fmt: skip
             raise ServerIdMismatch(self.expect.text, peer.spiffe_id)
+        self._server_ids[ssl_object] = str(peer.spiffe_id)
+
+    def server_id_of(self, up: UpstreamConnection) -> str:
+        """The SPIFFE ID verified on this connection's server certificate ("-" if unknown)."""
+        obj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
+        return "-" if obj is None else self._server_ids.get(obj, "-")
 
     def is_down(self) -> bool:
         return self.down_until > 0.0 and self.clock() < self.down_until
@@ -137,6 +193,10 @@ class Route:
         self.down_until = 0.0
 
     def failure_response(self, exc: UpstreamError) -> bytes:
+        if exc.kind == "no_svid":
+            return _fixed_json(503, "Service Unavailable", {
+                "error": "no valid X.509-SVID of our own to present", "route": self.name, "detail": exc.detail,
+            })  # fmt: skip
         if exc.kind == "verify":
             return _fixed_json(502, "Bad Gateway", {
                 "error": "server identity rejected", "route": self.name, "target": str(self.target),
@@ -166,23 +226,14 @@ def build_routes(
     }
 
 
-class _OutboundAudit:
-    """The shared audit log, with the listener named `outbound`."""
-
-    def __init__(self, audit: AuditSink) -> None:
-        self._audit = audit
-
-    def decision(self, **kw: Any) -> None:
-        kw["listener"] = LISTENER
-        self._audit.decision(**kw)
-
-
 _NO_ROUTE = Decision(False, True, "no-route", "no outbound route for this Host", "enforce")
 
 
 class OutboundServer(InboundServer):
     """A plain listener on loopback for the app. With `by_host=False` every request goes to the single
     route; with `by_host=True` (the HTTP proxy port) the request's authority or Host picks the route."""
+
+    label = LISTENER
 
     def __init__(
         self,
@@ -210,7 +261,7 @@ class OutboundServer(InboundServer):
             limits=limits,
             tls=tls,
             policy=PolicyRef(compile_policy({"rules": []}, "<outbound>")),
-            audit=_OutboundAudit(audit),
+            audit=audit,
             metrics=metrics,
             clock=clock,
         )
@@ -218,8 +269,6 @@ class OutboundServer(InboundServer):
         self.routes = dict(routes)
         self.by_host = by_host
         self.single = None if by_host else first
-        self.latency = metrics.request_latency.labels(listener=LISTENER)
-        self._open_gauge = metrics.open_connections.labels(listener=LISTENER)
 
     def route_for(self, host: bytes | None) -> Route | None:
         if self.single is not None:
@@ -244,6 +293,13 @@ class OutboundServer(InboundServer):
     async def _handshake(self, client: socket.socket, addr: str) -> None:
         # Plain TCP from the app on loopback: there is no handshake on this side.
         loop = asyncio.get_running_loop()
+        try:
+            self.tls.current  # noqa: B018 - the connection objects need it; refuse here with the reason
+        except SvidError as exc:
+            client.close()
+            self._refuse(addr, exc.reason, exc.detail)
+            self._conn_closed()
+            return
         factory: Callable[[], _BaseConn]
         if self.settings.mode is ListenerMode.TCP:
             factory = lambda: _OutTcpConn(self, addr)  # noqa: E731
@@ -330,11 +386,14 @@ class _OutHttpConn(_HttpConn):
 class _OutExchange(_Exchange):
     """One request from the app: pick the route, lease a verified mTLS connection, relay."""
 
-    __slots__ = ("route",)
+    __slots__ = ("route", "server_id")
 
     def __init__(self, conn: _HttpConn, method: bytes, headers: list[tuple[bytes, bytes]], t0: float) -> None:
         super().__init__(conn, method, headers, t0)
         self.route: Route | None = None
+        # The audit line's `peer`: the server SPIFFE ID verified on the connection this request used (or,
+        # on a mismatch, the one presented); "-" when no server was reached.
+        self.server_id = "-"
 
     def start(self) -> None:
         if self.started:
@@ -352,7 +411,7 @@ class _OutExchange(_Exchange):
         route = server.route_for(host)
         if route is None:
             self.decision = _NO_ROUTE
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind="no_route").inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind="no_route").inc()
             self.respond_fixed(
                 _fixed_json(502, "Bad Gateway", {"error": "no outbound route for this host",
                                                  "host": (host or b"").decode("ascii", "replace")}),
@@ -362,9 +421,8 @@ class _OutExchange(_Exchange):
             return
         self.route = route
         self.decision = route.decision
-        conn.peer_id_str = route.expect.text
         if route.is_down():
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind="down").inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind="down").inc()
             self.respond_fixed(route.down_response(), b"503")
             self.finish(keep_alive=False)
             return
@@ -383,14 +441,22 @@ class _OutExchange(_Exchange):
             async with asyncio.timeout(t.upstream_connect + t.upstream_response):
                 up = await route.pool.acquire(self)
         except UpstreamError as exc:
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind=exc.kind).inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind=exc.kind).inc()
             if exc.kind == "connect":
                 route.mark_down()
                 server._refusal_log(logging.WARNING, "outbound %s: %s", route.name, exc)
+            elif exc.kind == "verify":
+                # The pool raises UpstreamError from the verify hook's exception (kept as __context__).
+                cause = exc.__context__
+                if isinstance(cause, ServerIdMismatch):
+                    self.server_id = str(cause.got)
+                    self.decision = route.refused_id
+                else:
+                    self.decision = route.refused_cert
             self.fail(route.failure_response(exc), b"502")
             return
         except TimeoutError:  # every pooled connection stayed busy
-            server.metrics.upstream_errors.labels(listener=LISTENER, kind="pool_exhausted").inc()
+            server.metrics.upstream_errors.labels(listener=server.label, kind="pool_exhausted").inc()
             self.fail(_fixed_json(503, "Service Unavailable", {"error": "outbound pool exhausted"}), b"503")
             return
         route.mark_up()
@@ -398,6 +464,17 @@ class _OutExchange(_Exchange):
             route.pool.release(up, reusable=False)
             return
         self.attach(up)
+
+    def attach(self, up: UpstreamConnection) -> None:
+        assert self.route is not None
+        self.server_id = self.route.server_id_of(up)
+        super().attach(up)
+
+    def finish(self, *, keep_alive: bool, notify: bool = True) -> None:
+        # The base class audits `conn.peer_id_str`: here the server of this very exchange (an app
+        # connection's requests may go to different routes and pooled connections).
+        self.conn.peer_id_str = self.server_id
+        super().finish(keep_alive=keep_alive, notify=notify)
 
     def release_upstream(self, reusable: bool) -> None:
         up = self.upstream
@@ -429,7 +506,7 @@ class _OutTcpConn(_BaseConn):
         route = self.out.single
         assert route is not None
         if route.is_down():
-            self.out.metrics.upstream_errors.labels(listener=LISTENER, kind="down").inc()
+            self.out.metrics.upstream_errors.labels(listener=self.out.label, kind="down").inc()
             self.close()
             return
         transport.pause_reading()
@@ -441,7 +518,7 @@ class _OutTcpConn(_BaseConn):
                 up = await route.pool.acquire(self)
         except (UpstreamError, TimeoutError) as exc:
             kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
-            self.out.metrics.upstream_errors.labels(listener=LISTENER, kind=kind).inc()
+            self.out.metrics.upstream_errors.labels(listener=self.out.label, kind=kind).inc()
             if kind == "connect":
                 route.mark_down()
             self.close()
@@ -502,4 +579,3 @@ class _OutTcpConn(_BaseConn):
     def upstream_resume_writing(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
-

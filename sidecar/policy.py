@@ -17,8 +17,10 @@ Semantics (DESIGN.md "Policy semantics"; Istio's DENY-before-ALLOW order):
   `/api/stock/4/2`); `**` as the last segment is a subtree *including its root*: `/admin/**` matches
   `/admin`, `/admin/` and everything below (a deny rule must not miss `/admin` itself), not `/administrator`.
   `/**` (or `**`, or no `paths` key) is every path. Paths are case-sensitive; a trailing slash matters.
-* Methods are exact, case-sensitive tokens (RFC 9110 §9.1), written uppercase: `GET` does not match
-  `HEAD`. `*` (or no `methods` key) is every method.
+* Methods are exact, case-sensitive tokens (RFC 9110 §9.1), written uppercase, except that a rule naming
+  `GET` also covers `HEAD`: HEAD is GET without a body (RFC 9110 §9.3.2) and most frameworks route it to
+  the GET handler, so a deny on GET must not be walked around with HEAD. `*` (or no `methods` key) is every
+  method.
 * Callers are `CallerPattern`s (sidecar/identity.py); `*` is any authenticated peer. Required.
 * TCP mode (`authorize_connection`) uses only the rules that apply to every path and method.
 
@@ -37,7 +39,9 @@ unreserved characters (ALPHA DIGIT - . _ ~) are decoded, other %XX kept with upp
 resolved (§5.2.4) and `//` merged; a 400 for anything ambiguous: %2F, %5C, raw `\\`, NUL, control
 characters (raw or encoded in the path), invalid %-sequences, non-ASCII bytes, `#`, `..` above the root
 (refused rather than clamped: a client that sends it is broken or probing), and dot segments with path
-parameters (`..;`, which some Java servers resolve as `..`).
+parameters (`..;`, which some Java servers resolve as `..`). Path parameters (`;...` in a segment) are
+forwarded as sent but do not take part in matching: `/admin;jsessionid=1/users` is matched as
+`/admin/users`, as Tomcat and Spring route it, so a deny on `/admin/**` cannot be walked around with them.
 """
 
 from __future__ import annotations
@@ -107,9 +111,9 @@ class Decision:
 class Target:
     """A normalised origin-form request target: what policy matches on and what the app receives."""
 
-    path: str
+    path: str  # what the policy matches: the normalised path with any `;params` removed from segments
     query: str  # without '?', "" when absent
-    forward: bytes  # path + ('?' + query if query)
+    forward: bytes  # the normalised path as sent (params kept) + ('?' + query if query)
 
 
 # Raw bytes refused anywhere in the path: controls, SP, DEL, non-ASCII, '\' and '#'.
@@ -211,12 +215,19 @@ def normalize_target(raw: bytes) -> Target:
     if "%" not in path and "//" not in path and "/." not in path:
         # Fast path: already clean (no encoding, no dot segment, no empty segment).
         forward = raw if q < 0 or query else path_b
-        return Target(path, query, forward)
+        return Target(_strip_params(path) if ";" in path else path, query, forward)
     if "%" in path:
         path = _decode_unreserved(path)
     path = _remove_dot_segments(path)
     forward = (path + "?" + query if query else path).encode("ascii")
-    return Target(path, query, forward)
+    return Target(_strip_params(path) if ";" in path else path, query, forward)
+
+
+def _strip_params(path: str) -> str:
+    """The path without `;params` in its segments, empty segments merged: what Java servers route on."""
+    segs = [seg.partition(";")[0] for seg in path[1:].split("/")]
+    kept = [seg for seg in segs if seg]
+    return "/" + "/".join(kept) + ("/" if kept and not segs[-1] else "")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,7 +285,8 @@ class _Kind:
                 self.any_method = _Callers()
             targets.append(self.any_method)
         else:
-            for m in methods:
+            # GET covers HEAD (module docstring): index the rule under both.
+            for m in methods | {"HEAD"} if "GET" in methods else methods:
                 targets.append(self.by_method.setdefault(m, _Callers()))
         for c in targets:
             for pattern in callers:

@@ -125,6 +125,10 @@ class EmbeddedSpire:
         self._version = 0
         self._listeners: list[Callable[[], None]] = []
         self._servers: list[tuple[Path, Server]] = []
+        # Transports of accepted connections that made a call: grpclib's Server.close() cancels the
+        # handlers but leaves their HTTP/2 connections open, so stop() closes these itself.
+        self._transports: set[asyncio.Transport] = set()
+        self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -143,18 +147,35 @@ class EmbeddedSpire:
         self._schedule()
 
     async def stop(self) -> None:
-        """Close sockets and open streams; remove the socket files."""
+        """Close sockets and open streams; remove the socket files. Open streams end with UNAVAILABLE
+        (sent as their trailers when the connection still takes writes), then every connection is closed,
+        so clients see the stream end at once and reconnect (Workload API §4.3: clients retry)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._stopping = True
         servers, self._servers = self._servers, []
         for _, server in servers:
-            server.close()
+            server.close()  # stops accepting; cancels handlers (each answers UNAVAILABLE, see _stream)
         for path, server in servers:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_TIMEOUT):
                     await server.wait_closed()
             _remove_socket(path)
+        transports, self._transports = self._transports, set()
+        for transport in transports:
+            transport.abort()  # whatever is still buffered goes nowhere: the server is gone
+        self._stopping = False
+
+    def _track(self, transport: asyncio.Transport | None) -> None:
+        if transport is None:
+            return
+        if self._stopping or not self._servers:
+            transport.abort()  # a call racing stop()
+            return
+        if len(self._transports) >= 64:  # prune closed ones; bounded by live connections
+            self._transports = {t for t in self._transports if not t.is_closing()}
+        self._transports.add(transport)
 
     async def __aenter__(self) -> EmbeddedSpire:
         await self.start()
@@ -466,6 +487,7 @@ class _WorkloadApi(SpiffeWorkloadAPIBase):
         self._scope = scope
 
     def _attest(self, stream: Stream[Any, Any]) -> tuple[int, ...]:
+        self._spire._track(getattr(stream.peer, "_transport", None))  # see peer_credentials
         check_security_header(stream)  # before anything else: the request is refused as a whole
         _pid, uid, gid = peer_credentials(stream)
         idx = self._spire._entitled(self._scope, uid, gid)
@@ -474,6 +496,16 @@ class _WorkloadApi(SpiffeWorkloadAPIBase):
         return idx
 
     async def _stream(self, stream: Stream[Any, Any], build: Callable[[tuple[int, ...]], Any]) -> None:
+        try:
+            await self._stream_updates(stream, build)
+        except asyncio.CancelledError:
+            if not self._spire._stopping:
+                raise
+            # stop() cancelled us: end the stream with a status instead of leaving it open (grpclib
+            # sends it as the trailers); stop() closes the connection right after.
+            raise GRPCError(Status.UNAVAILABLE, "the Workload API server is stopping") from None
+
+    async def _stream_updates(self, stream: Stream[Any, Any], build: Callable[[tuple[int, ...]], Any]) -> None:
         idx = self._attest(stream)
         async with asyncio.timeout(SEND_TIMEOUT):
             await stream.recv_message()

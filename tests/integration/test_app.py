@@ -430,3 +430,71 @@ admin: {{listen: "127.0.0.1:0"}}
     async with asyncio.timeout(30):
         assert await run(settings, environ={}, first_svid_timeout=1.0) == 1
     assert any("no X.509-SVID after 1s" in r.getMessage() for r in caplog.records)
+
+
+async def test_outbound_only_sidecar_runs_without_inbound(tmp_path: Path, app: App) -> None:
+    """A pure client (reporting-like): only `outbound` configured. It starts, is ready once its SVID is
+    held and its outbound port is bound, and calls a real inventory sidecar with its own identity."""
+    write_pki(tmp_path)
+    inventory_config = write_config(tmp_path, app.port)
+    client_dir = tmp_path / "client"
+    client_dir.mkdir()
+    client_config = client_dir / "checkout.yaml"
+    async with running_sidecar(inventory_config) as inventory:
+        client_config.write_text(
+            f"""\
+svid_source:
+  pem: {{cert_chain: ../checkout.crt, key: ../checkout.key, bundle: ../ca.crt, trust_domain: {TD}}}
+outbound:
+  - name: inventory
+    listen: "127.0.0.1:0"
+    target: "localhost:{inventory.inbound_port}"
+    expect: "{INVENTORY}"
+admin: {{listen: "127.0.0.1:0"}}
+audit: {{path: audit.log}}
+"""
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "run", "-c", str(client_config),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=client_dir,
+        )  # fmt: skip
+        lines: list[str] = []
+        assert proc.stderr is not None
+        reader = asyncio.create_task(_collect(proc.stderr, lines))
+        try:
+            ready = await wait_for_line(lines, r"ready: outbound inventory 127\.0\.0\.1:\d+", proc)
+            admin_line = await wait_for_line(lines, r"admin listening on 127\.0\.0\.1:\d+", proc)
+            assert CHECKOUT in ready and "policy none" in ready and "inbound" not in ready
+            port = int(re.search(r"ready: outbound inventory 127\.0\.0\.1:(\d+)", ready).group(1))  # type: ignore[union-attr]
+            client = Sidecar(proc, 0, int(admin_line.rsplit(":", 1)[1]), lines, client_dir)
+            assert await admin_get(client, "/readyz") == (200, "ready\n")
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
+                session.get(f"http://127.0.0.1:{port}/api/stock/42") as resp,
+            ):
+                assert resp.status == 200, await resp.text()
+            assert app.seen[-1][:2] == ("GET", "/api/stock/42") and f"URI={CHECKOUT}" in app.seen[-1][2]
+            view = json.loads((await admin_get(client, "/config"))[1])
+            assert view["inbound"] is None and view["policy"] is None
+            assert view["outbound"][0]["expect"] == INVENTORY
+            # The outbound audit line names the server ID verified on inventory's certificate.
+            async with asyncio.timeout(10):
+                while not (client_dir / "audit.log").exists() or not (client_dir / "audit.log").read_text():
+                    await asyncio.sleep(0.05)
+            line = json.loads((client_dir / "audit.log").read_text().splitlines()[-1])
+            assert (line["listener"], line["peer"], line["rule"], line["status"]) == (
+                "outbound", INVENTORY, "inventory", 200
+            )
+            proc.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                assert await proc.wait() == 0, "\n".join(lines)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(10):
+                    await proc.wait()
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader

@@ -5,6 +5,7 @@ inventory's GET /api/stock/*; nobody may call /admin/**; reporting may call noth
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -14,7 +15,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -733,6 +734,90 @@ async def test_app_closing_keep_alive_connections_is_survived(pki: Pki) -> None:
                     assert r.status == 200 and await r.read() == b"ok"
         assert served == 10
         assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="closed") == 0
+    finally:
+        await sc.server.drain(1)
+        srv.close()
+
+
+async def test_peer_that_stops_reading_the_response_is_cut_off(pki: Pki, app: App) -> None:
+    """timeouts.write_stall: a caller that takes no response bytes is cut off; the upstream connection is
+    aborted (never pooled mid-response), counted, and audited with 408 and the reason."""
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(write_stall=1, idle=30, upstream_response=30))
+    try:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout), limit=1024
+        )
+        writer.write(b"GET /api/big HTTP/1.1\r\nHost: x\r\n\r\n")
+        cast(asyncio.Transport, writer.transport).pause_reading()  # never read: 10 MB cannot flow
+        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        writer.transport.abort()
+        assert sc.server.pool.size == sc.server.pool.idle_count == 0
+        assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="write") == 1
+        line = sc.audit_lines[-1]
+        assert line["status"] == 408 and line["path"] == "/api/big"
+        assert "stopped reading the response" in line["reason"]
+        # A reading client is untouched by the same deadline: 10 MB arrive whole.
+        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/big") as r:
+            assert len(await r.read()) == 10 * 1024 * 1024
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_peer_that_stops_sending_the_request_body_is_cut_off(pki: Pki, app: App) -> None:
+    """timeouts.request_body_stall: a body that stops arriving mid-way ends the exchange with a 408 (the
+    app still waits for the body, so no response has started); the upstream connection is not pooled."""
+    sc = await start_sidecar(
+        pki, app.port, timeouts=Timeouts(request_body_stall=1.5, idle=30, upstream_response=30)
+    )
+    try:
+        head = b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
+        out = await raw_exchange(pki, sc.port, head + b"a" * 1000, timeout=20)
+        assert out.startswith(b"HTTP/1.1 408 "), out[:80]
+        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        assert sc.server.pool.size == sc.server.pool.idle_count == 0
+        assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="request_body") == 1
+        line = sc.audit_lines[-1]
+        assert line["status"] == 408 and "stopped sending the request body" in line["reason"]
+        # A chunked body that keeps arriving, slower than the deadline overall, is not cut off.
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"POST /api/upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(10):  # 2.5 s in all, never more than 0.25 s between chunks
+            writer.write(b"5\r\nhello\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.25)
+        writer.write(b"0\r\n\r\n")
+        async with asyncio.timeout(20):
+            status = await reader.readline()
+        writer.close()
+        assert status.startswith(b"HTTP/1.1 200 "), status
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_tcp_mode_peer_that_stops_reading_is_cut_off(pki: Pki) -> None:
+    """TCP mode has no request deadlines at all: write_stall alone ends a relay the peer stopped reading."""
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):  # 64 MB at most: far more than any buffer on the way
+                writer.write(b"x" * 65536)
+                await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(flood, "127.0.0.1", 0)
+    sc = await start_sidecar(pki, srv.sockets[0].getsockname()[1], policy=TCP_POLICY, mode=ListenerMode.TCP,
+                             timeouts=Timeouts(write_stall=1))
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout), limit=1024
+        )
+        assert await reader.read(10)  # the relay runs (and our handshake is complete on both ends)
+        cast(asyncio.Transport, writer.transport).pause_reading()
+        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        writer.transport.abort()
+        assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="write") == 1
+        await _until(lambda: len(sc.audit_lines) >= 1)
+        assert sc.audit_lines[-1]["status"] == 408
     finally:
         await sc.server.drain(1)
         srv.close()

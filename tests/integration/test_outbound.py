@@ -5,10 +5,12 @@ with checkout's SVID and checks inventory's SPIFFE ID (running example: checkout
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,13 +21,14 @@ from aiohttp import web
 
 from sidecar.audit import AuditLog
 from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
+from sidecar.errors import SvidError
 from sidecar.identity import CallerPattern, TrustDomain
 from sidecar.inbound import InboundServer, PolicyRef
 from sidecar.metrics import Metrics
 from sidecar.outbound import OutboundServer, Route
 from sidecar.policy import compile_policy
 from sidecar.svid import X509Bundle, X509Context, X509Svid
-from sidecar.tls import TlsContexts
+from sidecar.tls import TlsContexts, verify_peer_connection
 from tests.pki import CA, Leaf
 
 TD = "example.org"
@@ -142,19 +145,22 @@ async def start_checkout(
     by_host: bool = False,
     mode: ListenerMode = ListenerMode.HTTP,
     pool_size: int = 8,
-    down_backoff: float = 2.0,
+    down_backoff: float | None = 2.0,
+    timeouts: Timeouts = TIMEOUTS,
+    clock: Callable[[], float] = time.monotonic,
+    tls_clock: Callable[[], float] = time.time,
 ) -> Checkout:
     metrics = Metrics()
     lines: list[dict[str, Any]] = []
     audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics, rng=lambda: 0.0)
-    tls = TlsContexts(pki.context(pki.checkout))
+    tls = TlsContexts(pki.context(pki.checkout), clock=tls_clock)
     routes = {
         key: Route(key, OutboundTarget(HostPort("localhost", port), CallerPattern.parse(expect)), tls=tls,
-                   metrics=metrics, timeouts=TIMEOUTS, pool_size=pool_size, down_backoff=down_backoff)
+                   metrics=metrics, timeouts=timeouts, pool_size=pool_size, down_backoff=down_backoff, clock=clock)
         for key, (port, expect) in targets.items()
     }  # fmt: skip
     server = OutboundServer(
-        "test", HostPort("127.0.0.1", 0), routes, by_host=by_host, mode=mode, timeouts=TIMEOUTS,
+        "test", HostPort("127.0.0.1", 0), routes, by_host=by_host, mode=mode, timeouts=timeouts,
         limits=Limits(upstream_pool_size=pool_size), tls=tls, audit=audit, metrics=metrics,
     )  # fmt: skip
     return Checkout(server, tls, metrics, lines, await server.start())
@@ -193,6 +199,12 @@ async def test_server_id_mismatch_is_refused_before_any_byte(pki: Pki, app: App)
         assert app.seen == []  # not a byte of the request reached the target's app
         assert co.route().mismatches == 1
         assert co.metric("spiffe_sidecar_outbound_server_id_mismatches_total", route="inventory") == 1
+        # The audit line names the ID the server presented (not the route's pattern) and the route.
+        line = co.audit_lines[-1]
+        assert (line["listener"], line["peer"], line["rule"], line["decision"], line["status"]) == (
+            "outbound", REPORTING, "inventory", "deny", 502
+        )
+        assert INVENTORY in line["reason"]
     finally:
         await co.server.drain(1.0)
         await impostor.server.drain(1.0)
@@ -343,3 +355,148 @@ async def test_tcp_mode_mismatch_closes_without_sending(pki: Pki, app: App) -> N
     finally:
         await co.server.drain(1.0)
         await impostor.server.drain(1.0)
+
+
+# --- labels and audit (errors raised in the relay code shared with inbound.py) --------------------------
+
+
+async def test_errors_in_shared_relay_code_count_under_the_outbound_label(
+    pki: Pki, app: App, inventory: Inventory
+) -> None:
+    # The upstream-response timeout is raised by inbound._Exchange code that outbound reuses.
+    short = Timeouts(handshake=5, request_head=5, idle=10, upstream_connect=2, upstream_response=0.3, drain=5)
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)}, timeouts=short)
+    try:
+        status, _ = await get(co.port, "/slow")  # the app answers after 1 s
+        assert status == 504
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="timeout") == 1
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="timeout") == 0
+        assert co.metric("spiffe_sidecar_request_duration_seconds_count", listener="outbound") == 1
+        assert co.metric("spiffe_sidecar_request_duration_seconds_count", listener="inbound") == 0
+        line = co.audit_lines[-1]
+        assert (line["listener"], line["peer"], line["rule"]) == ("outbound", INVENTORY, "inventory")
+        assert line["status"] == 504
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_audit_peer_is_the_verified_server_id_not_the_pattern(pki: Pki, app: App, inventory: Inventory) -> None:
+    # Two routes on one proxy port, each expecting a pattern: every line names the server actually verified.
+    other = await start_inventory(pki, app, leaf=pki.reporting)
+    shop = f"spiffe://{TD}/ns/shop/**"
+    co = await start_checkout(
+        pki, {"inventory.shop.svc": (inventory.port, shop), "reports.shop.svc": (other.port, shop)}, by_host=True
+    )
+    try:
+        async with aiohttp.ClientSession() as s:  # one app connection, requests alternate between routes
+            for host in ("inventory.shop.svc", "reports.shop.svc", "inventory.shop.svc", "nowhere.shop.svc"):
+                async with s.get(f"http://127.0.0.1:{co.port}/api/stock/1", headers={"Host": host}) as r:
+                    await r.read()
+        got = [(line["rule"], line["peer"], line["status"]) for line in co.audit_lines]
+        assert got == [
+            ("inventory.shop.svc", INVENTORY, 200),
+            ("reports.shop.svc", REPORTING, 200),  # same policy on both servers: only their IDs differ
+            ("inventory.shop.svc", INVENTORY, 200),
+            ("no-route", "-", 502),
+        ], got
+    finally:
+        await co.server.drain(1.0)
+        await other.server.drain(1.0)
+
+
+# --- target-down backoff (configurable, deterministic with an injected clock) --------------------------
+
+
+async def test_down_backoff_comes_from_timeouts_and_follows_the_clock(pki: Pki) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead_port = s.getsockname()[1]
+    s.close()
+    now = [1000.0]
+    timeouts = Timeouts(handshake=5, request_head=5, idle=10, upstream_connect=2, upstream_response=10, drain=5,
+                        target_down_backoff=5.0)  # fmt: skip
+    co = await start_checkout(
+        pki, {"inventory": (dead_port, INVENTORY)}, timeouts=timeouts, down_backoff=None, clock=lambda: now[0]
+    )
+    try:
+        assert co.route().down_backoff == 5.0
+        assert (await get(co.port, "/api/stock/1"))[0] == 502  # the connect fails: marked down until 1005
+        assert co.route().down_until == 1005.0
+        for t in (1000.0, 1003.0, 1004.999):
+            now[0] = t
+            assert (await get(co.port, "/api/stock/1"))[0] == 503
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="connect") == 1
+        now[0] = 1005.0  # backoff over: the next request tries the target again (and fails again)
+        assert (await get(co.port, "/api/stock/1"))[0] == 502
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="connect") == 2
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="down") == 3
+        assert co.route().down_until == 1010.0
+    finally:
+        await co.server.drain(1.0)
+
+
+# --- the server check uses the snapshot of the handshake ---------------------------------------------
+
+
+async def test_server_check_uses_the_snapshot_the_connection_was_made_with(
+    pki: Pki, app: App, inventory: Inventory
+) -> None:
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)})
+    route = co.route()
+    try:
+        ctx = route.client_context()  # what the pool takes for a new connection
+        # A rotation lands before the handshake completes: the new bundle (a new root for the trust
+        # domain) does not trust inventory's chain. The connection was made with the old context, so it
+        # must be checked against the old bundles (the ones OpenSSL verified it with).
+        new_root = CA.root(TD)
+        new_leaf = new_root.leaf(CHECKOUT)
+        new_ctx = X509Context(
+            (X509Svid.from_pem(new_leaf.chain_pem(), new_leaf.key_pem()),),
+            {TrustDomain.parse(TD): X509Bundle.from_der(TrustDomain.parse(TD), new_root.bundle_der())},
+        )
+        co.tls.update(new_ctx)
+        _, writer = await asyncio.open_connection("127.0.0.1", inventory.port, ssl=ctx, server_hostname="localhost")
+        try:
+            obj = writer.get_extra_info("ssl_object")
+            assert route.snapshot_of(obj) is not None and route.snapshot_of(obj) is not co.tls.current
+            route.verify_server(obj)  # passes: inventory verified against the snapshot of this handshake
+            with pytest.raises(SvidError) as info:  # what checking against the newest snapshot would say
+                verify_peer_connection(obj, co.tls.current, dt.datetime.now(dt.UTC))
+            assert info.value.reason == "bad_chain"
+        finally:
+            writer.close()
+        # A connection made with a context this route never handed out is refused (fail closed).
+        foreign = pki.context(pki.checkout)
+        other = TlsContexts(foreign)
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", inventory.port, ssl=other.client, server_hostname="localhost"
+        )
+        try:
+            with pytest.raises(SvidError) as info:
+                route.verify_server(writer.get_extra_info("ssl_object"))
+            assert info.value.reason == "stale_snapshot"
+        finally:
+            writer.close()
+    finally:
+        await co.server.drain(1.0)
+
+
+async def test_expired_own_svid_gets_503_not_an_expired_handshake(pki: Pki, app: App, inventory: Inventory) -> None:
+    now = [time.time()]
+    co = await start_checkout(pki, {"inventory": (inventory.port, INVENTORY)}, tls_clock=lambda: now[0])
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://127.0.0.1:{co.port}/api/stock/1") as r:
+                assert r.status == 200
+            now[0] += 10 * 365 * 86400.0  # our SVID has expired and no new one came
+            co.server.retire()  # no pooled connection: the next request needs a new handshake
+            async with s.get(f"http://127.0.0.1:{co.port}/api/stock/2") as r:
+                assert r.status == 503 and "no valid X.509-SVID" in await r.text()
+        assert co.metric("spiffe_sidecar_upstream_errors_total", listener="outbound", kind="no_svid") == 1
+        assert co.route().handshakes == 1
+        # A new app connection is refused at once, with the reason counted.
+        with pytest.raises(aiohttp.ClientError):
+            await get(co.port, "/api/stock/3")
+        assert co.metric("spiffe_sidecar_handshake_failures_total", listener="outbound", reason="own_svid_expired") == 1
+    finally:
+        await co.server.drain(1.0)

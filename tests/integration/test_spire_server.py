@@ -433,3 +433,37 @@ async def test_mint_and_write_svid_files_for_outside_clients(sock_dir: Path) -> 
         )
         out, _ = await asyncio.wait_for(proc.communicate(), DEADLINE)
         assert proc.returncode == 0, out
+
+
+async def test_stop_ends_open_streams(sock_dir: Path) -> None:
+    """stop() ends already-open Workload API streams: the client sees an error (not a silent hang), so it
+    reconnects. grpclib's Server.close() alone cancels the handlers but leaves the HTTP/2 connections open."""
+    spire = EmbeddedSpire(config(sock_dir))
+    await spire.start()
+    first = threading.Event()
+    outcome: list[object] = []
+
+    def watch(path: Path) -> None:
+        ch, stub = raw_stub(path)
+        try:
+            stream = stub.FetchX509SVID(spb.X509SVIDRequest(), metadata=[HEADER], timeout=DEADLINE * 2)
+            next(stream)
+            first.set()
+            next(stream)  # nothing changes: only the end of the stream returns from here
+            outcome.append("another message")
+        except grpc.RpcError as e:
+            outcome.append(e.code())
+        finally:
+            first.set()
+            ch.close()
+
+    try:
+        watcher = asyncio.create_task(asyncio.to_thread(watch, spire.socket_path_for(INVENTORY)))
+        assert await asyncio.to_thread(first.wait, DEADLINE)
+        assert outcome == []
+    finally:
+        await spire.stop()
+    async with asyncio.timeout(DEADLINE):  # well below the call's own deadline (DEADLINE * 2)
+        await watcher
+    assert outcome == [grpc.StatusCode.UNAVAILABLE], outcome
+    assert not spire.socket_path_for(INVENTORY).exists()

@@ -547,3 +547,48 @@ outbound_proxy:
   routes: {a: {target: "a:1", expect: "spiffe://example.org/a"}}
 """
     assert any("outbound_proxy.listen" in p and "also used by outbound[0].listen" in p for p in problems(text))
+
+
+CLIENT_ONLY = """\
+svid_source:
+  workload_api: {socket: "unix:///run/spire/agent.sock"}
+outbound:
+  - name: inventory
+    listen: "127.0.0.1:15001"
+    target: "inventory.shop.svc:8443"
+    expect: "spiffe://example.org/ns/shop/sa/inventory"
+"""
+
+
+def test_outbound_only_config_is_valid() -> None:
+    # A pure client (it calls others, nobody calls it) needs no inbound listener.
+    s = parse(CLIENT_ONLY)
+    assert s.inbound is None and [r.name for r in s.outbound] == ["inventory"]
+    assert describe_settings(s)["inbound"] is None
+    proxy_only = parse("""\
+        svid_source: {workload_api: {socket: "unix:///run/spire/agent.sock"}}
+        outbound_proxy:
+          listen: "127.0.0.1:15080"
+          routes: {inventory.shop.svc: {target: "inventory.shop.svc:8443", expect: "spiffe://example.org/a"}}
+    """)
+    assert proxy_only.inbound is None and proxy_only.outbound_proxy is not None
+
+
+@pytest.mark.parametrize("extra", ["", "outbound: []\n", "outbound:\n"])
+def test_a_config_without_any_listener_is_a_problem(extra: str) -> None:
+    text = 'svid_source: {workload_api: {socket: "unix:///run/spire/agent.sock"}}\n' + extra
+    assert problems(text) == [
+        "side.yaml:1: nothing to run: configure at least one of inbound, outbound or outbound_proxy"
+    ]
+
+
+def test_target_down_backoff_is_a_timeout() -> None:
+    assert parse(CLIENT_ONLY).timeouts.target_down_backoff == 2.0
+    s = parse(CLIENT_ONLY + "timeouts: {target_down_backoff: 500ms}\n")
+    assert s.timeouts.target_down_backoff == 0.5
+    assert describe_settings(s)["timeouts"]["target_down_backoff"] == 0.5
+    assert load_settings(CONFIG_DIR / "checkout.yaml", {}).timeouts.target_down_backoff == 2.0
+    got = problems(CLIENT_ONLY + "timeouts: {target_down_backoff: 0s}\n")
+    assert len(got) == 1
+    assert re.match(r"side\.yaml:\d+: timeouts\.target_down_backoff: duration must be positive", got[0])
+    assert "target_down_backoff" in (CONFIG_DIR / "inventory.yaml").read_text()  # documented in the schema
