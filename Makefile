@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit proto bench clean
+.PHONY: demo test unit proto bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
+
+# The long soak (10 minutes at a steady rate, rotations, reloads, an agent restart); writes
+# benchmarks/results/soak-<date>.json. `make test` runs its one-minute form.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --seconds 600
 
 # Regenerate the committed Workload API modules from sidecar/_proto/workload.proto.
 proto: $(STAMP)
