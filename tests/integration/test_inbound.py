@@ -821,3 +821,19 @@ async def test_tcp_mode_peer_that_stops_reading_is_cut_off(pki: Pki) -> None:
     finally:
         await sc.server.drain(1)
         srv.close()
+
+
+async def test_closed_connections_are_freed(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    # Regression: a pending head/idle TimerHandle held each closed connection (and its TLS buffers) for
+    # ~10 s; memory then grew with the rate of new connections. After close, nothing may keep one alive.
+    import gc
+
+    from sidecar.inbound import _HttpConn
+
+    for i in range(5):
+        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/{i}") as r:
+            assert r.status == 200
+    await _until(lambda: sidecar.server.open_connections == 0)
+    gc.collect()
+    alive = [o for o in gc.get_objects() if isinstance(o, _HttpConn)]
+    assert alive == [], f"{len(alive)} closed connections still referenced"
