@@ -23,6 +23,13 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest tests/unit
 
+# Micro-benchmarks of the pure hot functions, then the latency/throughput matrix against nginx and HAProxy
+# (installs them with apt when missing). Quick form: `make bench BENCH_ARGS=--quick`. See benchmarks/README.md.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pytest benchmarks/micro -p no:cacheprovider --benchmark-columns=min,median,ops --benchmark-sort=name
+	$(PY) benchmarks/harness.py $(BENCH_ARGS)
+
 # The long soak (10 minutes at a steady rate, rotations, reloads, an agent restart); writes
 # benchmarks/results/soak-<date>.json. `make test` runs its one-minute form.
 soak: $(STAMP)

@@ -49,6 +49,9 @@ class AuditLog:
         "_dumps",
         "_last_refill",
         "_metrics",
+        "_ms",
+        "_ms_text",
+        "_prefixes",
         "_rate",
         "_rng",
         "_sample",
@@ -79,7 +82,12 @@ class AuditLog:
         self._dropped = 0
         self._sec = -1
         self._sec_text = ""
+        self._ms = -1
+        self._ms_text = ""
         self._dumps = json.JSONEncoder(separators=(",", ":")).encode
+        # (listener, peer, method, id(decision)) -> (decision, text before the path, text after it).
+        # The decision is kept in the entry so its id cannot be reused while the entry lives.
+        self._prefixes: dict[tuple[str, object, str, int], tuple[DecisionLike, str, str]] = {}
 
     @property
     def dropped_pending(self) -> int:
@@ -112,25 +120,45 @@ class AuditLog:
                 self._dropped += 1
                 self._metrics.audit_dropped.inc()
                 return
-        line = {
-            "time": self._timestamp(now),
-            "listener": listener,
-            "peer": "-" if peer is None else str(peer),
-            "method": method,
-            "path": path,
-            "rule": decision.rule,
-            "decision": verdict,
-            "mode": decision.mode,
-            "reason": decision.reason,
-            "status": status,
-            "bytes_in": bytes_in,
-            "bytes_out": bytes_out,
-            "duration_ms": round(duration * 1000.0, 3),
-        }
+        # Hot path (one line per request): the constant parts of a line are JSON-encoded once per
+        # (listener, peer, method, decision) and the line is concatenated; the bytes are exactly what
+        # json.dumps of the dict {time, listener, peer, method, path, rule, decision, mode, reason,
+        # status, bytes_in, bytes_out, duration_ms[, dropped]} gives with compact separators.
+        key = (listener, peer, method, id(decision))
+        entry = self._prefixes.get(key)
+        if entry is None or entry[0] is not decision:
+            entry = self._prefix(key, listener, peer, method, decision, verdict)
+        ms = int(now * 1000.0)
+        ts = self._ms_text if ms == self._ms else self._timestamp_ms(ms)
+        if path.isascii() and path.isprintable() and '"' not in path and "\\" not in path:
+            qpath = '"' + path + '"'  # nothing JSON would escape
+        else:
+            qpath = self._dumps(path)
+        ms_text = repr(round(duration * 1000.0, 3))  # float repr: what json emits for a finite float
+        tail = f'{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},"duration_ms":{ms_text}'
         if self._dropped and verdict != "allow":
-            line["dropped"] = self._dropped
+            tail += f',"dropped":{self._dropped}'
             self._dropped = 0
-        self._write(self._dumps(line) + "\n")
+        self._write('{"time":"' + ts + entry[1] + qpath + entry[2] + tail + "}\n")
+
+    def _prefix(
+        self, key: tuple[str, object, str, int], listener: str, peer: object, method: str,
+        decision: DecisionLike, verdict: str,
+    ) -> tuple[DecisionLike, str, str]:
+        dumps = self._dumps
+        before = (
+            f'","listener":{dumps(listener)},"peer":{dumps("-" if peer is None else str(peer))},'
+            f'"method":{dumps(method)},"path":'
+        )
+        after = (
+            f',"rule":{dumps(decision.rule)},"decision":{dumps(verdict)},"mode":{dumps(decision.mode)},'
+            f'"reason":{dumps(decision.reason)},"status":'
+        )
+        if len(self._prefixes) >= 1024:  # default-deny decisions are built per request: stay bounded
+            self._prefixes.clear()
+        entry = (decision, before, after)
+        self._prefixes[key] = entry
+        return entry
 
     def flush_dropped(self) -> int:
         """Write a summary line for deny lines dropped since the last report; returns how many."""
@@ -151,13 +179,18 @@ class AuditLog:
         return False
 
     def _timestamp(self, now: float) -> str:
-        # RFC 3339, UTC, milliseconds. The seconds part is formatted once per second, not per line.
-        sec = int(now)
+        ms = int(now * 1000.0)
+        return self._ms_text if ms == self._ms else self._timestamp_ms(ms)
+
+    def _timestamp_ms(self, ms: int) -> str:
+        # RFC 3339, UTC, milliseconds. Formatted once per millisecond (the seconds part once per second).
+        sec, frac = divmod(ms, 1000)
         if sec != self._sec:
             self._sec = sec
             self._sec_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        ms = min(999, int((now - sec) * 1000))
-        return f"{self._sec_text}.{ms:03d}Z"
+        self._ms = ms
+        self._ms_text = text = f"{self._sec_text}.{frac:03d}Z"
+        return text
 
 
 def open_writer(path: str) -> tuple[Callable[[str], None], Callable[[], None]]:
