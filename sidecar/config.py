@@ -64,10 +64,21 @@ class Timeouts:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_connections: int = 10_000
+    # Accepted sockets still in the TLS handshake (unauthenticated): a smaller budget of their own, so
+    # silent sockets cannot take every max_connections slot from verified peers. None: a quarter of
+    # max_connections, at most 256 (`pending_handshakes`).
+    max_pending_handshakes: int | None = None
     max_header_bytes: int = 64 * 1024
     max_request_line_bytes: int = 8 * 1024
     max_body_bytes: int | None = None  # None: unlimited (streamed, bounded memory either way)
     upstream_pool_size: int = 64
+
+    @property
+    def pending_handshakes(self) -> int:
+        """The effective limit on connections still in the TLS handshake (never above max_connections)."""
+        if self.max_pending_handshakes is None:
+            return max(1, min(256, self.max_connections // 4))
+        return min(self.max_pending_handshakes, self.max_connections)
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,6 +531,9 @@ def parse_settings(
     if l_m is not None:
         limits = Limits(
             max_connections=_int(c, l_m, "max_connections", "limits", limits.max_connections, 1),
+            max_pending_handshakes=_optional_int(
+                c, l_m, "max_pending_handshakes", "limits", limits.max_pending_handshakes, 1
+            ),
             max_header_bytes=_int(c, l_m, "max_header_bytes", "limits", limits.max_header_bytes, 1024),
             max_request_line_bytes=_int(c, l_m, "max_request_line_bytes", "limits", limits.max_request_line_bytes, 256),
             max_body_bytes=_optional_int(c, l_m, "max_body_bytes", "limits", limits.max_body_bytes, 0),

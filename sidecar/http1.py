@@ -11,6 +11,10 @@ Contracts:
   the fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) and the
   framing fields, then re-add our own framing. Every incoming `x-forwarded-client-cert` is removed and
   ours (`xfcc_value`, Envoy's `By=;Hash=;URI=` form) appended, so the app can trust the one it sees.
+  Request fields whose name contains `_` are dropped (nginx's default, `underscores_in_headers off`):
+  CGI/WSGI/Rack servers map `_` and `-` to the same variable, so `X_Forwarded_Client_Cert` would reach
+  the app as a second XFCC (or `Transfer_Encoding` as framing) that we never saw as one.
+* `check_method` refuses CONNECT: we never tunnel it, and RFC 9112 §3.2.3 allows it only in authority-form.
 * Fixed responses (`RESPONSE_4xx/5xx`) carry no policy detail: peers never learn the policy.
 """
 
@@ -84,6 +88,14 @@ _DROP: Final = HOP_BY_HOP | {b"content-length", XFCC}
 
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(_OWS).lower() for t in value.split(b",") if t.strip(_OWS)]
+
+
+def check_method(method: bytes) -> None:
+    """Raise `BadRequest` for methods the sidecar never relays: CONNECT (RFC 9110 §9.3.6) asks the
+    proxy for a tunnel we do not offer; relaying `CONNECT /path` as an ordinary request would let the
+    app see a method its router may treat as a tunnel request."""
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not relayed (RFC 9112 §3.2.3)")
 
 
 def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestFraming:
@@ -186,13 +198,17 @@ def _drop_set(headers: Headers) -> frozenset[bytes]:
     return _DROP.union(named) if named else _DROP
 
 
-def _append_fields(parts: list[bytes], headers: Headers) -> bool:
-    """Append the end-to-end fields of `headers`; return whether a Host field was among them."""
+def _append_fields(parts: list[bytes], headers: Headers, *, request: bool = False) -> bool:
+    """Append the end-to-end fields of `headers`; return whether a Host field was among them.
+
+    For requests, a name containing `_` is dropped: it is the same CGI variable as its `-` spelling
+    (`X_Forwarded_Client_Cert` = `X-Forwarded-Client-Cert`), so it could shadow a field we own or drop.
+    """
     drop = _drop_set(headers)
     host = False
     for name, value in headers:
         lname = name.lower()
-        if lname in drop:
+        if lname in drop or (request and b"_" in lname):
             continue
         if lname == b"host":
             host = True
@@ -215,7 +231,7 @@ def build_request_head(
     if chunked and content_length is not None:
         raise ValueError("a request body is either chunked or has a Content-Length, not both")
     parts: list[bytes] = [method, b" ", target, _REQ_TAIL]
-    if not _append_fields(parts, headers) and host_fallback is not None:
+    if not _append_fields(parts, headers, request=True) and host_fallback is not None:
         parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
     parts += (_XFCC_PREFIX, xfcc, _CRLF)
     if content_length is not None:

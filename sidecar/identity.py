@@ -94,7 +94,22 @@ class SpiffeId:
     trust_domain: TrustDomain
     path: str  # "" for the root ID, else "/seg(/seg)*"
     segments: tuple[str, ...] = field(compare=False, repr=False, default=())
-    _text: str = field(compare=False, repr=False, default="")
+    _text: str = field(init=False, compare=False, repr=False)  # canonical form, built once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_text", SCHEME + self.trust_domain.name + self.path)
+
+    # Hot path: the policy looks peers up in dicts keyed by SpiffeId on every request. The canonical
+    # string is scheme + trust domain + path (a trust domain has no '/', a path starts with one), so
+    # comparing it is comparing (trust_domain, path) as the generated methods did, and a str caches its
+    # own hash: no tuples built per call.
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is SpiffeId:
+            return self._text == other._text
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._text)
 
     @classmethod
     def parse(cls, value: str) -> SpiffeId:
@@ -115,7 +130,7 @@ class SpiffeId:
             td_name, path = rest[:slash], rest[slash:]
         _check_trust_domain(td_name, value)
         segments = _check_path(path, value) if path else ()
-        return cls(TrustDomain(td_name), path, segments, value)
+        return cls(TrustDomain(td_name), path, segments)
 
     @classmethod
     def from_parts(cls, trust_domain: TrustDomain, path: str) -> SpiffeId:
@@ -130,7 +145,7 @@ class SpiffeId:
         return not self.path
 
     def __str__(self) -> str:
-        return self._text or (SCHEME + self.trust_domain.name + self.path)
+        return self._text
 
 
 class PatternKind(enum.Enum):

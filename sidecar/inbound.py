@@ -27,7 +27,9 @@ import asyncio
 import collections
 import dataclasses
 import datetime as dt
+import functools
 import logging
+import math
 import socket
 import time
 from collections.abc import Callable
@@ -48,9 +50,11 @@ from .http1 import (
     RESPONSE_503,
     RESPONSE_504,
     BadRequest,
+    BodyFraming,
     RequestFraming,
     build_request_head,
     build_response_head,
+    check_method,
     check_request_headers,
     head_only,
     xfcc_value,
@@ -228,9 +232,13 @@ class InboundServer:
             idle_timeout=min(timeouts.idle, _UPSTREAM_IDLE_MAX),
         )
         self.app_host: Final = str(settings.app).encode("ascii")
+        # Raw bytes one request or response head may take (request line + fields), counted before
+        # httptools buffers them; see _HttpConn.data_received.
+        self.head_limit: Final = limits.max_request_line_bytes + limits.max_header_bytes
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._handshaking: set[asyncio.Task[None]] = set()
+        # Connections still in the TLS handshake, oldest first (a dict keeps insertion order).
+        self._handshaking: dict[asyncio.Task[None], None] = {}
         self._conns: set[_BaseConn] = set()
         self._open = 0
         self._draining = False
@@ -297,6 +305,11 @@ class InboundServer:
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         limit = self.limits.max_connections
+        # Unauthenticated sockets get their own, smaller budget: silent ones (no ClientHello) would
+        # otherwise hold every max_connections slot for `timeouts.handshake`, renewable forever. When it
+        # is full the OLDEST pending handshake is dropped, not the new socket: a real client finishes in
+        # milliseconds, so holding the budget then takes a flood of new sockets, not a few silent ones.
+        pending_limit = self.limits.pending_handshakes
         while True:
             try:
                 client, addr = await loop.sock_accept(sock)
@@ -313,10 +326,28 @@ class InboundServer:
                     limit,
                 )
                 continue
+            if len(self._handshaking) >= pending_limit:
+                oldest = next(iter(self._handshaking))
+                del self._handshaking[oldest]
+                oldest.cancel()  # closes its socket and frees its slot (here or in _handshake_done)
+                self.metrics.handshake_limit_hits.labels(listener=self.label).inc()
+                self._limit_log(
+                    logging.WARNING,
+                    "inbound: %d connections still in the TLS handshake (max_pending_handshakes); "
+                    "dropping the oldest",
+                    pending_limit,
+                )
             self._conn_opened()
             task = loop.create_task(self._handshake(client, _addr_str(addr)))
-            self._handshaking.add(task)
-            task.add_done_callback(self._handshaking.discard)
+            self._handshaking[task] = None
+            task.add_done_callback(functools.partial(self._handshake_done, client))
+
+    def _handshake_done(self, client: socket.socket, task: asyncio.Task[None]) -> None:
+        self._handshaking.pop(task, None)
+        if task.cancelled() and client.fileno() != -1:
+            # Cancelled before its first step: _handshake never ran to close the socket and free the slot.
+            client.close()
+            self._conn_closed()
 
     async def _handshake(self, client: socket.socket, addr: str) -> None:
         loop = asyncio.get_running_loop()
@@ -407,6 +438,11 @@ class _BaseConn(asyncio.Protocol):
         self.draining = False
         self._paused = 0
         self._write_paused = False
+        # The verified peer's validity, re-checked before each request (peer_valid): its chain's earliest
+        # notAfter as epoch seconds, and the TlsContexts generation whose bundles vouched for it.
+        self.peer_expires = math.inf
+        self.peer_generation = snap.generation
+        self._expiry_handle: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
@@ -421,6 +457,7 @@ class _BaseConn(asyncio.Protocol):
             transport.abort()
             return
         self.peer_id_str = str(self.peer.spiffe_id)
+        self.peer_expires = self.peer.expires_at.timestamp()
         transport.set_write_buffer_limits(high=_BUFFER_HIGH)
         server._conns.add(self)
         self.verified()
@@ -428,7 +465,55 @@ class _BaseConn(asyncio.Protocol):
     def verified(self) -> None:
         raise NotImplementedError
 
+    def peer_valid(self) -> bool:
+        """Whether the peer verified at the handshake may still be served (X509-SVID §5.2 checks hold
+        for the life of the connection, not just its start): its chain has not expired, and, when the
+        bundles changed since it was verified, it still verifies against the newest ones (the verifier's
+        cache makes that cheap). On False the caller closes the connection; counted in
+        handshake_failures under the verifier's reason. Common case: one float and one int compare."""
+        if time.time() >= self.peer_expires:
+            self.server._refuse(self.addr, "expired", "the peer's certificate expired on an open connection")
+            return False
+        tls = self.server.tls
+        if tls.generation == self.peer_generation:
+            return True
+        snap = tls.latest
+        if self.peer is None or snap is None:  # outbound: the app on loopback has no TLS peer
+            self.peer_generation = tls.generation
+            return True
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+        if ssl_object is None:
+            return False
+        try:
+            peer = verify_peer_connection(ssl_object, snap, dt.datetime.now(dt.UTC))
+        except SvidError as exc:
+            self.server._refuse(self.addr, exc.reason, f"re-checked against new bundles: {exc.detail}")
+            return False
+        self.peer = peer
+        self.peer_expires = peer.expires_at.timestamp()
+        self.peer_generation = snap.generation
+        return True
+
+    def arm_expiry(self) -> None:
+        """At the peer certificate's expiry: relays with no request boundary to re-check at (TCP mode,
+        WebSocket tunnels) end; an idle HTTP connection closes before a request can race the check."""
+        if self.peer is None or self._expiry_handle is not None or self.closed:
+            return
+        delay = max(0.0, self.peer_expires - time.time())
+        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._on_peer_expired)
+
+    def _on_peer_expired(self) -> None:
+        self._expiry_handle = None
+        if self.closed:
+            return
+        self.server._refuse(self.addr, "expired", "the peer's certificate expired on an open connection")
+        self.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        h = self._expiry_handle
+        if h is not None:
+            self._expiry_handle = None
+            h.cancel()
         self.closed = True
         self.server._conns.discard(self)
         self.server._conn_closed()
@@ -478,6 +563,7 @@ class _TcpUpstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         c = self.conn
         c.bytes_out += len(data)
+        c.idle.set(c.server.timeouts.idle)
         if c.transport is not None and not c.closed:
             c.transport.write(data)
 
@@ -508,14 +594,21 @@ class _TcpConn(_BaseConn):
         self.pending: list[bytes] = []
         self.status = 0  # audited; _STALLED when cut off for not reading
         self._write_stall: _LazyTimer | None = None
+        # No bytes either way for timeouts.idle closes the relay, as an idle keep-alive HTTP connection.
+        self.idle = _LazyTimer(asyncio.get_running_loop(), self._on_idle)
         self.decision = decision = authorize_connection(server.policy.policy, self.peer.spiffe_id)
         server.count_request(decision)
         if not decision.forward:
             self._audit()
             self.close()
             return
+        self.idle.set(server.timeouts.idle)
+        self.arm_expiry()
         self.pause(_P_PENDING)
         self.task = asyncio.get_running_loop().create_task(self._connect())
+
+    def _on_idle(self) -> None:
+        self.close()  # lost() closes the upstream side
 
     async def _connect(self) -> None:
         server = self.server
@@ -538,6 +631,7 @@ class _TcpConn(_BaseConn):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        self.idle.set(self.server.timeouts.idle)
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.write(data)
@@ -584,6 +678,7 @@ class _TcpConn(_BaseConn):
             return
         if self._write_stall is not None:
             self._write_stall.cancel()
+        self.idle.cancel()
         up = self.upstream
         if up is not None and up.transport is not None:
             up.transport.close()
@@ -632,6 +727,19 @@ class _HttpConn(_BaseConn):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_error: tuple[bytes, str] | None = None
+        # httptools buffers a header line whole and reports it only when it ends, so on_header's limit
+        # comes too late for one huge line: raw bytes fed while a head is open (from the end of the
+        # previous message to on_headers_complete) are counted here, and what exceeds the room is never
+        # fed. Bytes of a head that begins in the middle of a read are not counted: the bound is
+        # max_request_line_bytes + max_header_bytes plus one read.
+        self._head_limit = self.server.head_limit
+        self._in_head = True
+        self._head_room = self._head_limit
+        self._messages = 0  # completed requests: a head that restarted during a feed is not charged
+        # Inside a chunked body, bytes that yield no body byte are chunk-size lines or trailer fields
+        # (which httptools also buffers whole): at most _head_limit of them in a row.
+        self._body_progress = False
+        self._body_quiet = 0
         # One lazily re-armed timer per connection serves the head, idle and upstream-response deadlines
         # (only one applies at a time): moving a deadline is a float store, not a new TimerHandle.
         self.loop = asyncio.get_running_loop()
@@ -640,6 +748,17 @@ class _HttpConn(_BaseConn):
         self._deadline_kind = _T_HEAD
         # The first request head is due within `request_head` of the handshake.
         self._set_timer(self.server.timeouts.request_head)
+        self.arm_expiry()
+
+    def _on_peer_expired(self) -> None:
+        if self.closed or self.tunnel is not None or not self.queue:
+            super()._on_peer_expired()  # idle (or a tunnel): close now
+            return
+        # A request is in flight (its body may still be arriving): it finishes, then the connection
+        # closes, as when draining (the response says `connection: close` if its head is not sent yet).
+        self._expiry_handle = None
+        self.server._refuse(self.addr, "expired", "the peer's certificate expired on an open connection")
+        self.start_drain()
 
     # -- deadlines -------------------------------------------------------------------------------------
 
@@ -694,6 +813,11 @@ class _HttpConn(_BaseConn):
         self._url.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked body's trailer section (RFC 9112 §7.1.2): dropped, never forwarded (we end the
+            # body with a bare last-chunk) and never added to the request's headers, which may not have
+            # been sent yet (a second Host or an XFCC would reach the app).
+            return
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > self.server.limits.max_header_bytes:
             self._head_error = (RESPONSE_431, "headers_too_large")
@@ -701,14 +825,17 @@ class _HttpConn(_BaseConn):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         server = self.server
         parser = self.parser
         ex = self.exchange_class(self, parser.get_method(), self._headers, server.clock())
         try:
             ex.framing = check_request_headers(self._headers, version=parser.get_http_version())
             ex.target = normalize_target(b"".join(self._url))
+            check_method(ex.method)
         except BadRequest as exc:
-            ex.set_error(RESPONSE_400, "headers" if ex.framing is None else "target", exc.reason)
+            label = "headers" if ex.framing is None else ("target" if ex.target is None else "method")
+            ex.set_error(RESPONSE_400, label, exc.reason)
         else:
             limit = server.limits.max_body_bytes
             cl = ex.framing.content_length
@@ -733,6 +860,7 @@ class _HttpConn(_BaseConn):
             raise _StopParsing
 
     def on_body(self, body: bytes) -> None:
+        self._body_progress = True
         ex = self.parsing
         if ex is not None:
             t = self._body_stall
@@ -741,6 +869,9 @@ class _HttpConn(_BaseConn):
             ex.request_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_head = True  # whatever follows is the next request's head
+        self._head_room = self._head_limit
+        self._messages += 1
         ex = self.parsing
         if ex is None:
             return
@@ -760,8 +891,37 @@ class _HttpConn(_BaseConn):
         if tunnel is not None:
             tunnel.tunnel_down(data)
             return
-        if self.no_more:
+        while data and not self.no_more:
+            if self._in_head:
+                room = self._head_room
+                if len(data) > room:
+                    if room <= 0:
+                        # The head did not end within its room: refuse it before httptools copies more.
+                        self.no_more = True
+                        self.pause(_P_STOP)
+                        self._enqueue_error(RESPONSE_431, "headers_too_large", "request head too large")
+                        return
+                    piece, data = data[:room], data[room:]
+                else:
+                    piece, data = data, b""
+                messages = self._messages
+                self._feed(piece, data)
+                if self._in_head and self._messages == messages:
+                    self._head_room = room - len(piece)
+                continue
+            # Inside a body.
+            self._body_progress = False
+            self._feed(data, b"")
+            if self._body_progress or self._in_head:
+                self._body_quiet = 0
+            else:
+                self._body_quiet += len(data)
+                if self._body_quiet > self._head_limit and not self.no_more:
+                    self._stream_error(RESPONSE_431, "headers_too_large", "chunked trailer section too large")
             return
+
+    def _feed(self, data: bytes, tail: bytes) -> None:
+        """Feed httptools; `tail` is what follows `data` in this read (the tunnel's, after an upgrade)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -769,7 +929,7 @@ class _HttpConn(_BaseConn):
             # (only used once the app answers 101 to an authorised request).
             self.no_more = True
             self.pause(_P_STOP)
-            rest = data[int(exc.args[0]) :]
+            rest = data[int(exc.args[0]) :] + tail
             ex = self.queue[-1] if self.queue else None
             if ex is not None and rest:
                 ex.tunnel_pending.append(rest)
@@ -779,23 +939,27 @@ class _HttpConn(_BaseConn):
             if self._head_error is not None:
                 self._enqueue_error(*self._head_error, "request head too large")
         except httptools.HttpParserError as exc:
-            self.no_more = True
-            self.pause(_P_STOP)
-            ex = self.parsing
-            if ex is not None and ex.started:
-                # The body of a request being handled turned out malformed (e.g. a bad chunk size).
-                self.parsing = None
-                if ex.finished:
-                    self.close()
-                elif ex.response_started:
-                    ex.abort_both()  # no status can be sent any more
-                else:
-                    self.server.metrics.bad_requests.labels(reason="malformed").inc()
-                    ex.release_upstream(False)
-                    ex.respond_fixed(RESPONSE_400, b"400")
-                    ex.finish(keep_alive=False)
+            self._stream_error(RESPONSE_400, "malformed", str(exc))
+
+    def _stream_error(self, response: bytes, label: str, detail: str) -> None:
+        """The request stream cannot be parsed on: answer `response` (or, mid-response, abort) and close."""
+        self.no_more = True
+        self.pause(_P_STOP)
+        ex = self.parsing
+        if ex is not None and ex.started:
+            # The body of a request being handled turned out malformed (e.g. a bad chunk size).
+            self.parsing = None
+            if ex.finished:
+                self.close()
+            elif ex.response_started:
+                ex.abort_both()  # no status can be sent any more
             else:
-                self._enqueue_error(RESPONSE_400, "malformed", str(exc))
+                self.server.metrics.bad_requests.labels(reason=label).inc()
+                ex.release_upstream(False)
+                ex.respond_fixed(response, response[9:12])
+                ex.finish(keep_alive=False)
+        else:
+            self._enqueue_error(response, label, detail)
 
     def _enqueue_error(self, response: bytes, label: str, detail: str) -> None:
         ex = self.parsing if self.parsing is not None and not self.parsing.started else None
@@ -939,9 +1103,14 @@ class _Exchange:
         "resp_any",
         "resp_framed",
         "resp_head",
+        "resp_head_room",
         "resp_headers",
+        "resp_heads",
+        "resp_in_head",
         "resp_interim",
         "resp_parser",
+        "resp_progress",
+        "resp_quiet",
         "resp_reason",
         "resp_status",
         "response_started",
@@ -984,6 +1153,11 @@ class _Exchange:
         self.resp_status = 0
         self.resp_reason = b""
         self.resp_headers: list[tuple[bytes, bytes]] = []
+        self.resp_in_head = True  # until on_headers_complete of each response (1xx included)
+        self.resp_head_room = conn.server.head_limit
+        self.resp_heads = 0
+        self.resp_progress = False
+        self.resp_quiet = 0
         self.resp_interim = False
         self.resp_framed = True
         self.resp_head = b""
@@ -1015,14 +1189,24 @@ class _Exchange:
         framing = self.framing
         target = self.target
         assert framing is not None and target is not None and conn.peer is not None
+        if not conn.peer_valid():
+            # The peer's certificate expired, or the newest bundles no longer trust it: nothing more is
+            # served on this connection (a new handshake would be refused the same way).
+            conn.no_more = True
+            conn.pause(_P_STOP)
+            conn.close()
+            return
         self.keep_alive = framing.keep_alive
         method = self.method.decode("ascii")
         self.decision = decision = authorize(server.policy.policy, conn.peer.spiffe_id, method, target.path)
         server.count_request(decision)
         if not decision.forward:
-            # The body of a denied request is read and dropped if it is complete already; otherwise we
-            # close rather than read an unbounded body we will never use.
-            if self.body_done and framing.upgrade is None:
+            # A denied request without a body keeps the connection (its head is all there is). One with a
+            # body is dropped if it is complete already; otherwise we close rather than read an unbounded
+            # body we will never use. start() runs from on_headers_complete, before on_message_complete
+            # marks even an empty body done, hence the framing test.
+            bodiless = framing.body is BodyFraming.NONE or framing.content_length == 0
+            if (self.body_done or bodiless) and framing.upgrade is None:
                 self.respond_fixed(RESPONSE_403, b"403")
                 self.finish(keep_alive=self.keep_alive)
             else:
@@ -1109,6 +1293,8 @@ class _Exchange:
         assert framing is not None and target is not None
         self.upstream = up
         self.resp_parser = httptools.HttpResponseParser(self)
+        self.resp_in_head = True
+        self.resp_head_room = server.head_limit
         if conn._write_paused:
             up.pause_reading()
         headers = self.headers
@@ -1179,18 +1365,59 @@ class _Exchange:
         if parser is None or self.finished:
             return
         self.resp_any = True
+        # As on the request side (_HttpConn.data_received): httptools buffers a header line whole, so the
+        # response head's raw bytes are counted and what exceeds its room is never fed. The next hop may
+        # be a remote, possibly compromised workload (outbound); an oversized head is a 502.
+        while data:
+            if self.resp_in_head:
+                room = self.resp_head_room
+                if len(data) > room:
+                    if room <= 0:
+                        self.response_too_large("response head too large")
+                        return
+                    piece, data = data[:room], data[room:]
+                else:
+                    piece, data = data, b""
+                heads = self.resp_heads
+                self.resp_feed(parser, piece, data)
+                if self.finished or self.resp_parser is not parser or conn.tunnel is self:
+                    return
+                if self.resp_in_head and self.resp_heads == heads:
+                    self.resp_head_room = room - len(piece)
+                continue
+            # Inside the body: bytes that yield no body byte are chunk-size lines or trailers.
+            self.resp_progress = False
+            self.resp_feed(parser, data, b"")
+            if self.resp_progress or self.resp_in_head:
+                self.resp_quiet = 0
+            else:
+                self.resp_quiet += len(data)
+                if self.resp_quiet > conn.server.head_limit:
+                    self.response_too_large("response trailer section too large")
+            return
+
+    def resp_feed(self, parser: httptools.HttpResponseParser, data: bytes, tail: bytes) -> None:
+        conn = self.conn
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            rest = data[int(exc.args[0]) :]
+            rest = data[int(exc.args[0]) :] + tail
             if conn.tunnel is self and rest:
                 self.bytes_out += len(rest)
                 conn.write(rest)
         except httptools.HttpParserCallbackError:
             pass  # a callback finished the exchange (e.g. HEAD) and stopped the parser
         except httptools.HttpParserError:
-            self.conn.server.metrics.upstream_errors.labels(listener=self.conn.server.label, kind="protocol").inc()
+            conn.server.metrics.upstream_errors.labels(listener=conn.server.label, kind="protocol").inc()
             self.fail(RESPONSE_502, b"502")
+
+    def response_too_large(self, detail: str) -> None:
+        """The next hop's head (or trailers) passed `InboundServer.head_limit`: 502 if nothing was sent
+        to the peer yet, else both connections are dropped. Counted as upstream_errors{kind="head_too_large"}."""
+        del detail  # the kind says it; nothing per request is logged
+        server = self.conn.server
+        server.metrics.upstream_errors.labels(listener=server.label, kind="head_too_large").inc()
+        self.fail(RESPONSE_502, b"502")
 
     def upstream_eof(self) -> None:
         self.upstream_closed()
@@ -1251,13 +1478,15 @@ class _Exchange:
         self.resp_reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.resp_headers.append((name, value))
+        if self.resp_in_head:  # trailer fields of a chunked response are dropped
+            self.resp_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.resp_parser
         assert parser is not None and self.framing is not None
         status = parser.get_status_code()
         conn = self.conn
+        self.resp_in_head = False
         if status < 200 and status != 101:
             self.resp_interim = True
             if not (status == 100 and self.sent_continue):
@@ -1266,13 +1495,15 @@ class _Exchange:
             return
         self.resp_interim = False
         conn._cancel_timer(_T_RESPONSE)
+        if status == 101 and self.framing.upgrade is None:
+            # A 101 nobody asked for: checked before the response counts as started, so the peer gets a
+            # clean 502 (and the upstream connection, now in an unknown protocol, is dropped).
+            conn.server.metrics.upstream_errors.labels(listener=conn.server.label, kind="protocol").inc()
+            self.fail(RESPONSE_502, b"502")
+            raise _StopParsing
         self.resp_status = self.status = status
         self.response_started = True
         if status == 101:
-            if self.framing.upgrade is None:  # a 101 nobody asked for
-                conn.server.metrics.upstream_errors.labels(listener=conn.server.label, kind="protocol").inc()
-                self.fail(RESPONSE_502, b"502")
-                raise _StopParsing
             upgrade = next((v for n, v in self.resp_headers if n.lower() == b"upgrade"), self.framing.upgrade)
             head = build_response_head(101, self.resp_reason, self.resp_headers, keep_alive=True,
                                        chunked=False, content_length=None, upgrade=upgrade)
@@ -1324,6 +1555,7 @@ class _Exchange:
             raise _StopParsing
 
     def on_body(self, body: bytes) -> None:
+        self.resp_progress = True
         n = len(body)
         self.bytes_out += n
         conn = self.conn
@@ -1340,6 +1572,9 @@ class _Exchange:
     def on_message_complete(self) -> None:
         if self.resp_interim:
             self.resp_interim = False
+            self.resp_in_head = True  # the next response head follows
+            self.resp_head_room = self.conn.server.head_limit
+            self.resp_heads += 1
             return
         if self.resp_status == 101 or self.finished:
             return
@@ -1375,6 +1610,7 @@ class _Exchange:
             self.bytes_in += len(data)
             up.write(data)
         conn._cancel_timer()
+        conn.arm_expiry()  # no request boundary to re-check the peer at any more
         conn.resume(_P_STOP)
         conn.resume(_P_PIPELINE)
 

@@ -9,8 +9,12 @@ listener must never become a side door into the app, so it answers exactly:
 * `GET|HEAD /spiffe-sidecar/readyz`: the same answer as the admin /readyz;
 * `GET|HEAD <route.path>` for each configured route: a fresh GET (or HEAD) to 127.0.0.1:<port><appPath>.
   What is sent is the route's fixed `appPath` (never the caller's target or query), no request body, no
-  Upgrade/Connection/XFCC headers; an HTTPS app's certificate is not verified (the kubelet does not
-  either). The status is relayed (1xx becomes 502) with at most 64 KiB of body and only Content-Type;
+  Upgrade/Connection/XFCC/X-Forwarded-* headers and no header whose name contains `_` (CGI/WSGI servers
+  read `X_Forwarded_Client_Cert` as `X-Forwarded-Client-Cert`); an HTTPS app's certificate is not
+  verified (the kubelet does not either). Other headers are relayed: the kubelet sends few of its own
+  (Host, User-Agent, Accept, Connection), but a probe's `httpHeaders` (often an Authorization or a
+  tenant header the health endpoint needs) reach this port unchanged and must reach the app.
+  The status is relayed (1xx becomes 502) with at most 64 KiB of body and only Content-Type;
   `Location` is dropped so the kubelet never follows a redirect into another path of this port.
 
 Everything else is 404 (other methods too: the port reveals nothing about what exists). The request
@@ -66,11 +70,15 @@ _DROP_HEADERS: Final = frozenset(
         "accept-encoding",  # the body is relayed decoded, without Content-Encoding
         "x-forwarded-client-cert",
         "forwarded",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
+        "x-real-ip",
     }
 )
+
+
+def _relayed(name: str) -> bool:
+    """Whether a caller's request header reaches the app (see the module docstring)."""
+    lname = name.lower()
+    return not ("_" in lname or lname in _DROP_HEADERS or lname.startswith("x-forwarded-"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +226,7 @@ class ProbeServer:
             return web.Response(status=503, text="stopping\n"), "upstream-error"
         scheme = "https" if route.scheme == "HTTPS" else "http"
         url = f"{scheme}://127.0.0.1:{route.app_port}{route.app_path}"
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_HEADERS]
+        headers = [(k, v) for k, v in request.headers.items() if _relayed(k)]
         try:
             async with asyncio.timeout(self._timeout):
                 async with session.request(

@@ -87,7 +87,9 @@ class TlsContexts:
 
     def __init__(self, ctx: X509Context | None = None, *, clock: Callable[[], float] = time.time) -> None:
         self._current: TlsSnapshot | None = None
-        self._generation = 0
+        # The generation of the newest snapshot (0: none yet). A connection verified under an older one
+        # re-checks its peer before its next request (bundles may have dropped the peer's CA).
+        self.generation = 0
         self._clock = clock
         if ctx is not None:
             self.update(ctx)
@@ -97,11 +99,10 @@ class TlsContexts:
         snapshot OpenSSL cannot load; the previous snapshot then stays current."""
         server = build_server_context(ctx)
         client = build_client_context(ctx)
-        self._generation += 1
-        snap = TlsSnapshot(
-            ctx, server, client, ctx.default_svid.spiffe_id, self._generation, ctx.expires_at.timestamp()
-        )
+        generation = self.generation + 1
+        snap = TlsSnapshot(ctx, server, client, ctx.default_svid.spiffe_id, generation, ctx.expires_at.timestamp())
         self._current = snap  # the swap: one reference assignment
+        self.generation = generation
         return snap
 
     @property
@@ -115,6 +116,12 @@ class TlsContexts:
         if self._clock() >= snap.expires_at:
             raise SvidError("own_svid_expired", "our X.509-SVID expired and no new one has arrived")
         return snap
+
+    @property
+    def latest(self) -> TlsSnapshot | None:
+        """The newest snapshot even if our own SVID has expired (its bundles still say which peers are
+        trusted); None before the first one."""
+        return self._current
 
     @property
     def ready(self) -> bool:
@@ -152,8 +159,12 @@ def _base_context(protocol: ssl._SSLMethod, ctx: X509Context) -> ssl.SSLContext:
 def build_server_context(ctx: X509Context) -> ssl.SSLContext:
     """Server side: client certificate REQUIRED, TLS >= 1.2, the union of bundles as OpenSSL's store."""
     c = _base_context(ssl.PROTOCOL_TLS_SERVER, ctx)
-    # No session resumption: a resumed session carries no fresh peer chain for verify_peer, and a
-    # rotated bundle must apply to every new connection. TLS 1.3 tickets off; TLS 1.2 tickets off.
+    # Session tickets are off (TLS 1.3 `num_tickets = 0`, TLS 1.2 OP_NO_TICKET): a ticket is state the
+    # client carries, valid across rotations. TLS 1.2 session-ID resumption still works (OpenSSL's
+    # server-side cache; CPython cannot turn it off) and that is acceptable: the cache belongs to this
+    # context, so it never outlives a rotation (a new snapshot is a new, empty context), and a resumed
+    # session keeps the peer chain, so `verify_peer_connection` checks every resumed connection again
+    # (validity at `now`, the bundle of this snapshot) exactly like a full handshake.
     c.num_tickets = 0
     c.options |= ssl.OP_NO_TICKET
     return c

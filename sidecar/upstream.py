@@ -49,13 +49,13 @@ class UpstreamSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; owned by its pool, leased to one sink at a time."""
 
-    __slots__ = ("_idle_timer", "_pool", "_sink", "alive", "generation", "reused", "transport")
+    __slots__ = ("_idle_deadline", "_pool", "_sink", "alive", "generation", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
         self.generation = pool.generation
         self._sink: UpstreamSink | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0  # loop.time() after which an idle connection is closed
         self.transport: asyncio.Transport | None = None
         self.alive = False
         self.reused = False
@@ -133,7 +133,12 @@ class UpstreamConnection(asyncio.Protocol):
 
 class UpstreamPool:
     """At most `max_size` connections (idle + leased + connecting) to `host:port`; callers beyond the
-    bound wait in FIFO order. Idle connections are closed after `idle_timeout` seconds."""
+    bound wait in FIFO order. Idle connections are closed after `idle_timeout` seconds.
+
+    Idle expiry is one lazily re-armed timer per pool, not a TimerHandle armed on every release and
+    cancelled on the next lease (two heap operations per request on a busy keep-alive connection): a
+    release only stamps the connection's deadline; the timer, when it fires, closes what is due and
+    re-arms itself for the earliest remaining deadline."""
 
     def __init__(
         self,
@@ -161,6 +166,7 @@ class UpstreamPool:
         self._total = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        self._timer: asyncio.TimerHandle | None = None
         # Bumped by `retire()`: connections of an older generation finish their current exchange and are
         # then closed instead of going back to the pool.
         self.generation = 0
@@ -181,9 +187,6 @@ class UpstreamPool:
         """A warm idle connection leased to `sink` at once, or None (then use `acquire`)."""
         while self._idle:
             conn = self._idle.pop()
-            if conn._idle_timer is not None:
-                conn._idle_timer.cancel()
-                conn._idle_timer = None
             if conn.alive:
                 conn.reused = True
                 conn._sink = sink
@@ -230,8 +233,10 @@ class UpstreamPool:
         conn._sink = None
         if reusable and conn.alive and not self._closed and conn.generation == self.generation:
             loop = asyncio.get_running_loop()
-            conn._idle_timer = loop.call_later(self.idle_timeout, self._expire, conn)
+            conn._idle_deadline = deadline = loop.time() + self.idle_timeout
             self._idle.append(conn)
+            if self._timer is None:
+                self._timer = loop.call_at(deadline, self._sweep)
         else:
             conn.close()
             self._total -= 1
@@ -251,9 +256,10 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close idle connections and refuse new leases; leased ones are closed by their users."""
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for conn in self._idle:
-            if conn._idle_timer is not None:
-                conn._idle_timer.cancel()
             conn.close()
             self._total -= 1
         self._idle.clear()
@@ -270,9 +276,19 @@ class UpstreamPool:
                 fut.set_result(None)
                 return
 
-    def _expire(self, conn: UpstreamConnection) -> None:
-        conn._idle_timer = None
-        self._discard_idle(conn)
+    def _sweep(self) -> None:
+        """The idle timer: close connections idle for `idle_timeout`, re-arm for the next deadline."""
+        self._timer = None
+        if self._closed or not self._idle:
+            return  # the next release arms it again
+        loop = asyncio.get_running_loop()
+        # A timer may run up to the clock's resolution early (asyncio) or on a millisecond tick (uvloop):
+        # a connection due within the next millisecond is closed now rather than re-armed for it.
+        now = loop.time() + 0.001
+        for conn in [c for c in self._idle if c._idle_deadline <= now]:
+            self._discard_idle(conn)
+        if self._idle and self._timer is None and not self._closed:
+            self._timer = loop.call_at(min(c._idle_deadline for c in self._idle), self._sweep)
 
     def _discard_idle(self, conn: UpstreamConnection) -> None:
         """An idle connection died or expired: drop it from the pool (idempotent)."""
@@ -281,9 +297,6 @@ class UpstreamPool:
             self._idle.remove(conn)
         except ValueError:
             return  # not idle (being leased/released right now) or already discarded
-        if conn._idle_timer is not None:
-            conn._idle_timer.cancel()
-            conn._idle_timer = None
         if conn.transport is not None:
             conn.transport.close()
         self._total -= 1

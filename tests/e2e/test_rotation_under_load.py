@@ -65,6 +65,7 @@ class Tally:
     client_leaves: set[int] = field(default_factory=set)
     server_leaves: set[int] = field(default_factory=set)
     new_connections: int = 0
+    reconnects: int = 0
 
 
 def _context(source: X509Source, keydir: Path, tally: Tally) -> ssl.SSLContext:
@@ -122,7 +123,14 @@ def drive(port: int, socket_path: Path, keydir: Path, stop: threading.Event, tal
         while time.monotonic() < deadline and not stop.is_set():
             i += 1
             try:
-                status = _get(kept, f"/api/stock/{i}")  # the long-lived keep-alive connection
+                try:
+                    status = _get(kept, f"/api/stock/{i}")  # the long-lived keep-alive connection
+                except (OSError, http.client.RemoteDisconnected):
+                    # The sidecar closes a kept-alive connection once the client SVID on it expired.
+                    tally.reconnects += 1
+                    kept.close()
+                    kept = _connect(port, source, keydir, tally)
+                    status = _get(kept, f"/api/stock/{i}")
                 if status != 200:
                     tally.failures.append(f"kept-alive request {i}: {status}")
                 else:
@@ -189,6 +197,7 @@ audit: {{path: audit.log}}
         f"{len(tally.server_leaves)} server SVIDs"
     )
     assert tally.failures == [], tally.failures[:10]
+    assert tally.reconnects >= 1  # the kept-alive connection outlived its client SVID: closed, not served
     assert tally.ok > 50
     # Both sides really rotated during the run: several client SVIDs presented, several server leaves seen.
     assert len(tally.client_leaves) >= 3, tally.client_leaves

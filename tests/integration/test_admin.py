@@ -172,8 +172,11 @@ inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:8080", policy_file: policy.yaml
 
 
 def test_config_view_without_identity_or_policy() -> None:
+    # An outbound-only sidecar: no inbound listener, hence no inbound policy.
     settings = parse_settings(
-        'svid_source: {workload_api: {socket: "unix:///s.sock"}}\n',
+        'svid_source: {workload_api: {socket: "unix:///s.sock"}}\n'
+        "outbound: [{name: inv, listen: '127.0.0.1:15001', target: 'inventory:8443',"
+        " expect: 'spiffe://example.org/ns/shop/sa/inventory'}]\n",
         "side.yaml",
         environ={},
         base_dir=Path("/"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -523,6 +524,7 @@ SMUGGLING = [
     ("raw_nul", b"GET /api/stock/\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("absolute_form", b"GET http://x/api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("no_host", b"GET /api/stock/1 HTTP/1.1\r\n\r\n", 400),
+    ("connect_origin_form", b"CONNECT /api/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # RFC 9112 §3.2.3
 ]
 
 
@@ -837,3 +839,194 @@ async def test_closed_connections_are_freed(pki: Pki, app: App, sidecar: Sidecar
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, _HttpConn)]
     assert alive == [], f"{len(alive)} closed connections still referenced"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Security review fixes (r01-r11)
+
+
+async def test_one_endless_header_line_gets_431_before_it_ends(pki: Pki, app: App) -> None:
+    # httptools reports a header line only when it ends; the raw head budget must answer first.
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(request_head=60))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.reporting))
+        writer.write(b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        out = b""
+        async with asyncio.timeout(20):
+            for _ in range(64):  # up to 4 MiB, never a line end
+                writer.write(b"a" * 65536)
+                with contextlib.suppress(ConnectionError):
+                    await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.05):
+                        out += await reader.read(65536)
+                if out:
+                    break
+            out += await reader.read(65536)
+        writer.transport.abort()
+        assert out.startswith(b"HTTP/1.1 431 "), out[:100]
+        assert sc.metric("spiffe_sidecar_bad_requests_total", reason="headers_too_large") == 1
+        assert app.seen == []
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_oversized_response_head_from_the_next_hop_is_502(pki: Pki) -> None:
+    async def hostile(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+        with contextlib.suppress(ConnectionError):
+            for _ in range(64):  # 4 MiB of one header line
+                writer.write(b"a" * 65536)
+                await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(hostile, "127.0.0.1", 0)
+    sc = await start_sidecar(pki, srv.sockets[0].getsockname()[1])
+    try:
+        out = await raw_exchange(pki, sc.port, b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+        assert out.startswith(b"HTTP/1.1 502 "), out[:100]
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="head_too_large") == 1
+    finally:
+        await sc.server.drain(1)
+        srv.close()
+
+
+async def test_many_pipelined_heads_in_one_read_and_bodiless_denials_keep_the_connection(
+    pki: Pki, app: App, sidecar: Sidecar
+) -> None:
+    # 1000 denied requests (~100 KiB, more than one head's budget) in one write: the head budget is per
+    # head, and a denial without a body keeps the connection, so the last request is still served.
+    denied = b"GET /admin/x HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"p" * 60 + b"\r\n\r\n"
+    last = b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    out = await raw_exchange(pki, sidecar.port, denied * 1000 + last, timeout=20)
+    statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", out)
+    assert statuses == [b"403"] * 1000 + [b"200"]
+    assert [s.path for s in app.seen] == ["/api/stock/1"]
+    # A denied request with a body still closes the connection (its body is never read).
+    out = await raw_exchange(pki, sidecar.port, b"POST /admin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+                             + last)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"403"]
+    assert len(app.seen) == 1
+
+
+async def test_underscore_identity_headers_and_trailers_never_reach_the_app(
+    pki: Pki, app: App, sidecar: Sidecar
+) -> None:
+    forged = b"URI=spiffe://example.org/ns/shop/sa/admin"
+    out = await raw_exchange(pki, sidecar.port, b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nX_Forwarded_Client_Cert: "
+                             + forged + b"\r\nX-Kept: 1\r\nConnection: close\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 ")
+    seen = app.seen[-1]
+    assert not [k for k in seen.headers if "_" in k]
+    assert seen.headers.getall("X-Forwarded-Client-Cert") == [f"By={INVENTORY};Hash="
+                                                              f"{hashlib.sha256(pki.checkout.der_list()[0]).hexdigest()}"
+                                                              f";URI={CHECKOUT}"]
+    assert seen.headers["X-Kept"] == "1"
+    # Trailer fields arrive after the head but before the upstream connection is leased: never headers.
+    out = await raw_exchange(pki, sidecar.port, b"POST /api/x HTTP/1.1\r\nHost: inventory\r\nTransfer-Encoding: "
+                             b"chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n0\r\nHost: evil.example\r\n"
+                             b"X-Injected: 1\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 200 "), out[:100]
+    seen = app.seen[-1]
+    assert seen.headers.getall("Host") == ["inventory"] and "X-Injected" not in seen.headers
+    assert seen.body_len == 3
+
+
+async def test_unrequested_101_from_the_app_is_a_clean_502(pki: Pki) -> None:
+    async def switcher(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: evil\r\nConnection: upgrade\r\n\r\nraw")
+        await writer.drain()
+
+    srv = await asyncio.start_server(switcher, "127.0.0.1", 0)
+    sc = await start_sidecar(pki, srv.sockets[0].getsockname()[1])
+    try:
+        out = await raw_exchange(pki, sc.port, b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 502 ") and b"raw" not in out, out[:200]
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="protocol") == 1
+    finally:
+        await sc.server.drain(1)
+        srv.close()
+
+
+async def test_kept_alive_connection_closes_when_the_peer_certificate_expires(pki: Pki, app: App) -> None:
+    short = pki.root.intermediate().leaf(CHECKOUT, not_after=_utcnow() + dt.timedelta(seconds=2))
+    sc = await start_sidecar(pki, app.port, timeouts=Timeouts(idle=30))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(short))
+        req = b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+        writer.write(req)
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        async with asyncio.timeout(10):
+            while _utcnow() <= short.cert.not_valid_after_utc:
+                await asyncio.sleep(0.2)
+        writer.write(req)
+        async with asyncio.timeout(5):
+            rest = await reader.read()  # the rest of the first body, then EOF: no second response
+            while chunk := await reader.read():
+                rest += chunk
+        assert b"HTTP/1.1" not in rest
+        writer.close()
+        assert len(app.seen) == 1
+        assert sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound", reason="expired") == 1
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_tcp_relay_closes_when_idle_or_when_the_peer_certificate_expires(pki: Pki) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    srv = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    sc = await start_sidecar(pki, port, policy=TCP_POLICY, mode=ListenerMode.TCP, timeouts=Timeouts(idle=0.5))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"hello")
+        async with asyncio.timeout(10):
+            assert await reader.read() == b""  # no bytes either way for timeouts.idle: closed
+        writer.close()
+        await _until(lambda: sc.server.open_connections == 0)
+    finally:
+        await sc.server.drain(1)
+    short = pki.root.intermediate().leaf(CHECKOUT, not_after=_utcnow() + dt.timedelta(seconds=1.5))
+    sc = await start_sidecar(pki, port, policy=TCP_POLICY, mode=ListenerMode.TCP, timeouts=Timeouts(idle=60))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(short))
+        async with asyncio.timeout(10):
+            while True:  # keep the relay busy: only the expiry can end it
+                writer.write(b"x")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        if await reader.read() == b"":
+                            break
+        writer.close()
+        assert sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound", reason="expired") == 1
+    finally:
+        await sc.server.drain(1)
+        srv.close()
+
+
+async def test_silent_sockets_cannot_hold_every_connection_slot(pki: Pki, app: App) -> None:
+    # max_connections 40 -> at most 10 sockets in the handshake; the oldest silent one makes room.
+    sc = await start_sidecar(pki, app.port, limits=Limits(max_connections=40), timeouts=Timeouts(handshake=30))
+    socks = []
+    try:
+        for _ in range(40):
+            socks.append(await asyncio.open_connection("127.0.0.1", sc.port))
+        await _until(lambda: sc.metric("spiffe_sidecar_handshake_limit_hits_total", listener="inbound") >= 30)
+        assert sc.server.open_connections <= 10
+        code, _, err = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
+        assert code == 200, err
+    finally:
+        for _r, w in socks:
+            w.transport.abort()
+        await sc.server.drain(1)
+        await _until(lambda: sc.server.open_connections == 0)
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)

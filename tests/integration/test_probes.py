@@ -280,3 +280,20 @@ def test_table_query_only_differences_and_own_paths() -> None:
     assert table.match(HEALTHZ_PATH) == SidecarRoute("healthz")
     with pytest.raises(ValueError, match="not a clean request target"):
         ProbeTable([ProbeRoute("/a/%2f", 1, "/")])
+
+
+async def test_underscore_and_forwarding_headers_are_not_relayed(probe: Probe) -> None:
+    # CGI/WSGI servers read X_Forwarded_Client_Cert as X-Forwarded-Client-Cert; the probe port is
+    # unauthenticated, so nothing identity-like may pass. A probe's own httpHeaders (Authorization) do.
+    extra = (
+        "X_Forwarded_Client_Cert: URI=spiffe://example.org/ns/shop/sa/admin\r\n"
+        "X-Forwarded-User: admin\r\nX-Real-IP: 10.0.0.1\r\nX_Custom: 1\r\n"
+        "Authorization: Bearer probe-token\r\n"
+    )
+    status, _, _ = await raw(probe.port, get("/healthz", extra=extra))
+    assert status == 200
+    (seen,) = probe.app.seen
+    lowered = {k.lower() for k in seen.headers}
+    assert not [k for k in lowered if "_" in k or k.startswith("x-forwarded") or k == "x-real-ip"]
+    assert seen.headers["Authorization"] == "Bearer probe-token"
+    assert seen.headers["User-Agent"] == "kube-probe/1.29"

@@ -99,12 +99,16 @@ async def test_rotation_new_handshakes_use_new_svid_open_connections_continue(
             # the open keep-alive connection still works (aiohttp reuses it: limit=1)
             async with s.get(url) as r:
                 assert r.status == 200
-            # rotate the bundle too: only a new root is trusted now
+            assert sc.server.open_connections == 1
+            # rotate the bundle too: only a new root is trusted now. The open connection's peer no longer
+            # verifies against the newest bundles: its next request closes it, unanswered (aiohttp then
+            # tries a new connection, whose handshake fails: the client does not trust the new root).
             new_root = CA.root(TD)
             sc.tls.update(_ctx(new_root.leaf(INVENTORY), new_root))
-            async with s.get(url) as r:  # still the connection from before both rotations
-                assert r.status == 200
-            assert sc.server.open_connections == 1
+            with pytest.raises(aiohttp.ClientError):
+                async with s.get(url) as r:
+                    pass
+            assert app.seen[-1].path == "/api/stock/1" and len(app.seen) == 2
         # a new handshake with a client certificate from the old root is refused now
         _, out, _ = await run("/usr/bin/curl", "-sS", "-k", "--max-time", "5", "--cert",
                               pki.files("co", pki.checkout)[0], "--key", pki.files("co", pki.checkout)[1],
@@ -167,3 +171,36 @@ async def test_verify_peer_connection_uses_peer_trust_domain(pki: Pki) -> None: 
     writer.close()
     assert await got == pki.checkout.der_list()  # leaf + intermediate
     srv.close()
+
+
+async def test_tls12_session_id_resumption_is_still_spiffe_checked(pki: Pki, app: App) -> None:  # noqa: F811
+    # Tickets are off, but OpenSSL's server session cache resumes TLS 1.2 sessions by ID. Each resumed
+    # connection is still verified: the peer chain comes with the session, and the app sees the caller.
+    import socket
+
+    sc = await start_sidecar(pki, app.port)
+    client = pki.client_ssl(pki.checkout)
+    client.maximum_version = ssl.TLSVersion.TLSv1_2
+    req = b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def one(session: ssl.SSLSession | None) -> tuple[bool, ssl.SSLSession | None, bytes]:
+        raw_sock = socket.create_connection(("127.0.0.1", sc.port), timeout=10)
+        with raw_sock, client.wrap_socket(raw_sock, session=session) as s:
+            s.sendall(req)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return bool(s.session_reused), s.session, out
+
+    try:
+        reused, session, out = await asyncio.to_thread(one, None)
+        assert not reused and session is not None and out.startswith(b"HTTP/1.1 200 ")
+        reused, _, out = await asyncio.to_thread(one, session)
+        assert reused and out.startswith(b"HTTP/1.1 200 ")
+        assert [s.headers["X-Forwarded-Client-Cert"].rsplit(";", 1)[1] for s in app.seen] == [f"URI={CHECKOUT}"] * 2
+        # A rotation is a new context with an empty cache: the old session is not resumed.
+        sc.tls.update(_ctx(pki.root.intermediate().leaf(INVENTORY), pki.root))
+        reused, _, out = await asyncio.to_thread(one, session)
+        assert not reused and out.startswith(b"HTTP/1.1 200 ")
+    finally:
+        await sc.server.drain(1)

@@ -160,6 +160,39 @@ async def test_idle_eviction(echo: Echo) -> None:
     await pool.close()
 
 
+async def test_idle_timer_rearms_and_never_closes_leased_connections(echo: Echo) -> None:
+    # One lazily re-armed timer per pool: each idle connection still expires on its own, a leased one
+    # never does, and the timer re-arms after a sweep that found nothing (or not everything) due.
+    pool = pool_for(echo.port, max_size=3, idle_timeout=0.1)
+    a, b, c = Sink(), Sink(), Sink()
+    ca, cb, cc = await pool.acquire(a), await pool.acquire(b), await pool.acquire(c)
+    pool.release(ca, reusable=True)
+    await asyncio.sleep(0.05)
+    pool.release(cb, reusable=True)  # due later than ca: the sweep for ca must re-arm for it
+    async with asyncio.timeout(5):
+        while pool.idle_count:
+            await asyncio.sleep(0.02)
+    assert not ca.alive and not cb.alive
+    await asyncio.sleep(0.3)  # several idle timeouts while cc stays leased
+    assert cc.alive and pool.size == 1
+    await roundtrip(cc, c, b"still here")
+    pool.release(cc, reusable=True)  # the timer was not re-armed while nothing was idle: this arms it
+    async with asyncio.timeout(5):
+        while pool.size:
+            await asyncio.sleep(0.02)
+    assert not cc.alive
+    await pool.close()
+
+
+async def test_close_cancels_the_idle_timer(echo: Echo) -> None:
+    pool = pool_for(echo.port, idle_timeout=30)
+    conn = await pool.acquire(Sink())
+    pool.release(conn, reusable=True)
+    assert pool._timer is not None
+    await pool.close()
+    assert pool._timer is None and pool.size == 0 and not conn.alive
+
+
 async def test_connect_failure() -> None:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

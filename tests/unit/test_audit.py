@@ -1,12 +1,20 @@
-"""Audit log: JSON shape, allow sampling, deny rate limit with dropped counts (injected clock and rng)."""
+"""Audit log: JSON shape, allow sampling, deny rate limit with dropped counts (injected clock and rng);
+the file writer's per-tick batching (flushed by the end of the loop iteration, on close, at exit)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
+from sidecar import audit as audit_module
 from sidecar.audit import AuditLog, open_writer
 from sidecar.config import AuditSettings
 from sidecar.identity import SpiffeId
@@ -197,8 +205,88 @@ def test_file_writer_appends_lines(tmp_path: Path) -> None:
     log = AuditLog(AuditSettings(), write=write, clock=Clock(), metrics=Metrics(), rng=Rng([]))
     emit(log, ALLOW)
     emit(log, DENY)
-    # line-buffered: visible to readers before close
+    # no event loop running: written through, visible to readers before close
     assert len(target.read_text().splitlines()) == 3
     close()
     records = [json.loads(x) for x in target.read_text().splitlines()]
     assert records[0] == {"old": True} and records[2]["decision"] == "deny"
+
+
+class CountingOut(io.StringIO):
+    """An in-memory text stream that counts write() and flush() calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+async def test_lines_of_one_loop_iteration_go_out_in_one_write() -> None:
+    out = CountingOut()
+    writer = audit_module._TickWriter(out, None)
+    log = AuditLog(AuditSettings(), write=writer.write, clock=Clock(), metrics=Metrics(), rng=Rng([]))
+    for _ in range(5):
+        emit(log, ALLOW)
+    emit(log, DENY)
+    await asyncio.sleep(0)  # the end of this iteration: the flush scheduled by the first line has run
+    assert out.writes == 1 and out.flushes == 1
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6 and [json.loads(x)["decision"] for x in lines] == ["allow"] * 5 + ["deny"]
+    emit(log, ALLOW)
+    await asyncio.sleep(0)
+    assert out.writes == 2 and len(out.getvalue().splitlines()) == 7
+
+
+async def test_file_lines_are_flushed_by_the_end_of_the_tick_and_on_close(tmp_path: Path) -> None:
+    target = tmp_path / "audit.log"
+    write, close = open_writer(str(target))
+    log = AuditLog(AuditSettings(), write=write, clock=Clock(), metrics=Metrics(), rng=Rng([]))
+    emit(log, ALLOW)
+    await asyncio.sleep(0)
+    assert len(target.read_text().splitlines()) == 1  # visible to readers while the sidecar runs
+    emit(log, ALLOW)
+    emit(log, DENY)
+    log.flush_dropped()
+    close()  # same iteration as the writes: close writes what is pending, nothing is lost
+    records = [json.loads(x) for x in target.read_text().splitlines()]
+    assert [r["decision"] for r in records] == ["allow", "allow", "deny"]
+    await asyncio.sleep(0)  # the flush scheduled before close finds nothing to write and does not fail
+
+
+async def test_a_large_batch_is_written_before_the_tick_ends() -> None:
+    out = CountingOut()
+    writer = audit_module._TickWriter(out, None)
+    line = "x" * 1000 + "\n"
+    for _ in range(100):  # 100 KB in one iteration: bounded memory, written in chunks of >= 64 KiB
+        writer.write(line)
+    assert out.writes == 1 and len(out.getvalue()) >= 64 * 1024
+    await asyncio.sleep(0)
+    assert out.writes == 2 and out.getvalue() == line * 100
+
+
+@pytest.mark.parametrize("via", ["asyncio.run", "run_until_complete"])
+def test_pending_lines_are_written_when_the_process_exits_without_close(tmp_path: Path, via: str) -> None:
+    # run_until_complete + SystemExit leaves the tick's flush callback unrun: the exit hook writes it.
+    target = tmp_path / "audit.log"
+    runner = "asyncio.run(main())" if via == "asyncio.run" else "asyncio.new_event_loop().run_until_complete(main())"
+    script = f"""
+import asyncio, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+from sidecar.audit import open_writer
+write, close = open_writer({str(target)!r})
+async def main():
+    write("one\\n")
+    write("two\\n")
+    raise SystemExit(0)
+{runner}
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert target.read_text() == "one\ntwo\n"

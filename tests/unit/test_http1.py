@@ -24,6 +24,7 @@ from sidecar.http1 import (
     BodyFraming,
     build_request_head,
     build_response_head,
+    check_method,
     check_request_headers,
     xfcc_value,
 )
@@ -409,3 +410,33 @@ def test_xfcc_value() -> None:
     for bad in ("", "ab", "zz" * 32, HASH + "00"):
         with pytest.raises(ValueError):
             xfcc_value(OWN, bad, PEER)
+
+
+def test_request_fields_with_underscores_are_dropped() -> None:
+    # CGI/WSGI/Rack map `_` and `-` to one variable: X_Forwarded_Client_Cert would be a second XFCC the
+    # app reads first; Transfer_Encoding / Content_Length would be framing we never honoured.
+    headers: H = [
+        (b"Host", b"inventory"),
+        (b"X_Forwarded_Client_Cert", b"URI=spiffe://example.org/ns/shop/sa/admin"),
+        (b"x-forwarded_client-cert", b"URI=spiffe://evil"),
+        (b"Transfer_Encoding", b"chunked"),
+        (b"Content_Length", b"5"),
+        (b"Host_", b"evil"),
+        (b"X_Custom", b"dropped too (nginx's default)"),
+        (b"X-Custom", b"kept"),
+    ]
+    head = build_request_head(b"GET", b"/x", headers, xfcc=xfcc_value(OWN, HASH, PEER), chunked=False,
+                              content_length=None, upgrade=None, host_fallback=None)
+    names = [line.split(b":", 1)[0] for line in head.split(b"\r\n")[1:] if line]
+    assert names == [b"Host", b"X-Custom", b"x-forwarded-client-cert"]
+    assert not any(b"_" in n for n in names)
+    # The app's response fields are the app's business: underscores are kept there.
+    resp = build_response_head(200, b"OK", [(b"X_App", b"1")], keep_alive=True, chunked=False, content_length=0)
+    assert b"X_App: 1\r\n" in resp
+
+
+def test_connect_is_refused() -> None:
+    with pytest.raises(BadRequest, match="CONNECT"):
+        check_method(b"CONNECT")
+    for method in (b"GET", b"POST", b"OPTIONS", b"connect"):
+        check_method(method)  # httptools upper-cases known methods; anything else is not CONNECT

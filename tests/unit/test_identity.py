@@ -244,3 +244,29 @@ def test_exact_pattern_matches_only_itself(td: str, segs: list[str]) -> None:
     p = CallerPattern.parse(str(sid))
     assert p.matches(sid)
     assert not p.matches(SpiffeId.parse(str(sid) + "/x"))
+
+
+@given(trust_domain, st.lists(segment, max_size=4), trust_domain, st.lists(segment, max_size=4), st.booleans())
+def test_equality_and_hash_are_those_of_trust_domain_and_path(
+    td1: str, s1: list[str], td2: str, s2: list[str], copy: bool
+) -> None:
+    # The cached-string __eq__/__hash__ must agree with comparing (trust_domain, path) field by field.
+    if copy:
+        td2, s2 = td1, list(s1)
+    a = SpiffeId.parse(f"spiffe://{td1}" + "".join("/" + s for s in s1))
+    b = SpiffeId(TrustDomain(td2), "".join("/" + s for s in s2))  # built directly, not parsed
+    same = (a.trust_domain, a.path) == (b.trust_domain, b.path)
+    assert (a == b) is same and (a != b) is not same
+    if same:
+        assert hash(a) == hash(b) and {a: 1}[b] == 1
+    assert str(b) == f"spiffe://{td2}" + "".join("/" + s for s in s2)
+
+
+def test_equality_with_other_types_and_replace() -> None:
+    import dataclasses
+
+    a = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+    assert a != "spiffe://example.org/ns/shop/sa/checkout" and a != a.trust_domain
+    moved = dataclasses.replace(a, path="/ns/shop/sa/web")  # the canonical string follows the fields
+    assert str(moved) == "spiffe://example.org/ns/shop/sa/web" and moved != a
+    assert moved == SpiffeId.parse("spiffe://example.org/ns/shop/sa/web")
