@@ -1,6 +1,10 @@
 # ruff: noqa: ASYNC230, ASYNC240, SIM115  (a rough script: setup file I/O before serving; superseded by harness.py)
 """Rough data-plane benchmark: app (raw Protocol, fixed 200) <- sidecar InboundServer <- TLS client.
-usage: bench.py  (spawns app and sidecar subprocesses, runs client loads in this process)"""
+usage: bench.py  (spawns app and sidecar subprocesses, runs client loads in this process)
+env: SIDECAR_ROOT=tree to import sidecar/ from (A/B runs); TARGET=relay for the raw relay;
+     LOADS=keepalive_32conn,... (default: all three, then openssl s_time); SECS=seconds per load;
+     AUDIT_FILE=1 writes the audit through sidecar.audit.open_writer to a file (as `spiffe-sidecar run`
+     does) instead of a plain devnull write; NOAUDIT=1 drops audit lines."""
 
 import asyncio
 import json
@@ -55,8 +59,13 @@ def run_sidecar(d, app_port, port_file):
         td = TrustDomain.parse("example.org")
         ctx = X509Context((svid,), {td: X509Bundle.from_pem(td, Path(f"{d}/ca.pem").read_bytes())})
         m = Metrics()
-        out = open(os.devnull, "w")
-        audit = AuditLog(AuditSettings(), write=out.write, metrics=m, rng=lambda: 0.0)
+        if os.environ.get("AUDIT_FILE"):
+            from sidecar.audit import open_writer
+
+            write, _close = open_writer(f"{d}/audit.log")
+        else:
+            write = open(os.devnull, "w").write
+        audit = AuditLog(AuditSettings(), write=write, metrics=m, rng=lambda: 0.0)
         if os.environ.get("NOAUDIT"):
 
             class _A:
@@ -254,13 +263,20 @@ def main():
             f = Path(f"/proc/{sc.pid}/stat").read_text().rsplit(")", 1)[1].split()
             return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
-        for name, coro, secs in [
-            ("keepalive_32conn", lambda: keepalive(port, ctx, 32, 5), 5),
-            ("keepalive_1conn", lambda: keepalive(port, ctx, 1, 3), 3),
-            ("new_tls_conn_per_req_8workers", lambda: newconn(port, ctx, 8, 5), 5),
-        ]:
+        wanted = [x for x in os.environ.get("LOADS", "").split(",") if x]
+        secs_env = float(os.environ.get("SECS", "0"))
+        loads = [
+            ("keepalive_32conn", 32, 5),
+            ("keepalive_1conn", 1, 3),
+            ("new_tls_conn_per_req_8workers", 8, 5),
+        ]
+        for name, conns, default_secs in loads:
+            if wanted and name not in wanted:
+                continue
+            secs = secs_env or default_secs
+            run = newconn if name.startswith("new") else keepalive
             c0 = cpu()
-            rate = uvloop.run(coro())
+            rate = uvloop.run(run(port, ctx, conns, secs))
             c1 = cpu()
             res[name] = {
                 "req_s": round(rate),
@@ -268,6 +284,8 @@ def main():
                 "sidecar_cpu_us_per_req": round((c1 - c0) / (rate * secs) * 1e6),
             }
         print(json.dumps(res, indent=1))
+        if wanted:
+            return
         r = subprocess.run(
             [
                 "openssl",
