@@ -156,7 +156,7 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         out.append(path)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     names = [s for s in shapes if s != "baseline"]
     for ax, load, label in ((axes[0], "closed-32", "closed loop, 32 connections: req/s"),
                             (axes[1], "newconn", "new TLS connection per request: conn/s")):
@@ -164,6 +164,14 @@ def plots(results: dict[str, Any], stem: Path) -> list[Path]:
         ax.bar(range(len(names)), vals)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
+    # CPU per request at 1000 req/s, all proxies of a shape together (a chain has two).
+    cpu = []
+    for s in names:
+        proxies = _get(shapes[s], "loads", "open-1000", "proxies") or {}
+        cpu.append(sum(p.get("cpu_s_per_1000_req") or 0 for p in proxies.values()) * 1000)
+    axes[2].bar(range(len(names)), cpu)
+    axes[2].set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    axes[2].set_title("CPU per request at 1000 req/s, us (all proxies of the shape)", fontsize=10)
     fig.tight_layout()
     path = stem.with_name(stem.name + "-throughput.png")
     fig.savefig(path, dpi=100)
