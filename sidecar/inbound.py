@@ -1037,6 +1037,10 @@ class _HttpConn(_BaseConn):
     def lost(self) -> None:
         if self.peer is None:
             return
+        self._release_exchanges()
+
+    def _release_exchanges(self) -> None:
+        """Tell every queued exchange and any tunnel that the downstream is gone."""
         self._cancel_timer()
         for ex in self.queue:
             ex.downstream_lost()

@@ -368,13 +368,7 @@ class _OutHttpConn(_HttpConn):
 
     def lost(self) -> None:
         # The base class skips this for unverified peers; an app connection has no TLS peer at all.
-        self._cancel_timer()
-        for ex in self.queue:
-            ex.downstream_lost()
-        self.queue.clear()
-        if self.tunnel is not None:
-            self.tunnel.downstream_lost()
-            self.tunnel = None
+        self._release_exchanges()
 
     def on_headers_complete(self) -> None:
         authority, target = _split_absolute(b"".join(self._url))
