@@ -322,6 +322,31 @@ class _Bucket:
         kind.add(rule.index, rule.methods, rule.callers)
 
 
+class _Best:
+    """The lowest matching rule index per kind, gathered over the buckets a request reaches."""
+
+    __slots__ = ("allow", "hard", "soft")
+
+    def __init__(self) -> None:
+        self.hard = self.allow = self.soft = _NONE
+
+    def take(self, b: _Bucket, method: str | None, peer: SpiffeId) -> None:
+        if b.hard is not None:
+            self.hard = b.hard.best(method, peer, self.hard)
+        if b.allow is not None:
+            self.allow = b.allow.best(method, peer, self.allow)
+        if b.soft is not None:
+            self.soft = b.soft.best(method, peer, self.soft)
+
+    def decision(self, policy: Policy) -> Decision | None:
+        """Enforced deny, else allow (turned into would-deny by a matching audit deny); None: no rule."""
+        if self.hard != _NONE:
+            return policy._decisions[self.hard]
+        if self.allow != _NONE:
+            return policy._decisions[self.soft if self.soft != _NONE else self.allow]
+        return None
+
+
 class _Node:
     __slots__ = ("children", "exact", "star", "subtree")
 
@@ -429,19 +454,14 @@ def _default_deny(policy: Policy, peer: SpiffeId, what: str) -> Decision:
 
 def authorize(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
     """Decide one request. `path` MUST come from `normalize_target` (`Target.path`)."""
-    hard = allow = soft = _NONE
+    best = _Best()
     nodes: list[_Node] = [policy._root]
     for seg in path[1:].split("/"):
         nxt: list[_Node] = []
         for node in nodes:
             b = node.subtree
             if b is not None:
-                if b.hard is not None:
-                    hard = b.hard.best(method, peer, hard)
-                if b.allow is not None:
-                    allow = b.allow.best(method, peer, allow)
-                if b.soft is not None:
-                    soft = b.soft.best(method, peer, soft)
+                best.take(b, method, peer)
             child = node.children.get(seg)
             if child is not None:
                 nxt.append(child)
@@ -453,35 +473,17 @@ def authorize(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decisio
     for node in nodes:
         for b in (node.subtree, node.exact):
             if b is not None:
-                if b.hard is not None:
-                    hard = b.hard.best(method, peer, hard)
-                if b.allow is not None:
-                    allow = b.allow.best(method, peer, allow)
-                if b.soft is not None:
-                    soft = b.soft.best(method, peer, soft)
-    if hard != _NONE:
-        return policy._decisions[hard]
-    if allow != _NONE:
-        return policy._decisions[soft if soft != _NONE else allow]
-    return _default_deny(policy, peer, f"{method} {path}")
+                best.take(b, method, peer)
+    return best.decision(policy) or _default_deny(policy, peer, f"{method} {path}")
 
 
 def authorize_connection(policy: Policy, peer: SpiffeId) -> Decision:
     """Decide a TCP-mode connection on the caller alone, from the rules for every path and method."""
+    best = _Best()
     b = policy._root.subtree
-    hard = allow = soft = _NONE
     if b is not None:
-        if b.hard is not None:
-            hard = b.hard.best(None, peer, hard)
-        if b.allow is not None:
-            allow = b.allow.best(None, peer, allow)
-        if b.soft is not None:
-            soft = b.soft.best(None, peer, soft)
-    if hard != _NONE:
-        return policy._decisions[hard]
-    if allow != _NONE:
-        return policy._decisions[soft if soft != _NONE else allow]
-    return _default_deny(policy, peer, "a connection")
+        best.take(b, None, peer)
+    return best.decision(policy) or _default_deny(policy, peer, "a connection")
 
 
 def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
