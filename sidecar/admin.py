@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import httpsite
 from .config import HostPort, Settings, describe_settings
 from .metrics import Metrics
 from .policy import Policy
@@ -104,17 +105,8 @@ class AdminServer:
 
     async def start(self) -> int:
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._listen.host, self._listen.port, reuse_address=True)
-        try:
-            await site.start()
-        except OSError:
-            await runner.cleanup()
-            raise
+        self._port = await httpsite.bind(runner, self._listen, "admin", log)
         self._runner = runner
-        addresses = runner.addresses
-        self._port = int(addresses[0][1]) if addresses else self._listen.port
-        log.info("admin listening on %s", HostPort(self._listen.host, self._port))
         return self._port
 
     async def stop(self) -> None:

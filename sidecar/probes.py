@@ -36,6 +36,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from . import httpsite
 from .annotations import ProbeRoute
 from .config import HostPort
 from .http1 import BadRequest
@@ -175,19 +176,13 @@ class ProbeServer:
         # Malformed requests from the network are the caller's problem: log them at DEBUG, without tracebacks.
         server = web.Server(self._handle, logger=_QuietLogger(log))
         runner = web.ServerRunner(server, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, self._listen.host, self._listen.port, reuse_address=True)
         try:
-            await site.start()
+            self._port = await httpsite.bind(runner, self._listen, "probe", log)
         except OSError:
-            await runner.cleanup()
             await self._session.close()
             self._session = None
             raise
         self._runner = runner
-        addresses = runner.addresses
-        self._port = int(addresses[0][1]) if addresses else self._listen.port
-        log.info("probe listening on %s", HostPort(self._listen.host, self._port))
         return self._port
 
     async def stop(self) -> None:
