@@ -1,5 +1,6 @@
 """Hot-path micro-benchmarks: path normalisation, policy decisions (10 and 1,000 rules), identity header
-rewrite, SPIFFE ID parsing, the audit line, and the whole inbound per-request glue without sockets.
+rewrite, SPIFFE ID parsing, the audit line, the per-request metrics call, and the whole inbound
+per-request glue without sockets.
 
 1,000 rules cost about what 10 do: `sidecar.policy` compiles path patterns into a segment trie (exact
 segment -> child, one `*` child, `**` subtree buckets) and indexes each bucket's rules by kind, method and
@@ -97,6 +98,20 @@ def test_audit_line(benchmark: Any) -> None:
 
     benchmark(emit)
     assert lines == []
+
+
+def test_request_metrics_record(benchmark: Any) -> None:
+    """The per-request metrics call (caller x method x status x decision x rule), target < 0.5 us."""
+    metrics = Metrics()
+    rec = metrics.recorder("inbound")
+    caller = str(CHECKOUT)
+
+    def record() -> None:
+        rec.record(caller, "allow", "checkout-reads-stock", "enforce", "GET", 200)
+
+    benchmark(record)
+    (row,) = metrics.callers()
+    assert row.caller == caller and row.requests >= 1
 
 
 def test_inbound_glue_per_request(benchmark: Any) -> None:

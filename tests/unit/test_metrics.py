@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-from sidecar.metrics import HotCounter, HotHistogram, Metrics
+from sidecar.metrics import OTHER, HotCounter, HotHistogram, Metrics, method_class, status_class
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LABELS = ["listener", "decision", "rule", "mode"]
@@ -122,3 +122,88 @@ def test_metrics_bundle_exports_the_hot_series() -> None:
     assert 'spiffe_sidecar_requests_total{decision="allow",listener="inbound",mode="enforce",rule="r"} 1.0' in text
     assert 'spiffe_sidecar_request_duration_seconds_bucket{le="0.0005",listener="inbound"} 1.0' in text
     assert "# TYPE spiffe_sidecar_request_duration_seconds histogram" in text
+
+
+# -- the per-request API (RequestRecorder) ------------------------------------------------------------------
+
+
+def _samples(m: Metrics, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out: dict[tuple[tuple[str, str], ...], float] = {}
+    for family in m.registry.collect():
+        for s in family.samples:
+            if s.name == name:
+                out[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_record_labels_classes_and_the_legacy_sum() -> None:
+    m = Metrics(clock=lambda: 1000.0)
+    rec = m.recorder("inbound")
+    rec.record("spiffe://a.test/x", "allow", "r1", "enforce", "GET", 200)
+    rec.record("spiffe://a.test/x", "allow", "r1", "enforce", "GET", 204)
+    rec.record("spiffe://a.test/x", "deny", "default-deny", "enforce", "PROPFIND", 403)
+    rec.record("-", "would-deny", "no-admin", "audit", "-", 0)
+    m.requests.labels(listener="inbound", decision="allow", rule="r1", mode="enforce").inc()  # legacy API
+    detail = _samples(m, "spiffe_sidecar_caller_requests_total")
+    key = (("caller", "spiffe://a.test/x"), ("decision", "allow"), ("listener", "inbound"), ("method", "GET"),
+           ("rule", "r1"), ("status_class", "2xx"))  # fmt: skip
+    assert detail[key] == 2.0
+    assert any(dict(k)["method"] == "other" and dict(k)["status_class"] == "4xx" for k in detail)
+    assert any(dict(k)["status_class"] == "none" and dict(k)["caller"] == "-" for k in detail)
+    legacy = _samples(m, "spiffe_sidecar_requests_total")
+    assert legacy[(("decision", "allow"), ("listener", "inbound"), ("mode", "enforce"), ("rule", "r1"))] == 3.0
+    assert sum(legacy.values()) == 5.0
+    rows = m.callers()
+    assert sum(r.requests for r in rows) == 4 and {r.last_seen for r in rows} == {1000.0}
+
+
+def test_method_and_status_classes() -> None:
+    assert [method_class(x) for x in ("GET", "HEAD", "OPTIONS", "get", "BREW", "-")] == [
+        "GET", "HEAD", "OPTIONS", "other", "other", "other"]  # fmt: skip
+    assert [status_class(x) for x in (100, 200, 302, 404, 503, 599, 0, 600, -1)] == [
+        "1xx", "2xx", "3xx", "4xx", "5xx", "5xx", "none", "none", "none"]  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(min_value=0, max_value=5),
+    st.lists(st.tuples(st.integers(0, 12), st.sampled_from(["GET", "POST", "X"]), st.sampled_from([200, 403, 0])),
+             max_size=80),
+)  # fmt: skip
+def test_callers_are_bounded_and_every_request_counted(max_callers: int, events: list[tuple[int, str, int]]) -> None:
+    m = Metrics(max_callers=max_callers, process=False)
+    rec = m.recorder("inbound")
+    for n, method, status in events:
+        rec.record(f"spiffe://a.test/c{n}", "allow", "r", "enforce", method, status)
+    detail = _samples(m, "spiffe_sidecar_caller_requests_total")
+    callers = {dict(k)["caller"] for k in detail}
+    assert len(callers - {OTHER}) <= max_callers
+    seen: list[str] = []
+    for n, _, _ in events:  # the first max_callers distinct callers keep their own label
+        if f"spiffe://a.test/c{n}" not in seen:
+            seen.append(f"spiffe://a.test/c{n}")
+    assert callers - {OTHER} == set(seen[:max_callers])
+    assert sum(detail.values()) == len(events) == sum(r.requests for r in m.callers())
+
+
+def test_recorder_raw_key_cache_is_bounded() -> None:
+    m = Metrics(max_callers=1, process=False)
+    rec = m.recorder("inbound")
+    for i in range(10_000):  # caller-chosen methods: each is a new raw key
+        rec.record("spiffe://a.test/x", "deny", "default-deny", "enforce", f"M{i}", 403)
+    assert len(rec._hot) <= 4096
+    assert sum(_samples(m, "spiffe_sidecar_caller_requests_total").values()) == 10_000
+
+
+def test_no_created_series_build_info_and_process_metrics() -> None:
+    m = Metrics()
+    m.recorder("inbound").record("spiffe://a.test/x", "allow", "r", "enforce", "GET", 200)
+    m.rotations.inc()
+    m.handshake_failures.labels(listener="inbound", reason="bad").inc()
+    text = generate_latest(m.registry).decode()
+    assert "_created" not in text
+    assert re.search(r'^spiffe_sidecar_build_info\{python="[\d.]+",version="[^"]+"\} 1\.0$', text, re.M)
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+                 "process_start_time_seconds"):  # fmt: skip
+        assert re.search(rf"^{name} \S+$", text, re.M), name
+    assert "python_gc" not in text  # only the collectors we chose
