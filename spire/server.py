@@ -245,7 +245,11 @@ class EmbeddedSpire:
         return self._ca(trust_domain).bundle_pem()
 
     def jwt_bundle_json(self, trust_domain: TrustDomain | str | None = None) -> bytes:
-        return jwks_json([self._jwt[self._ca(trust_domain).trust_domain]])
+        return jwks_json(self.jwt_authorities(trust_domain))
+
+    def jwt_authorities(self, trust_domain: TrustDomain | str | None = None) -> tuple[JwtAuthority, ...]:
+        """The JWT signing keys in a trust domain's JWT bundle, the signing one first (tests forge with it)."""
+        return (self._jwt[self._ca(trust_domain).trust_domain],)
 
     def rotate_ca(self, trust_domain: TrustDomain | str | None = None, *, reissue: bool = False) -> None:
         """Rotate a trust domain's CA now. The new CA is pushed in the bundle before it signs anything; the
