@@ -1,4 +1,8 @@
-"""The admin server (aiohttp, loopback by default): /healthz, /readyz, /metrics, /config. Read-only.
+"""The admin server (aiohttp, loopback by default): /healthz, /readyz, /metrics, /config, /callers. Read-only.
+
+`MetricsServer` is the second, scrapeable listener (on the pod IP, like Linkerd's 4191 or Istio's
+15020): it serves GET /metrics and nothing else, so Prometheus can scrape a pod without the admin
+endpoints (/config, /callers) ever leaving it.
 
 /readyz is what the injected startupProbe/readinessProbe use: ready means an unexpired X.509-SVID is held
 AND the listeners are bound, so traffic is only sent to a sidecar that can complete an mTLS handshake.
@@ -23,7 +27,7 @@ from .metrics import Metrics
 from .policy import Policy
 from .svid import X509Context
 
-__all__ = ["AdminServer", "config_view", "readiness"]
+__all__ = ["AdminServer", "MetricsServer", "callers_view", "config_view", "readiness"]
 
 log = logging.getLogger("spiffe_sidecar.admin")
 
@@ -62,6 +66,80 @@ def config_view(settings: Settings, policy: Policy | None, context: X509Context 
     return view
 
 
+def callers_view(metrics: Metrics) -> dict[str, Any]:
+    """What /callers serves: every caller series with its count and last-seen time (Unix seconds); the
+    `spiffe-sidecar callers` command aggregates it (sidecar/callers.py)."""
+    return {
+        "max_callers": metrics.caller_requests.max_callers,
+        "rows": [
+            {
+                "listener": r.listener,
+                "caller": r.caller,
+                "method": r.method,
+                "status_class": r.status_class,
+                "decision": r.decision,
+                "rule": r.rule,
+                "mode": r.mode,
+                "requests": r.requests,
+                "last_seen": r.last_seen,
+            }
+            for r in metrics.callers()
+        ],
+    }
+
+
+def _exposition(metrics: Metrics, svid_expiry: datetime | None, ready: bool) -> web.Response:
+    # Gauges read at scrape time: set just before rendering.
+    if svid_expiry is not None:
+        metrics.svid_expiry.set(svid_expiry.timestamp())
+    metrics.ready.set(1 if ready else 0)
+    body = generate_latest(metrics.registry)
+    # CONTENT_TYPE_LATEST carries a charset parameter, which aiohttp wants separately. The text format
+    # (not OpenMetrics) for every client: the same bytes promtool lints and Prometheus scrapes.
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class MetricsServer:
+    """GET /metrics only (every other path 404, every other method 405), for Prometheus on the pod IP.
+    `svid_expiry()` and `ready()` are read at scrape time, as the admin server does."""
+
+    def __init__(
+        self,
+        listen: HostPort,
+        *,
+        metrics: Metrics,
+        svid_expiry: Callable[[], datetime | None],
+        ready: Callable[[], bool],
+    ) -> None:
+        self._listen = listen
+        self._metrics = metrics
+        self._svid_expiry = svid_expiry
+        self._ready = ready
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        app = web.Application()
+        app.router.add_get("/metrics", self._handler)
+        self._app = app
+
+    @property
+    def port(self) -> int | None:
+        return self._port
+
+    async def start(self) -> int:
+        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        self._port = await httpsite.bind(runner, self._listen, "metrics", log)
+        self._runner = runner
+        return self._port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _handler(self, _request: web.Request) -> web.Response:
+        return _exposition(self._metrics, self._svid_expiry(), self._ready())
+
+
 class AdminServer:
     """Serves the admin endpoints on `listen`. State is read through injected callables at request time.
 
@@ -96,6 +174,7 @@ class AdminServer:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_get("/config", self._config)
+        app.router.add_get("/callers", self._callers)
         self._app = app
 
     @property
@@ -128,12 +207,10 @@ class AdminServer:
         return web.Response(status=503, text=f"not ready: {reason}\n")
 
     async def _metrics_handler(self, _request: web.Request) -> web.Response:
-        expiry = self._svid_expiry()
-        if expiry is not None:
-            self._metrics.svid_expiry.set(expiry.timestamp())
-        body = generate_latest(self._metrics.registry)
-        # CONTENT_TYPE_LATEST carries a charset parameter, which aiohttp wants separately.
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return _exposition(self._metrics, self._svid_expiry(), self.ready_reason() is None)
+
+    async def _callers(self, _request: web.Request) -> web.Response:
+        return web.json_response(callers_view(self._metrics))
 
     async def _config(self, _request: web.Request) -> web.Response:
         body = json.dumps(self._config_view(), indent=2, sort_keys=False, default=str)

@@ -18,6 +18,7 @@ objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annot
 | `cpu-request` `memory-request` `cpu-limit` `memory-limit` | Kubernetes quantities for the sidecar |
 | `native-sidecar` | `true`/`false`: override the injector's default (native initContainer vs classic) |
 | `strict-bypass-check` | `true`: the sidecar refuses to become ready while the app port answers on the pod IP |
+| `metrics-port` | the read-only /metrics port on the pod IP (default: the injector's, 15020) |
 | `status` | written by the injector (JSON); never set it by hand |
 
 Compact policy lines (`#` starts a comment line; blank lines are ignored):
@@ -99,6 +100,7 @@ KEYS: Final = (
     "memory-limit",
     "native-sidecar",
     "strict-bypass-check",
+    "metrics-port",
     "status",
 )
 _KEYS_SET: Final = frozenset(KEYS)
@@ -148,6 +150,7 @@ class SidecarAnnotations:
     native_sidecar: bool | None
     strict_bypass_check: bool
     has_policy: bool  # False when the inbound-policy annotation is absent
+    metrics_port: int | None = None  # None: the injector's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +274,7 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
     strict = False
     if "strict-bypass-check" in values:
         strict = bool(_bool(c, "strict-bypass-check", values["strict-bypass-check"]))
+    metrics_port = _port(c, "metrics-port", values["metrics-port"]) if "metrics-port" in values else None
     if "status" in values:
         try:
             json.loads(values["status"])
@@ -294,6 +298,7 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
         native_sidecar=native,
         strict_bypass_check=strict,
         has_policy="inbound-policy" in values,
+        metrics_port=metrics_port,
     )
 
 
@@ -674,6 +679,7 @@ def settings_from_annotations(
             Problem(annotation_source("app-port"), f"required (or env {_config.ENV_APP_PORT}): the app's port")
         )
     admin_port = _env_port(problems, environ, _config.ENV_ADMIN_PORT, allow_zero=True)
+    metrics_port = _env_port(problems, environ, _config.ENV_METRICS_PORT, allow_zero=True)
 
     names = [str(t.target) for t in ann.outbound]
     outbound = tuple(
@@ -699,6 +705,8 @@ def settings_from_annotations(
         admin=_config.AdminSettings(HostPort("127.0.0.1", DEFAULT_ADMIN_PORT if admin_port is None else admin_port)),
         log_level=log_level,
         outbound=outbound,
+        # The injector sets the port (metrics-port annotation or its default); Prometheus scrapes the pod IP.
+        metrics=_config.MetricsSettings(None if metrics_port is None else HostPort(host, metrics_port)),
     )
 
 

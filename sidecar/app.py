@@ -1,7 +1,8 @@
 """Composition root: the only module that wires the edges together (source -> TLS, policy -> inbound, ...).
 
 Lifecycle of `run()`:
-1. build metrics, audit log, SVID source, TLS contexts, policy holder; start the admin server (readyz 503);
+1. build metrics, audit log, SVID source, TLS contexts, policy holder; start the admin server (readyz 503)
+   and, when configured, the read-only /metrics listener for Prometheus;
 2. wait for the first X.509-SVID (deadline `first_svid_timeout`, progress logged every few seconds);
 3. bind every configured listener (inbound, outbound ports, outbound proxy), log one "ready" line;
    readyz turns 200 only then (an outbound-only sidecar, a pure client, has no inbound listener);
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from .admin import AdminServer, config_view
+from .admin import AdminServer, MetricsServer, config_view
 from .annotations import PodRuntime, load_annotations_policy
 from .audit import AuditLog, open_writer
 from .bypass import BypassCheck, BypassMonitor
@@ -141,7 +142,9 @@ def _rule_summary(policy: Policy) -> str:
     return f"{len(policy.describe())} lines"
 
 
-def _make_source(settings: Settings) -> WorkloadApiSource | PemFileSource:
+def _make_source(
+    settings: Settings, on_event: Callable[[SourceEvent], None]
+) -> WorkloadApiSource | PemFileSource:
     src = settings.source
     if isinstance(src, PemSourceSettings):
         return PemFileSource(
@@ -151,9 +154,9 @@ def _make_source(settings: Settings) -> WorkloadApiSource | PemFileSource:
             trust_domain=src.trust_domain,
             federated=dict(src.federated),
             poll_interval=src.poll_interval,
-            on_event=_source_event,
+            on_event=on_event,
         )
-    return WorkloadApiSource(src.endpoint, on_event=_source_event)
+    return WorkloadApiSource(src.endpoint, on_event=on_event)
 
 
 _EVENT_LEVELS = {
@@ -167,6 +170,21 @@ _EVENT_LEVELS = {
     "subscriber_error": logging.ERROR,
     "fatal": logging.ERROR,
 }
+
+
+def _source_metrics(metrics: Metrics) -> Callable[[SourceEvent], None]:
+    """Log each source event and keep spiffe_sidecar_svid_source_up / _errors_total (the alerts read them)."""
+
+    def on_event(event: SourceEvent) -> None:
+        _source_event(event)
+        if event.kind in ("connected", "update"):
+            metrics.source_connected.set(1)
+        elif event.kind in ("stream_error", "fatal", "expired"):
+            metrics.source_connected.set(0)
+        if event.kind in ("stream_error", "rejected", "fatal"):
+            metrics.source_errors.labels(kind=event.kind).inc()
+
+    return on_event
 
 
 def _source_event(event: SourceEvent) -> None:
@@ -199,7 +217,7 @@ async def run(
     if inbound_settings is None and not settings.outbound and settings.outbound_proxy is None:
         log.error("nothing to run: the config has no inbound, outbound or outbound_proxy listener")
         return 2
-    metrics = Metrics()
+    metrics = Metrics(max_callers=settings.metrics.max_callers)
     write, close_audit = open_writer(settings.audit.path)
     audit = AuditLog(settings.audit, write=write, clock=time.time, metrics=metrics, rng=random.random)
     policy_ref = None if inbound_settings is None or inbound_settings.policy is None else PolicyRef(
@@ -207,7 +225,7 @@ async def run(
     )
     tls = TlsContexts()
     state = _State()
-    source = _make_source(settings)
+    source = _make_source(settings, _source_metrics(metrics))
     stop = asyncio.Event()
 
     def on_context(ctx: X509Context) -> None:
@@ -223,6 +241,8 @@ async def run(
         state.context = ctx
         metrics.rotations.inc()
         metrics.svid_expiry.set(ctx.expires_at.timestamp())
+        leaf = ctx.default_svid.leaf
+        metrics.svid_lifetime.set((leaf.not_valid_after_utc - leaf.not_valid_before_utc).total_seconds())
         log.info("X509 context applied: %s, SVID expires %s", ctx.default_svid.spiffe_id, ctx.expires_at.isoformat())
 
     def svid_expiry() -> datetime | None:
@@ -255,6 +275,14 @@ async def run(
         config_view=lambda: config_view(settings, None if policy_ref is None else policy_ref.policy, source.current()),
         hold=(lambda: None) if bypass is None else bypass.hold_reason,
     )
+    scrape = None
+    if settings.metrics.listen is not None:
+        scrape = MetricsServer(
+            settings.metrics.listen,
+            metrics=metrics,
+            svid_expiry=svid_expiry,
+            ready=lambda: admin.ready_reason() is None,
+        )
     probe = None
     if pod is not None and pod.probe_listen is not None:
         probe = ProbeServer(pod.probe_listen, pod.probe_routes, ready_reason=admin.ready_reason, metrics=metrics)
@@ -277,6 +305,11 @@ async def run(
                 await admin.start()
             except OSError as exc:
                 state.fail(1, f"admin listener {settings.admin.listen}: {exc.strerror or exc}", stop)
+            if scrape is not None and not stop.is_set():
+                try:
+                    await scrape.start()
+                except OSError as exc:
+                    state.fail(1, f"metrics listener {settings.metrics.listen}: {exc.strerror or exc}", stop)
             if probe is not None and not stop.is_set():
                 try:  # up before the SVID: the kubelet's startupProbe reads readyz (503 until ready) here
                     await probe.start()
@@ -357,10 +390,11 @@ async def run(
         with contextlib.suppress(Exception):
             async with asyncio.timeout(_STOP_GRACE):
                 await admin.stop()
-        if probe is not None:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_STOP_GRACE):
-                    await probe.stop()
+        for server in (probe, scrape):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(_STOP_GRACE):
+                        await server.stop()
         audit.flush_dropped()
         close_audit()
     if state.exit_code:

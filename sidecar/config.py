@@ -138,6 +138,15 @@ class AdminSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """`listen`: the read-only /metrics listener for Prometheus (None: only the admin /metrics);
+    `max_callers`: distinct caller SPIFFE IDs labelled by name, the rest count as `other`."""
+
+    listen: HostPort | None = None
+    max_callers: int = 50
+
+
+@dataclass(frozen=True, slots=True)
 class AuditSettings:
     path: str = "-"  # "-" is stdout
     sample_allows: float = 1.0  # fraction of allow decisions logged; denies are always logged
@@ -156,6 +165,7 @@ class Settings:
     log_level: str = "info"
     outbound: tuple[OutboundRoute, ...] = ()
     outbound_proxy: OutboundProxySettings | None = None
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -166,6 +176,7 @@ ENV_SOCKET: Final = "SPIFFE_ENDPOINT_SOCKET"  # SPIFFE Workload Endpoint §4: th
 ENV_INBOUND_PORT: Final = "SPIFFE_SIDECAR_INBOUND_PORT"
 ENV_APP_PORT: Final = "SPIFFE_SIDECAR_APP_PORT"
 ENV_ADMIN_PORT: Final = "SPIFFE_SIDECAR_ADMIN_PORT"
+ENV_METRICS_PORT: Final = "SPIFFE_SIDECAR_METRICS_PORT"  # the /metrics listener (all interfaces unless listen is set)
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -452,8 +463,12 @@ def _env_port(c: _Collector, environ: Mapping[str, str], name: str, *, allow_zer
 
 
 _TOP_KEYS: Final = frozenset(
-    {"svid_source", "inbound", "outbound", "outbound_proxy", "admin", "audit", "timeouts", "limits", "log_level"}
-)
+    {
+        "svid_source", "inbound", "outbound", "outbound_proxy", "admin", "audit", "timeouts", "limits", "log_level",
+        "metrics",
+    }
+)  # fmt: skip
+_METRICS_KEYS: Final = frozenset({"listen", "max_callers"})
 _OUTBOUND_KEYS: Final = frozenset({"name", "listen", "target", "expect", "mode"})
 _PROXY_KEYS: Final = frozenset({"listen", "routes"})
 _PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect"})
@@ -505,6 +520,8 @@ def parse_settings(
         admin = AdminSettings(listen)
     if (port := _env_port(c, environ, ENV_ADMIN_PORT, allow_zero=True)) is not None:
         admin = AdminSettings(HostPort(admin.listen.host, port))
+
+    metrics = _parse_metrics(c, top.get("metrics"), environ)
 
     audit = AuditSettings()
     audit_m = _mapping(c, top.get("audit"), "audit", _AUDIT_KEYS)
@@ -560,7 +577,21 @@ def parse_settings(
         log_level=log_level,
         outbound=outbound,
         outbound_proxy=outbound_proxy,
+        metrics=metrics,
     )
+
+
+def _parse_metrics(c: _Collector, value: Any, environ: Mapping[str, str]) -> MetricsSettings:
+    default = MetricsSettings()
+    m = _mapping(c, value, "metrics", _METRICS_KEYS)
+    listen = default.listen
+    max_callers = default.max_callers
+    if m is not None:
+        listen = _host_port(c, m, "listen", "metrics", None, allow_zero=True) if "listen" in m else None
+        max_callers = _int(c, m, "max_callers", "metrics", default.max_callers, 0)
+    if (port := _env_port(c, environ, ENV_METRICS_PORT, allow_zero=True)) is not None:
+        listen = HostPort("0.0.0.0" if listen is None else listen.host, port)  # Prometheus scrapes the pod IP
+    return MetricsSettings(listen, max_callers)
 
 
 def _problem_order(p: Problem) -> tuple[int, int]:
@@ -887,6 +918,10 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
             },
         },
         "admin": {"listen": str(settings.admin.listen)},
+        "metrics": {
+            "listen": None if settings.metrics.listen is None else str(settings.metrics.listen),
+            "max_callers": settings.metrics.max_callers,
+        },
         "audit": {
             "path": settings.audit.path,
             "sample_allows": settings.audit.sample_allows,

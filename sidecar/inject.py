@@ -21,6 +21,10 @@ What is injected (kubernetes-notes §1, §3, §4):
 * The SPIFFE CSI volume (`csi.spiffe.io`, readOnly) at /spiffe-workload-api and SPIFFE_ENDPOINT_SOCKET;
   a downward API volume with `metadata.annotations` (a directory mount, not subPath, so the kubelet's
   `..data` swap reaches the sidecar and the policy reloads live).
+* Metrics: a read-only /metrics port on the pod IP (default 15020, the `metrics-port` annotation or
+  `metricsPort`; 0 turns it off), the named containerPort `spiffe-metrics`, and the pod annotations
+  `prometheus.io/scrape|port|path` for the scrape configs that honour them, unless the pod already has
+  `prometheus.io/` annotations of its own (they are the app's: left alone, with a warning).
 * `spiffe-sidecar.io/status` (JSON: version, injected names). A pod that has it, or that has a container
   or init container named like the sidecar, is left alone: a second `mutate()` is a no-op.
 """
@@ -46,7 +50,7 @@ from .annotations import (
     SidecarAnnotations,
     parse_pod_annotations,
 )
-from .config import ENV_ADMIN_PORT, ENV_APP_PORT, ENV_INBOUND_PORT, ENV_SOCKET
+from .config import ENV_ADMIN_PORT, ENV_APP_PORT, ENV_INBOUND_PORT, ENV_METRICS_PORT, ENV_SOCKET
 from .errors import ConfigError, Problem
 
 __all__ = [
@@ -57,6 +61,7 @@ __all__ = [
     "ENV_PROBE_PORT",
     "HEALTHZ_PATH",
     "INJECTOR_VERSION",
+    "METRICS_PORT_NAME",
     "MIRROR_ANNOTATION",
     "PODINFO_VOLUME",
     "READYZ_PATH",
@@ -79,6 +84,8 @@ _APP_PROBE_PREFIX: Final = "/spiffe-sidecar/app-probe/"
 ENV_POD_NAMESPACE: Final = "SPIFFE_SIDECAR_POD_NAMESPACE"
 INBOUND_PORT_NAME: Final = "spiffe-mtls"
 PROBE_PORT_NAME: Final = "spiffe-probe"
+METRICS_PORT_NAME: Final = "spiffe-metrics"
+PROMETHEUS_PREFIX: Final = "prometheus.io/"
 _PROBE_KINDS: Final = ("startupProbe", "readinessProbe", "livenessProbe")
 _IMAGE_RE: Final = re.compile(r"[^\s]+")
 _DNS_LABEL_RE: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -94,6 +101,7 @@ class InjectSettings:
     sidecar_name: str = "spiffe-sidecar"
     admin_port: int = 15000
     probe_port: int = 15021
+    metrics_port: int = 15020  # 0: no metrics listener, no prometheus.io annotations
     csi_driver: str = "csi.spiffe.io"
     socket_dir: str = "/spiffe-workload-api"
     socket_name: str = "spire-agent.sock"
@@ -124,6 +132,7 @@ class InjectSettings:
             "sidecarName": ("sidecar_name", str),
             "adminPort": ("admin_port", int),
             "probePort": ("probe_port", int),
+            "metricsPort": ("metrics_port", int),
             "csiDriver": ("csi_driver", str),
             "socketDir": ("socket_dir", str),
             "socketName": ("socket_name", str),
@@ -170,6 +179,10 @@ class InjectSettings:
                 out.append(f"{name} must be 1-65535")
         if self.admin_port == self.probe_port:
             out.append("adminPort and probePort must differ")
+        if not 0 <= self.metrics_port <= 65535:
+            out.append("metrics_port must be 0-65535 (0: off)")
+        elif self.metrics_port in (self.admin_port, self.probe_port):
+            out.append("metricsPort must differ from adminPort and probePort")
         for name in ("startup_failure_threshold", "startup_period_seconds", "wait_ready_seconds"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1")
@@ -263,18 +276,26 @@ def inject(pod: Mapping[str, Any], *, namespace: str, settings: InjectSettings) 
         warnings.append(f"spiffe-sidecar.io/app-port not set: using containerPort {app_port}")
 
     used = _used_ports(containers, init_containers)
+    metrics_port = settings.metrics_port if ann.metrics_port is None else ann.metrics_port
     ours = {ann.inbound_port: "inbound", settings.probe_port: "probe", settings.admin_port: "admin"}
     if len(ours) != 3:
         problems.append(
             Problem("annotation spiffe-sidecar.io/inbound-port", "clashes with the sidecar's admin or probe port")
         )
+    if metrics_port:
+        if metrics_port in ours:
+            problems.append(
+                Problem("annotation spiffe-sidecar.io/metrics-port", f"{metrics_port} is the sidecar's "
+                        f"{ours[metrics_port]} port")
+            )  # fmt: skip
+        ours[metrics_port] = "metrics"
     for port, what in ours.items():
         if port == app_port:
             problems.append(Problem("annotation spiffe-sidecar.io/app-port", f"{port} is the sidecar's {what} port"))
         elif port in used:
             problems.append(Problem("pod", f"container {used[port]} uses port {port}, the sidecar's {what} port"))
     port_names = {p.get("name") for c in [*containers, *init_containers] if isinstance(c, dict) for p in _ports(c)}
-    for pname in (INBOUND_PORT_NAME, PROBE_PORT_NAME):
+    for pname in (INBOUND_PORT_NAME, PROBE_PORT_NAME, METRICS_PORT_NAME):
         if pname in port_names:
             problems.append(Problem("pod", f"a container already has a port named {pname}"))
     if spec.get("hostNetwork") is True:
@@ -283,7 +304,7 @@ def inject(pod: Mapping[str, Any], *, namespace: str, settings: InjectSettings) 
         raise ConfigError(problems)
 
     routes = _rewrite_probes(containers, app_port, settings.probe_port, warnings)
-    sidecar = _sidecar_container(settings, ann, app_port, routes, native)
+    sidecar = _sidecar_container(settings, ann, app_port, routes, native, metrics_port)
     if native:
         spec["initContainers"] = [sidecar, *init_containers]
     else:
@@ -299,6 +320,16 @@ def inject(pod: Mapping[str, Any], *, namespace: str, settings: InjectSettings) 
         "volumes": [WORKLOAD_API_VOLUME, PODINFO_VOLUME],
     }
     new_annotations = dict(annotations)
+    if metrics_port:
+        if any(isinstance(k, str) and k.startswith(PROMETHEUS_PREFIX) for k in annotations):
+            warnings.append(
+                "the pod has prometheus.io/ annotations of its own: kept; scrape the sidecar's "
+                f"{METRICS_PORT_NAME} port ({metrics_port}) with the chart's PodMonitor"
+            )
+        else:
+            new_annotations[PROMETHEUS_PREFIX + "scrape"] = "true"
+            new_annotations[PROMETHEUS_PREFIX + "port"] = str(metrics_port)
+            new_annotations[PROMETHEUS_PREFIX + "path"] = "/metrics"
     new_annotations[STATUS_ANNOTATION] = json.dumps(status, separators=(",", ":"), sort_keys=True)
     metadata["annotations"] = new_annotations
     return InjectResult(out, True, None, tuple(warnings), routes)
@@ -389,7 +420,12 @@ def _rewrite_probes(
 
 
 def _sidecar_container(
-    settings: InjectSettings, ann: SidecarAnnotations, app_port: int, routes: tuple[ProbeRoute, ...], native: bool
+    settings: InjectSettings,
+    ann: SidecarAnnotations,
+    app_port: int,
+    routes: tuple[ProbeRoute, ...],
+    native: bool,
+    metrics_port: int,
 ) -> dict[str, Any]:
     def http_probe(path: str, period: int, failures: int) -> dict[str, Any]:
         return {
@@ -449,6 +485,9 @@ def _sidecar_container(
         "livenessProbe": http_probe(HEALTHZ_PATH, 10, 3),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if metrics_port:
+        container["env"].append({"name": ENV_METRICS_PORT, "value": str(metrics_port)})
+        container["ports"].append({"name": METRICS_PORT_NAME, "containerPort": metrics_port, "protocol": "TCP"})
     if native:
         container["restartPolicy"] = "Always"
     else:

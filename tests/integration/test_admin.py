@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sidecar.admin import AdminServer, config_view, readiness
+from sidecar.admin import AdminServer, MetricsServer, config_view, readiness
 from sidecar.config import HostPort, Settings, load_policy, parse_settings
 from sidecar.identity import TrustDomain
 from sidecar.metrics import Metrics
@@ -186,3 +186,49 @@ def test_config_view_without_identity_or_policy() -> None:
     assert view["identity"] is None and view["policy"] is None and view["inbound"] is None
     json.dumps(view)
     assert load_policy(POLICY, "p.yaml").to_dict()["rules"]
+
+
+async def test_callers_endpoint_serves_the_recorder_rows(admin: tuple[AdminServer, State, str, Metrics]) -> None:
+    _, _, base, metrics = admin
+    rec = metrics.recorder("inbound")
+    rec.record("spiffe://a.test/ns/shop/sa/checkout", "allow", "checkout-reads-stock", "enforce", "GET", 200)
+    rec.record("spiffe://a.test/ns/shop/sa/checkout", "allow", "checkout-reads-stock", "enforce", "GET", 200)
+    rec.record("spiffe://a.test/ns/shop/sa/reporting", "deny", "default-deny", "enforce", "GET", 403)
+    status, body, content_type = await get(base + "/callers")
+    assert status == 200 and content_type.startswith("application/json")
+    view = json.loads(body)
+    assert view["max_callers"] == 50
+    by_caller = {(r["caller"], r["decision"]): r for r in view["rows"]}
+    ok = by_caller[("spiffe://a.test/ns/shop/sa/checkout", "allow")]
+    assert ok["requests"] == 2 and ok["rule"] == "checkout-reads-stock" and ok["status_class"] == "2xx"
+    assert ok["last_seen"] > 0
+    assert by_caller[("spiffe://a.test/ns/shop/sa/reporting", "deny")]["requests"] == 1
+
+
+@pytest.fixture
+async def scrape() -> AsyncIterator[tuple[str, Metrics]]:
+    metrics = Metrics()
+    server = MetricsServer(
+        HostPort("127.0.0.1", 0), metrics=metrics, svid_expiry=lambda: NOW, ready=lambda: True
+    )
+    port = await server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", metrics
+    finally:
+        await server.stop()
+
+
+async def test_metrics_listener_serves_only_metrics(scrape: tuple[str, Metrics]) -> None:
+    base, metrics = scrape
+    metrics.recorder("inbound").record("spiffe://a.test/x", "allow", "r", "enforce", "GET", 200)
+    status, body, content_type = await get(base + "/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    assert "spiffe_sidecar_ready 1.0" in body and "spiffe_sidecar_build_info{" in body
+    assert 'caller="spiffe://a.test/x"' in body and "_created" not in body
+    for path in ("/config", "/callers", "/readyz", "/healthz", "/"):
+        assert (await get(base + path))[0] == 404, path  # the admin endpoints never leave the pod
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for method in ("POST", "PUT", "DELETE"):
+            async with session.request(method, base + "/metrics") as resp:
+                assert resp.status == 405

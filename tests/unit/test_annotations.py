@@ -533,3 +533,16 @@ def test_injected_environment_names_match() -> None:
     names = {e["name"] for e in sc["env"]}
     assert {ann_mod.ENV_PROBE_PORT, ann_mod.ENV_PROBES, ann_mod.ENV_POD_IP} <= names
     assert ann_mod.ENV_LISTEN_HOST not in names  # a test/ops override, never injected
+
+
+def test_metrics_port_annotation_and_the_injected_metrics_listener() -> None:
+    ann = ann_mod.parse_pod_annotations({"spiffe-sidecar.io/metrics-port": "9102"})
+    assert ann.metrics_port == 9102
+    assert ann_mod.parse_pod_annotations({}).metrics_port is None
+    with pytest.raises(ConfigError, match="metrics-port"):
+        ann_mod.parse_pod_annotations({"spiffe-sidecar.io/metrics-port": "http"})
+    text = _downward({"spiffe-sidecar.io/inbound-policy": f"allow GET /api/* from {_CHECKOUT}"})
+    settings, _ = ann_mod.annotations_mode(text, {**_ENV, "SPIFFE_SIDECAR_METRICS_PORT": "15020"}, _FILE)
+    assert settings.metrics.listen == HostPort("0.0.0.0", 15020)  # the pod IP: Prometheus scrapes it
+    settings, _ = ann_mod.annotations_mode(text, {k: v for k, v in _ENV.items() if "METRICS" not in k}, _FILE)
+    assert settings.metrics.listen is None

@@ -592,3 +592,17 @@ def test_target_down_backoff_is_a_timeout() -> None:
     assert len(got) == 1
     assert re.match(r"side\.yaml:\d+: timeouts\.target_down_backoff: duration must be positive", got[0])
     assert "target_down_backoff" in (CONFIG_DIR / "inventory.yaml").read_text()  # documented in the schema
+
+
+def test_metrics_listener_from_the_file_or_the_environment() -> None:
+    assert parse(MINIMAL).metrics.listen is None  # only the admin /metrics by default
+    s = parse(MINIMAL + 'metrics: {listen: "0.0.0.0:15020", max_callers: 5}\n')
+    assert s.metrics.listen == HostPort("0.0.0.0", 15020) and s.metrics.max_callers == 5
+    assert parse(MINIMAL, {"SPIFFE_SIDECAR_METRICS_PORT": "9102"}).metrics.listen == HostPort("0.0.0.0", 9102)
+    s = parse(MINIMAL + 'metrics: {listen: "10.0.0.7:15020"}\n', {"SPIFFE_SIDECAR_METRICS_PORT": "9102"})
+    assert s.metrics.listen == HostPort("10.0.0.7", 9102)
+    assert sorted(problems(MINIMAL + "metrics: {listen: nowhere, max_callers: -1, path: /m}\n")) == [
+        "side.yaml:7: metrics.listen: expected \"host:port\", got 'nowhere'",
+        "side.yaml:7: metrics.max_callers: must be >= 0, got -1",
+        "side.yaml:7: metrics.path: unknown key (expected one of: listen, max_callers)",
+    ]

@@ -314,3 +314,37 @@ def test_property_idempotent_and_valid(paths: list[str], ports: list[Any], nativ
             for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
                 if kind in c:
                     assert c[kind]["httpGet"]["port"] == 15021 and c[kind]["httpGet"]["path"] in routes
+
+
+def test_metrics_port_and_prometheus_annotations() -> None:
+    out = mutate(pod(app_port="8080"), namespace="shop", settings=SETTINGS)
+    c = sidecar_of(out)
+    assert {"name": "spiffe-metrics", "containerPort": 15020, "protocol": "TCP"} in c["ports"]
+    assert env_of(c)["SPIFFE_SIDECAR_METRICS_PORT"] == "15020"
+    ann = out["metadata"]["annotations"]
+    assert (ann["prometheus.io/scrape"], ann["prometheus.io/port"], ann["prometheus.io/path"]) == (
+        "true", "15020", "/metrics")  # fmt: skip
+    # The annotation moves the port; the injected pod is still valid.
+    out = mutate(pod(app_port="8080", metrics_port="9102"), namespace="shop", settings=SETTINGS)
+    assert out["metadata"]["annotations"]["prometheus.io/port"] == "9102"
+    assert env_of(sidecar_of(out))["SPIFFE_SIDECAR_METRICS_PORT"] == "9102"
+    kubernetes_validate.validate(out, "1.29.0", strict=True)
+
+
+def test_the_apps_own_prometheus_annotations_are_kept() -> None:
+    p = pod(app_port="8080")
+    p["metadata"]["annotations"]["prometheus.io/port"] = "9100"
+    result = inject(p, namespace="shop", settings=SETTINGS)
+    assert result.pod["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    assert "prometheus.io/scrape" not in result.pod["metadata"]["annotations"]
+    assert any("prometheus.io/ annotations of its own" in w for w in result.warnings)
+
+
+def test_metrics_port_off_and_clashes() -> None:
+    out = mutate(pod(app_port="8080"), namespace="shop", settings=InjectSettings(metrics_port=0))
+    assert not any(k.startswith("prometheus.io/") for k in out["metadata"]["annotations"])
+    assert "SPIFFE_SIDECAR_METRICS_PORT" not in env_of(sidecar_of(out))
+    with pytest.raises(ConfigError, match=r"metrics-port.*probe port"):
+        mutate(pod(app_port="8080", metrics_port="15021"), namespace="shop", settings=SETTINGS)
+    with pytest.raises(ConfigError, match="must differ"):
+        InjectSettings.from_mapping({"metricsPort": 15000}, "cm")
