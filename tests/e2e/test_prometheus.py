@@ -30,6 +30,7 @@ from tests.integration.test_app import CHECKOUT, INVENTORY, TD, start_app, wait_
 pytestmark = pytest.mark.timeout(180)
 
 SCRIPT = Path(sys.executable).parent / "spiffe-sidecar"
+DASHBOARD = Path(__file__).resolve().parents[2] / "helm" / "spiffe-sidecar" / "files" / "dashboard.json"
 POLICY = f"""\
 rules:
   - name: checkout-reads-stock
@@ -190,6 +191,10 @@ async def test_prometheus_scrapes_the_sidecar_and_promtool_accepts_its_metrics(t
                 assert await until(prom, "process_resident_memory_bytes > 0")
                 assert await query(prom, '{__name__=~".+_created"}') == []  # no doubled series
                 series = await query(prom, 'count({job="spiffe-sidecar"})')
+                # Every query of the chart's dashboard is valid PromQL for this Prometheus (Grafana's
+                # variables filled in as it would), and the caller/decision panels find data.
+                for expr in dashboard_queries():
+                    await query(prom, expr)
                 targets = await _targets(prom)
                 assert targets[0]["health"] == "up" and targets[0]["lastError"] == ""
                 print(
@@ -199,6 +204,19 @@ async def test_prometheus_scrapes_the_sidecar_and_promtool_accepts_its_metrics(t
                 )
     finally:
         await runner.cleanup()
+
+
+def dashboard_queries() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    subst = {"$namespace": ".*", "$pod": ".*", "$__rate_interval": "1m", "$__range": "5m"}
+    out = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for k, v in subst.items():
+                expr = expr.replace(k, v)
+            out.append(expr)
+    return out
 
 
 async def _targets(base: str) -> list[dict[str, Any]]:

@@ -25,7 +25,9 @@ from sidecar.annotations import PREFIX, parse_pod_annotations
 from sidecar.identity import SpiffeId
 from sidecar.inject import InjectSettings
 from sidecar.inject_cli import inject_documents
+from sidecar.metrics import Metrics
 from sidecar.policy import authorize
+from tests import promtools
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "spiffe-sidecar"
@@ -36,6 +38,8 @@ SVC_HOST = f"{FULLNAME}.{NAMESPACE}.svc"
 VERSIONS = [f"1.{m}.0" for m in range(29, 38)]
 CRDS = {
     ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("cert-manager.io/v1", "Certificate"),
     ("cert-manager.io/v1", "Issuer"),
 }
@@ -48,6 +52,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "classic": {"injection": {"native": False}},
     "network-policy": {"networkPolicy": {"enabled": True, "namespaces": ["shop", "billing"]}},
+    "monitoring": {
+        "monitoring": {
+            "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "prometheusRule": {"enabled": True},
+            "dashboard": {"enabled": True, "namespace": "grafana"},
+        },
+        "networkPolicy": {
+            "enabled": True,
+            "namespaces": ["shop"],
+            "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        },
+    },
     "minimal": {
         "webhook": {
             "replicas": 1,
@@ -119,6 +135,8 @@ def test_objects_per_variant(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert "Issuer" not in kinds(rendered["cert-manager-issuer"])
     assert kinds(rendered["network-policy"]).count("NetworkPolicy") == 2
     assert kinds(rendered["minimal"]) == sorted([*base, "Secret"])
+    assert {"PodMonitor", "PrometheusRule"} <= set(kinds(rendered["monitoring"]))
+    assert kinds(rendered["monitoring"]).count("ConfigMap") == 2  # settings + dashboard
 
 
 def test_no_rbac_and_no_token(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -270,9 +288,12 @@ def test_network_policy(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for d in nps:
         assert d["spec"]["podSelector"] == {"matchLabels": {"spiffe-sidecar.io/inject": "true"}}
         assert d["spec"]["policyTypes"] == ["Ingress"]
-        (rule,) = d["spec"]["ingress"]
+        rule, metrics = d["spec"]["ingress"]
         assert "from" not in rule  # any source: mTLS authenticates callers; kubelet probes come from node IPs
         assert rule["ports"] == [{"port": 8443, "protocol": "TCP"}, {"port": 15021, "protocol": "TCP"}]
+        assert metrics == {"ports": [{"port": 15020, "protocol": "TCP"}]}  # no metricsFrom: any scraper
+    (np,) = [d for d in rendered["monitoring"] if d["kind"] == "NetworkPolicy"]
+    assert np["spec"]["ingress"][1]["from"] == VARIANTS["monitoring"]["networkPolicy"]["metricsFrom"]
 
 
 def test_deployment_shape(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -465,3 +486,77 @@ def test_webhook_serves_with_chart_cert_and_settings(webhook_process: tuple[int,
     patch = json.loads(base64.b64decode(out["response"]["patch"]))
     init = next(op for op in patch if op["path"] == "/spec/initContainers")
     assert init["value"][0]["image"] == "spiffe-sidecar:0.1.0"
+
+
+# -- monitoring: PodMonitor, PrometheusRule (promtool), Grafana dashboard ---------------------------------
+
+ALERTS_TEST = ROOT / "helm" / "alerts.test.yaml"
+_METRIC_RE = re.compile(r"\b((?:spiffe_sidecar|process)_[a-z_]+)\b")
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the sidecar can export (families with a sample of each kind)."""
+    m = Metrics()
+    m.recorder("inbound").record("spiffe://a.test/x", "allow", "r", "enforce", "GET", 200)
+    names: set[str] = set()
+    for family in m.registry.collect():
+        names.add(family.name)
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "info": ["_info"]}
+        names.update(family.name + s for s in suffixes.get(family.type, []))
+        names.update(s.name for s in family.samples)
+    return names
+
+
+def test_pod_monitor_scrapes_the_injected_metrics_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    pm = one(rendered["monitoring"], "PodMonitor")
+    assert pm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    spec = pm["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel", "podTargetLabels"}
+    assert set(spec["namespaceSelector"]) <= {"any", "matchNames"}  # the CRD knows only these (notes §3)
+    (endpoint,) = spec["podMetricsEndpoints"]
+    # The port name the injector gives the sidecar's metrics port.
+    from sidecar.inject import METRICS_PORT_NAME
+
+    assert endpoint["port"] == METRICS_PORT_NAME and endpoint["path"] == "/metrics"
+    assert spec["selector"] == {"matchLabels": {"spiffe-sidecar.io/inject": "true"}}
+    assert settings_of(rendered["default"]).metrics_port == 15020
+
+
+def test_prometheus_rule_passes_promtool(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    rule = one(rendered["monitoring"], "PrometheusRule")
+    # promtool reads plain rule files (notes §4): check the rendered .spec, exactly what the operator loads.
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rule["spec"]))
+    check = promtools.promtool("check", "rules", str(tmp_path / "rules.yaml"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 6 rules found" in check.stdout
+    assert rule["spec"] == yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
+    test = promtools.promtool("test", "rules", str(ALERTS_TEST))
+    assert test.returncode == 0, test.stdout + test.stderr
+    tested = set(re.findall(r"alertname: (\w+)", ALERTS_TEST.read_text()))
+    defined = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert tested == defined  # every alert has a test
+    exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+    assert set(_METRIC_RE.findall(exprs)) <= exported_metric_names()
+
+
+def test_dashboard_is_generated_and_queries_real_metrics(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chart_dashboard", ROOT / "helm" / "dashboard.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--check"]) == 0, "files/dashboard.json is stale: run .venv/bin/python helm/dashboard.py"
+    cm = next(d for d in rendered["monitoring"] if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"])
+    assert cm["metadata"]["namespace"] == "grafana" and cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(cm["data"]["spiffe-sidecar.json"])
+    assert board == json.loads((CHART / "files" / "dashboard.json").read_text())
+    assert "__inputs" not in board  # provisioning never resolves ${DS_...} (notes §5)
+    assert [v["name"] for v in board["templating"]["list"]] == ["datasource", "namespace", "pod"]
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"])
+    used = {name for e in exprs for name in _METRIC_RE.findall(e)}
+    assert used <= exported_metric_names(), used - exported_metric_names()
+    titles = " ".join(p["title"] for p in board["panels"]).lower()
+    for topic in ("caller", "rule", "latency", "handshake", "expiry", "upstream"):
+        assert topic in titles
