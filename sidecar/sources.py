@@ -30,6 +30,7 @@ from ._proto import workload_pb2
 from ._proto.workload_grpc import SpiffeWorkloadAPIStub
 from .endpoint import TcpEndpoint, UnixEndpoint, endpoint_from_env
 from .errors import IdentityError, SidecarError, SourceError, SvidError
+from .hints import workload_api_unreachable
 from .identity import SpiffeId, TrustDomain
 from .svid import X509Bundle, X509Context, X509Svid
 
@@ -273,7 +274,9 @@ class WorkloadApiSource(_Publisher):
                 reason = f"{e.status.name}: {e.message}"
             except TimeoutError:
                 reason = "timed out connecting or waiting for the first message"
-            except (OSError, SidecarError) as e:
+            except OSError as e:
+                reason = workload_api_unreachable(self.endpoint, e)  # names the socket and what to check
+            except SidecarError as e:
                 reason = f"{type(e).__name__}: {e}"
             except Exception as e:  # grpclib/h2 protocol errors, StreamTerminatedError, ...
                 reason = f"{type(e).__name__}: {e}"
