@@ -210,26 +210,27 @@ def suggest(records: Iterable[AuditRecord], *, listener: str = "inbound", many: 
         seen[r.peer][r.method][path].append(r.line)
 
     # Per caller: generalise paths per method, then group methods that ended with the same patterns.
-    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[str, int, list[int]]]] = defaultdict(list)
+    shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[tuple[str, list[int]]]] = defaultdict(list)
     for caller, by_method in seen.items():
         if "-" in by_method:  # a TCP-mode connection: the whole caller
-            lines = sorted(n for paths in by_method.values() for ls in paths.values() for n in ls)
-            shapes[(("*",), ("/**",))].append((caller, len(lines), lines))
+            every = sorted(n for by_path in by_method.values() for ls in by_path.values() for n in ls)
+            shapes[(("*",), ("/**",))].append((caller, every))
             continue
-        per_method = {m: _minimal(_patterns(_trie(paths), [], many)) for m, paths in by_method.items()}
         by_patterns: dict[tuple[str, ...], set[str]] = defaultdict(set)
-        for m, pats in per_method.items():
-            by_patterns[tuple(pats)].add(m)
-        for pats, methods in by_patterns.items():
-            lines = sorted(n for m in methods for ls in by_method[m].values() for n in ls)
-            shapes[(_methods(methods), pats)].append((caller, len(lines), lines))
+        for m, by_path in by_method.items():
+            by_patterns[tuple(_minimal(_patterns(_trie(by_path), [], many)))].add(m)
+        for pats, verbs in by_patterns.items():
+            shapes[(_methods(verbs), pats)].append(
+                (caller, sorted(n for m in verbs for ls in by_method[m].values() for n in ls))
+            )
 
     taken: set[str] = set()
     rules: list[SuggestedRule] = []
-    for (methods, paths), members in sorted(shapes.items(), key=lambda kv: (-sum(m[1] for m in kv[1]), kv[0])):
-        callers = tuple(sorted(c for c, _, _ in members))
-        lines = tuple(sorted(n for _, _, ls in members for n in ls))
-        rules.append(SuggestedRule(_name(callers, methods, paths, taken), methods, paths, callers, len(lines), lines))
+    for (methods, paths), members in sorted(shapes.items(), key=lambda kv: (-sum(len(m[1]) for m in kv[1]), kv[0])):
+        callers = tuple(sorted(c for c, _ in members))
+        covers = tuple(sorted(n for _, ls in members for n in ls))
+        name = _name(callers, methods, paths, taken)
+        rules.append(SuggestedRule(name, methods, paths, callers, len(covers), covers))
     return Suggestion(tuple(rules), covered, denied, ignored, len(seen))
 
 
