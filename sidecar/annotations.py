@@ -19,6 +19,8 @@ objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annot
 | `native-sidecar` | `true`/`false`: override the injector's default (native initContainer vs classic) |
 | `strict-bypass-check` | `true`: the sidecar refuses to become ready while the app port answers on the pod IP |
 | `metrics-port` | the read-only /metrics port on the pod IP (default: the injector's, 15020) |
+| `strip-request-headers` | request headers never forwarded to the app (comma-separated); replaces the |
+|  | default routing-override list (`X-Original-URL`, `X-HTTP-Method-Override`, ...); `none` strips none |
 | `status` | written by the injector (JSON); never set it by hand |
 
 Compact policy lines (`#` starts a comment line; blank lines are ignored):
@@ -51,6 +53,7 @@ from . import config as _config
 from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
 from .endpoint import parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
+from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, PatternKind
 from .policy import AUDIT, ENFORCE, Policy, compile_policy
 
@@ -101,6 +104,7 @@ KEYS: Final = (
     "native-sidecar",
     "strict-bypass-check",
     "metrics-port",
+    "strip-request-headers",
     "status",
 )
 _KEYS_SET: Final = frozenset(KEYS)
@@ -151,6 +155,7 @@ class SidecarAnnotations:
     strict_bypass_check: bool
     has_policy: bool  # False when the inbound-policy annotation is absent
     metrics_port: int | None = None  # None: the injector's default
+    strip_request_headers: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +280,13 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
     if "strict-bypass-check" in values:
         strict = bool(_bool(c, "strict-bypass-check", values["strict-bypass-check"]))
     metrics_port = _port(c, "metrics-port", values["metrics-port"]) if "metrics-port" in values else None
+    strip: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
+    if "strip-request-headers" in values:
+        text = values["strip-request-headers"].strip()
+        names = [] if text == "none" else [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
+        strip, problems = _config.header_name_list(names)
+        for problem in problems:
+            c.add("strip-request-headers", problem)
     if "status" in values:
         try:
             json.loads(values["status"])
@@ -299,6 +311,7 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
         strict_bypass_check=strict,
         has_policy="inbound-policy" in values,
         metrics_port=metrics_port,
+        strip_request_headers=strip,
     )
 
 
@@ -698,6 +711,7 @@ def settings_from_annotations(
         mode=ann.inbound_mode,
         policy=ann.policy,
         policy_file=annotations_file,
+        strip_request_headers=ann.strip_request_headers,
     )
     return _config.Settings(
         source=source,

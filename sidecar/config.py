@@ -23,6 +23,7 @@ import yaml
 
 from .endpoint import TcpEndpoint, UnixEndpoint, parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
+from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, TrustDomain
 from .policy import Policy, compile_policy
 
@@ -103,6 +104,9 @@ class InboundSettings:
     mode: ListenerMode = ListenerMode.HTTP
     policy: Policy | None = None  # compiled; None only before loading
     policy_file: Path | None = None  # when set, reloaded live (downward API file or YAML)
+    # Request fields never forwarded to the app (routing/method overrides, http1.ROUTING_OVERRIDE_HEADERS);
+    # lower-case names. Replaces the default list when configured; [] forwards them all.
+    strip_request_headers: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +479,24 @@ _PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect"})
 _SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
 _WORKLOAD_API_KEYS: Final = frozenset({"socket"})
 _PEM_KEYS: Final = frozenset({"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated"})
-_INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file"})
+_INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file", "strip_request_headers"})
+_FIELD_NAME_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.1 field-name = token
+
+
+def header_name_list(values: object) -> tuple[tuple[str, ...], list[str]]:
+    """(lower-cased names, problems) for a list of HTTP field names (shared by YAML and annotations)."""
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        return (), ["expected a list of header names"]
+    out: list[str] = []
+    problems: list[str] = []
+    for v in values:
+        if _FIELD_NAME_RE.fullmatch(v) is None:
+            problems.append(f"{v!r} is not a header name (RFC 9110 §5.1)")
+        elif v.lower() not in out:
+            out.append(v.lower())
+    return tuple(out), problems
+
+
 _ADMIN_KEYS: Final = frozenset({"listen"})
 _AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
 _TIMEOUT_KEYS: Final = frozenset(f.name for f in fields(Timeouts))
@@ -730,9 +751,16 @@ def _parse_inbound(
             _join(path, "mode"),
             "a tcp listener cannot enforce rules that name paths or methods: " + ", ".join(policy.path_specific_rules),
         )
+    strip: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
+    if "strip_request_headers" in m:
+        strip, problems = header_name_list(m["strip_request_headers"])
+        for problem in problems:
+            c.add(_join(path, "strip_request_headers"), problem)
     if listen is None or app is None or policy is None:
         return None
-    return InboundSettings(listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file)
+    return InboundSettings(
+        listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file, strip_request_headers=strip
+    )
 
 
 def _loopback_listen(c: _Collector, m: Mapping[str, Any], path: str) -> HostPort | None:

@@ -5,7 +5,11 @@ Contracts:
 * `check_request_headers` rejects what request smuggling needs (RFC 9112 §6.1-§6.3, §11.2): both
   Content-Length and Transfer-Encoding, several or list-valued Content-Length (also `1, 1`), any
   Transfer-Encoding but a single `chunked`, Transfer-Encoding on HTTP/1.0, header names that are not
-  tokens, values with NUL/CR/LF or other controls, a missing or repeated Host (RFC 9112 §3.2).
+  tokens, values with NUL/CR/LF or other controls, a missing or repeated Host (RFC 9112 §3.2), a Host
+  that is not `uri-host [":" port]` (RFC 9110 §7.2, RFC 3986 §3.2.2: no userinfo, `/`, spaces...), and a
+  `Connection` that names a field the request's routing, framing or identity depends on (`Host`,
+  `Content-Length`, `Transfer-Encoding`, `X-Forwarded-Client-Cert`): removing those as RFC 9110 §7.6.1
+  asks would let a caller change what the app sees, so the request is refused instead.
   httptools already rejects some of these; we check again so the edge never depends on parser leniency.
 * `build_request_head` / `build_response_head` drop hop-by-hop fields (RFC 9110 §7.6.1: Connection,
   the fields it names, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) and the
@@ -14,6 +18,9 @@ Contracts:
   Request fields whose name contains `_` are dropped (nginx's default, `underscores_in_headers off`):
   CGI/WSGI/Rack servers map `_` and `-` to the same variable, so `X_Forwarded_Client_Cert` would reach
   the app as a second XFCC (or `Transfer_Encoding` as framing) that we never saw as one.
+  Routing-override fields (`X-Original-URL`, `X-HTTP-Method-Override`, ...: `ROUTING_OVERRIDE_HEADERS`)
+  are dropped from requests by default: frameworks that honour them would route to a path or method the
+  policy never authorised. The list is configurable (`request_drop`).
 * `check_method` refuses CONNECT: we never tunnel it, and RFC 9112 §3.2.3 allows it only in authority-form.
 * Fixed responses (`RESPONSE_4xx/5xx`) carry no policy detail: peers never learn the policy.
 """
@@ -66,6 +73,12 @@ _TOKEN_RE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 9110 §5.5: field values are VCHAR / obs-text / SP / HTAB; every other control is refused.
 _BAD_VALUE_RE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _DIGITS_RE: Final = re.compile(rb"[0-9]{1,18}")  # 18 digits: no attacker-sized ints
+# RFC 9110 §7.2 Host = uri-host [ ":" port ]; RFC 3986 §3.2.2 host = IP-literal / IPv4address / reg-name
+# (reg-name = unreserved / pct-encoded / sub-delims, possibly empty), port = *DIGIT. No userinfo.
+_HOST_RE: Final = re.compile(
+    rb"(?:\[(?:[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[A-Za-z0-9\-._~!$&'()*+,;=:]+)\]"
+    rb"|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]{0,5})?"
+)
 _OWS: Final = b" \t"
 
 HOP_BY_HOP: Final = frozenset(
@@ -80,10 +93,32 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 XFCC: Final = b"x-forwarded-client-cert"
+# Fields a `Connection` token may not name (see the module docstring): 400 rather than removed.
+_CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", XFCC})
+# Request fields common frameworks read to override the routed path or method (IIS/ASP.NET and Symfony
+# `X-Original-URL`/`X-Rewrite-URL`, Laravel/Express/Rails/Spring `X-HTTP-Method-Override` and its
+# spellings): a request authorised for `GET /api/x` must not be routed to `DELETE /admin` by them.
+ROUTING_OVERRIDE_HEADERS: Final = (
+    "x-original-url",
+    "x-rewrite-url",
+    "x-override-url",
+    "x-original-uri",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
 # Protocols whose upgraded stream is covered by the decision on the upgrade request itself (RFC 6455).
 UPGRADE_PROTOCOLS: Final = frozenset({b"websocket"})
 # Dropped from both directions before we re-add our own framing (and, for requests, our XFCC).
 _DROP: Final = HOP_BY_HOP | {b"content-length", XFCC}
+# What a request loses by default: the above plus the routing-override fields.
+REQUEST_DROP: Final = _DROP | {h.encode("ascii") for h in ROUTING_OVERRIDE_HEADERS}
+
+
+def request_drop(extra: Sequence[str]) -> frozenset[bytes]:
+    """The set of request field names dropped before forwarding: hop-by-hop and framing fields, XFCC, and
+    `extra` (the configured routing-override list, lower-cased). Built once per listener."""
+    return _DROP | {h.lower().encode("ascii") for h in extra}
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -135,6 +170,8 @@ def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestF
             hosts += 1
             if hosts > 1:
                 raise BadRequest("more than one Host (RFC 9112 §3.2)")
+            if _HOST_RE.fullmatch(value.strip(_OWS)) is None:
+                raise BadRequest("Host is not a valid host[:port] (RFC 9110 §7.2, RFC 3986 §3.2.2)")
         elif lname == b"connection":
             connection.extend(_tokens(value))
         elif lname == b"expect":
@@ -145,6 +182,10 @@ def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestF
             if upgrade is not None:
                 raise BadRequest("more than one Upgrade")
             upgrade = value.strip(_OWS)
+    if connection:
+        named = _CONNECTION_PROTECTED.intersection(connection)
+        if named:
+            raise BadRequest(f"Connection names {b', '.join(sorted(named)).decode()}, which is never removed")
     if transfer_encoding is not None:
         if content_length is not None:
             raise BadRequest("both Content-Length and Transfer-Encoding (RFC 9112 §6.1)")
@@ -189,22 +230,24 @@ _CONN_CLOSE: Final = b"connection: close\r\n"
 _HOST_PREFIX: Final = b"host: "
 
 
-def _drop_set(headers: Headers) -> frozenset[bytes]:
-    """Hop-by-hop names plus every field named in Connection (RFC 9110 §7.6.1)."""
+def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
+    """`base` plus every field named in Connection (RFC 9110 §7.6.1)."""
     named: list[bytes] = []
     for name, value in headers:
         if name.lower() == b"connection":
             named.extend(_tokens(value))
-    return _DROP.union(named) if named else _DROP
+    return base.union(named) if named else base
 
 
-def _append_fields(parts: list[bytes], headers: Headers, *, request: bool = False) -> bool:
+def _append_fields(
+    parts: list[bytes], headers: Headers, *, request: bool = False, drop: frozenset[bytes] = _DROP
+) -> bool:
     """Append the end-to-end fields of `headers`; return whether a Host field was among them.
 
     For requests, a name containing `_` is dropped: it is the same CGI variable as its `-` spelling
     (`X_Forwarded_Client_Cert` = `X-Forwarded-Client-Cert`), so it could shadow a field we own or drop.
     """
-    drop = _drop_set(headers)
+    drop = _drop_set(headers, drop)
     host = False
     for name, value in headers:
         lname = name.lower()
@@ -226,12 +269,14 @@ def build_request_head(
     content_length: int | None,
     upgrade: bytes | None,
     host_fallback: bytes | None,
+    drop: frozenset[bytes] = REQUEST_DROP,
 ) -> bytes:
-    """The HTTP/1.1 head sent to the app: `target` is the normalised one (`Target.forward`)."""
+    """The HTTP/1.1 head sent to the app: `target` is the normalised one (`Target.forward`); fields in
+    `drop` (default `REQUEST_DROP`; see `request_drop`) and those named in Connection are left out."""
     if chunked and content_length is not None:
         raise ValueError("a request body is either chunked or has a Content-Length, not both")
     parts: list[bytes] = [method, b" ", target, _REQ_TAIL]
-    if not _append_fields(parts, headers, request=True) and host_fallback is not None:
+    if not _append_fields(parts, headers, request=True, drop=drop) and host_fallback is not None:
         parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
     parts += (_XFCC_PREFIX, xfcc, _CRLF)
     if content_length is not None:

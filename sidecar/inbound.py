@@ -57,6 +57,7 @@ from .http1 import (
     check_method,
     check_request_headers,
     head_only,
+    request_drop,
     xfcc_value,
 )
 from .metrics import Metrics
@@ -232,6 +233,8 @@ class InboundServer:
             idle_timeout=min(timeouts.idle, _UPSTREAM_IDLE_MAX),
         )
         self.app_host: Final = str(settings.app).encode("ascii")
+        # Request fields never forwarded (hop-by-hop, framing, XFCC, the configured routing overrides).
+        self.request_drop: Final = request_drop(settings.strip_request_headers)
         # Raw bytes one request or response head may take (request line + fields), counted before
         # httptools buffers them; see _HttpConn.data_received.
         self.head_limit: Final = limits.max_request_line_bytes + limits.max_header_bytes
@@ -733,6 +736,9 @@ class _HttpConn(_BaseConn):
         # fed. Bytes of a head that begins in the middle of a read are not counted: the bound is
         # max_request_line_bytes + max_header_bytes plus one read.
         self._head_limit = self.server.head_limit
+        # Upstream connections corked while one read is parsed (see data_received).
+        self._feeding = False
+        self._corked: list[UpstreamConnection] = []
         self._in_head = True
         self._head_room = self._head_limit
         self._messages = 0  # completed requests: a head that restarted during a feed is not charged
@@ -829,6 +835,9 @@ class _HttpConn(_BaseConn):
         server = self.server
         parser = self.parser
         ex = self.exchange_class(self, parser.get_method(), self._headers, server.clock())
+        # The head as parsed: request line and fields with their CRLFs (optional whitespace around values
+        # is not counted). _head_bytes holds the target plus name + value + 4 per field.
+        ex.bytes_in = ex.head_in = self._head_bytes + len(ex.method) + 14
         try:
             ex.framing = check_request_headers(self._headers, version=parser.get_http_version())
             ex.target = normalize_target(b"".join(self._url))
@@ -891,6 +900,23 @@ class _HttpConn(_BaseConn):
         if tunnel is not None:
             tunnel.tunnel_down(data)
             return
+        # Everything this read makes us send upstream goes out in one write after it is parsed: fewer
+        # syscalls, and a request whose framing breaks within the read sends the app nothing at all.
+        self._feeding = True
+        ex = self.parsing
+        if ex is not None and ex.upstream is not None and ex.upstream.cork():
+            self._corked.append(ex.upstream)
+        try:
+            self._data_received(data)
+        finally:
+            self._feeding = False
+            corked = self._corked
+            if corked:
+                for up in corked:
+                    up.uncork()
+                corked.clear()
+
+    def _data_received(self, data: bytes) -> None:
         while data and not self.no_more:
             if self._in_head:
                 room = self._head_room
@@ -983,6 +1009,9 @@ class _HttpConn(_BaseConn):
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.pause_reading()
+            if ex.resp_any:
+                # We stopped reading the app: its silence is ours; write_stall now watches the peer.
+                self._cancel_timer(_T_RESPONSE)
         # The peer must take bytes again within write_stall, or it is cut off (it would pin this
         # connection and the upstream one forever: nothing else runs while a response streams).
         t = self._write_stall
@@ -997,6 +1026,8 @@ class _HttpConn(_BaseConn):
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.resume_reading()
+            if ex.resp_any and not ex.finished and ex is not self.tunnel:
+                self._set_timer(self.server.timeouts.upstream_response, _T_RESPONSE)
 
     def _on_write_stall(self) -> None:
         if self.transport is None:
@@ -1099,6 +1130,7 @@ class _Exchange:
         "error_label",
         "finished",
         "framing",
+        "head_in",
         "headers",
         "keep_alive",
         "method",
@@ -1147,6 +1179,7 @@ class _Exchange:
         self.pending: list[bytes] = []
         self.pending_size = 0
         self.bytes_in = 0
+        self.head_in = 0  # bytes_in = head_in + request body bytes
         self.bytes_out = 0
         self.status = 0
         self.upstream: UpstreamConnection | None = None
@@ -1205,12 +1238,14 @@ class _Exchange:
         self.decision = decision = authorize(server.policy.policy, conn.peer.spiffe_id, method, target.path)
         server.count_request(decision)
         if not decision.forward:
-            # A denied request without a body keeps the connection (its head is all there is). One with a
-            # body is dropped if it is complete already; otherwise we close rather than read an unbounded
-            # body we will never use. start() runs from on_headers_complete, before on_message_complete
-            # marks even an empty body done, hence the framing test.
+            # A denied request without a body keeps the connection (its head is all there is); one with a
+            # body closes it rather than read a body we will never use. start() runs from
+            # on_headers_complete, before on_message_complete marks even an empty body done, hence the
+            # framing test.
+            # A body (even one already read, e.g. pipelined) means the connection closes: the README's rule,
+            # and no parsed-but-unused body can be mistaken for the next request.
             bodiless = framing.body is BodyFraming.NONE or framing.content_length == 0
-            if (self.body_done or bodiless) and framing.upgrade is None:
+            if bodiless and framing.upgrade is None:
                 self.respond_fixed(RESPONSE_403, b"403")
                 self.finish(keep_alive=self.keep_alive)
             else:
@@ -1227,7 +1262,7 @@ class _Exchange:
         n = len(body)
         self.bytes_in += n
         limit = self.conn.server.limits.max_body_bytes
-        if limit is not None and self.bytes_in > limit:
+        if limit is not None and self.bytes_in - self.head_in > limit:
             self.body_too_large()
             return
         if self.finished or (self.decision is not None and not self.decision.forward):
@@ -1252,8 +1287,11 @@ class _Exchange:
         if self.finished:
             return
         up = self.upstream
-        if up is not None and up.alive and self.framing is not None and self.framing.chunked:
-            up.write(_CHUNK_END)
+        if up is not None and up.alive:
+            if self.framing is not None and self.framing.chunked:
+                up.write(_CHUNK_END)
+            if not self.response_started:
+                self.conn._set_timer(self.conn.server.timeouts.upstream_response, _T_RESPONSE)
 
     def body_too_large(self) -> None:
         self.conn.no_more = True
@@ -1296,6 +1334,8 @@ class _Exchange:
         target = self.target
         assert framing is not None and target is not None
         self.upstream = up
+        if conn._feeding and up.cork():
+            conn._corked.append(up)
         self.resp_parser = httptools.HttpResponseParser(self)
         self.resp_in_head = True
         self.resp_head_room = server.head_limit
@@ -1318,6 +1358,7 @@ class _Exchange:
             content_length=framing.content_length,
             upgrade=framing.upgrade,
             host_fallback=server.app_host,
+            drop=server.request_drop,
         )
         if self.pending:
             body = b"".join(self.pending)
@@ -1330,10 +1371,18 @@ class _Exchange:
             head += _CHUNK_END
         up.write(head)
         conn.resume(_P_PENDING)
-        conn._set_timer(server.timeouts.upstream_response, _T_RESPONSE)
+        if self.body_done:
+            # The wait for the first response byte starts when the request has been sent. While the body
+            # still streams, the deadlines are inactivity ones: request_body_stall for the peer, and
+            # upstream_response for an app that stops reading it (upstream_pause_writing).
+            conn._set_timer(server.timeouts.upstream_response, _T_RESPONSE)
 
     def on_timeout(self) -> None:
-        if self.finished or self.resp_status >= 200 or self.conn.tunnel is self:
+        """The app made no progress for timeouts.upstream_response: no first response byte after the
+        request was sent, no response byte for that long mid-response (while the peer reads), or it
+        took no request-body byte for that long. 504 if nothing was sent to the peer yet, else both
+        connections are dropped."""
+        if self.finished or self.conn.tunnel is self:
             return
         self.conn.server.metrics.upstream_errors.labels(listener=self.conn.server.label, kind="timeout").inc()
         self.fail(RESPONSE_504, b"504")
@@ -1368,6 +1417,8 @@ class _Exchange:
         parser = self.resp_parser
         if parser is None or self.finished:
             return
+        # Response-side inactivity: the app must keep sending (a float store; see _set_timer).
+        conn._set_timer(conn.server.timeouts.upstream_response, _T_RESPONSE)
         self.resp_any = True
         # As on the request side (_HttpConn.data_received): httptools buffers a header line whole, so the
         # response head's raw bytes are counted and what exceeds its room is never fed. The next hop may
@@ -1467,10 +1518,16 @@ class _Exchange:
         self.fail(RESPONSE_502, b"502")
 
     def upstream_pause_writing(self) -> None:
-        self.conn.pause(_P_UPSTREAM)
+        # The app stopped taking request-body bytes: it must take some within upstream_response.
+        conn = self.conn
+        conn.pause(_P_UPSTREAM)
+        conn._set_timer(conn.server.timeouts.upstream_response, _T_RESPONSE)
 
     def upstream_resume_writing(self) -> None:
-        self.conn.resume(_P_UPSTREAM)
+        conn = self.conn
+        conn.resume(_P_UPSTREAM)
+        if not self.body_done and not self.resp_any:
+            conn._cancel_timer(_T_RESPONSE)
 
     # -- httptools response callbacks ----------------------------------------------------------------------
 
@@ -1498,7 +1555,6 @@ class _Exchange:
                                                keep_alive=True, chunked=False, content_length=None))
             return
         self.resp_interim = False
-        conn._cancel_timer(_T_RESPONSE)
         if status == 101 and self.framing.upgrade is None:
             # A 101 nobody asked for: checked before the response counts as started, so the peer gets a
             # clean 502 (and the upstream connection, now in an unknown protocol, is dropped).

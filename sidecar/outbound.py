@@ -54,7 +54,7 @@ from typing import Final, cast
 from .config import HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
 from .errors import SidecarError, SvidError
 from .identity import SpiffeId
-from .inbound import _T_RESPONSE, AuditSink, InboundServer, PolicyRef, _BaseConn, _Exchange, _HttpConn
+from .inbound import _T_RESPONSE, AuditSink, InboundServer, PolicyRef, _BaseConn, _Exchange, _HttpConn, _LazyTimer
 from .metrics import Metrics
 from .policy import Decision, compile_policy
 from .tls import TlsContexts, TlsSnapshot, verify_peer_connection
@@ -124,7 +124,7 @@ class Route:
         # Client snapshots handed to new connections, newest last; and the verified server ID of each
         # live connection (keyed by its SSLObject, gone with it).
         self._snapshots: collections.deque[TlsSnapshot] = collections.deque(maxlen=_SNAPSHOTS_KEPT)
-        self._server_ids: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        self._server_ids: weakref.WeakKeyDictionary[ssl.SSLObject, tuple[str, float]] = weakref.WeakKeyDictionary()
         self.pool = UpstreamPool(
             to.target.host,
             to.target.port,
@@ -176,12 +176,17 @@ class Route:
                 self.name, self.target, peer.spiffe_id, self.expect.text,
             )  # fmt: skip
             raise ServerIdMismatch(self.expect.text, peer.spiffe_id)
-        self._server_ids[ssl_object] = str(peer.spiffe_id)
+        self._server_ids[ssl_object] = (str(peer.spiffe_id), peer.expires_at.timestamp())
+
+    def server_of(self, up: UpstreamConnection) -> tuple[str, float]:
+        """The SPIFFE ID verified on this connection's server certificate and its chain's expiry as epoch
+        seconds (("-", 0.0) if unknown: treated as expired by the TCP relay)."""
+        obj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
+        return ("-", 0.0) if obj is None else self._server_ids.get(obj, ("-", 0.0))
 
     def server_id_of(self, up: UpstreamConnection) -> str:
         """The SPIFFE ID verified on this connection's server certificate ("-" if unknown)."""
-        obj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
-        return "-" if obj is None else self._server_ids.get(obj, "-")
+        return self.server_of(up)[0]
 
     def is_down(self) -> bool:
         return self.down_until > 0.0 and self.clock() < self.down_until
@@ -256,7 +261,9 @@ class OutboundServer(InboundServer):
             raise ValueError("a tcp outbound listener has exactly one fixed route")
         first = next(iter(routes.values()))
         super().__init__(
-            InboundSettings(listen=listen, app=first.target, mode=mode),
+            # The app's own requests keep every end-to-end field: the receiving sidecar strips what its
+            # policy says (routing overrides included).
+            InboundSettings(listen=listen, app=first.target, mode=mode, strip_request_headers=()),
             timeouts=timeouts,
             limits=limits,
             tls=tls,
@@ -483,7 +490,10 @@ _OutHttpConn.exchange_class = _OutExchange
 
 
 class _OutTcpConn(_BaseConn):
-    """TCP mode: one verified mTLS connection per app connection, then bytes both ways."""
+    """TCP mode: one verified mTLS connection per app connection, then bytes both ways, under the same
+    deadlines as the inbound TCP relay: `timeouts.idle` without a byte either way, `timeouts.write_stall`
+    for an app that stops reading, and the server certificate's expiry (X509-SVID §5.2 holds for the life
+    of the connection). One audit line per connection."""
 
     def __init__(self, server: OutboundServer, addr: str) -> None:
         super().__init__(server, server.tls.current, addr)
@@ -491,14 +501,26 @@ class _OutTcpConn(_BaseConn):
         self.up: UpstreamConnection | None = None
         self.pending: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
+        self.started = server.clock()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.status = 0  # audited; 408 when cut off for not reading
+        self.server_id = "-"
+        route = server.single
+        assert route is not None
+        self.route = route
+        self.decision = route.decision
+        self.idle: _LazyTimer | None = None
+        self._write_stall: _LazyTimer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
         self.peer_id_str = "-"
         transport.set_write_buffer_limits(high=_BUFFER_HIGH)
         self.server._conns.add(self)
-        route = self.out.single
-        assert route is not None
+        route = self.route
+        self.idle = _LazyTimer(asyncio.get_running_loop(), self._on_idle)
+        self.idle.set(self.out.timeouts.idle)
         if route.is_down():
             self.out.metrics.upstream_errors.labels(listener=self.out.label, kind="down").inc()
             self.close()
@@ -515,6 +537,13 @@ class _OutTcpConn(_BaseConn):
             self.out.metrics.upstream_errors.labels(listener=self.out.label, kind=kind).inc()
             if kind == "connect":
                 route.mark_down()
+            elif kind == "verify":
+                cause = exc.__context__
+                if isinstance(cause, ServerIdMismatch):
+                    self.server_id = str(cause.got)
+                    self.decision = route.refused_id
+                else:
+                    self.decision = route.refused_cert
             self.close()
             return
         route.mark_up()
@@ -522,13 +551,35 @@ class _OutTcpConn(_BaseConn):
             route.pool.release(up, reusable=False)
             return
         self.up = up
+        self.server_id, self.peer_expires = route.server_of(up)
+        self.arm_server_expiry()
         if self.pending:
             up.write(b"".join(self.pending))
             self.pending.clear()
         if self.transport is not None:
             self.transport.resume_reading()
 
+    def arm_server_expiry(self) -> None:
+        delay = max(0.0, self.peer_expires - time.time())
+        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._on_server_expired)
+
+    def _on_server_expired(self) -> None:
+        self._expiry_handle = None
+        if self.closed:
+            return
+        self.out._refuse(self.addr, "expired", f"server {self.server_id}: certificate expired on an open relay")
+        up = self.up
+        if up is not None:
+            up.abort()
+        self.abort()
+
+    def _on_idle(self) -> None:
+        self.close()  # lost() closes the upstream side
+
     def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.idle is not None:
+            self.idle.set(self.out.timeouts.idle)
         up = self.up
         if up is not None and up.alive:
             up.write(data)
@@ -541,22 +592,51 @@ class _OutTcpConn(_BaseConn):
     def pause_writing(self) -> None:
         if self.up is not None:
             self.up.pause_reading()
+        t = self._write_stall  # the app must take bytes again within write_stall (as inbound)
+        if t is None:
+            t = self._write_stall = _LazyTimer(asyncio.get_running_loop(), self._on_write_stall)
+        t.set(self.out.timeouts.write_stall)
 
     def resume_writing(self) -> None:
+        if self._write_stall is not None:
+            self._write_stall.clear()
         if self.up is not None:
             self.up.resume_reading()
 
+    def _on_write_stall(self) -> None:
+        self.out.metrics.peer_stalls.labels(listener=self.out.label, kind="write").inc()
+        self.status = 408
+        up = self.up
+        if up is not None:
+            up.abort()
+        self.abort()
+
     def lost(self) -> None:
+        for t in (self.idle, self._write_stall):
+            if t is not None:
+                t.cancel()
         if self.task is not None and not self.task.done():
             self.task.cancel()
         up, self.up = self.up, None
         if up is not None:
-            route = self.out.single
-            assert route is not None
-            route.pool.release(up, reusable=False)
+            self.route.pool.release(up, reusable=False)
+        self.out.audit.decision(
+            listener=self.out.label,
+            peer=self.server_id,
+            method="-",
+            path="-",
+            decision=self.decision,
+            status=self.status,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            duration=self.out.clock() - self.started,
+        )
 
     # UpstreamSink
     def upstream_data(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.idle is not None:
+            self.idle.set(self.out.timeouts.idle)
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 

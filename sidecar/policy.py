@@ -37,7 +37,8 @@ Decisions of rules are built once at compile time; only `default-deny` formats a
 Request targets (`normalize_target`, RFC 3986 §6.2.2, RFC 9112 §3.2): origin-form only; percent-encoded
 unreserved characters (ALPHA DIGIT - . _ ~) are decoded, other %XX kept with uppercase hex; `.`/`..`
 resolved (§5.2.4) and `//` merged; a 400 for anything ambiguous: %2F, %5C, raw `\\`, NUL, control
-characters (raw or encoded in the path), invalid %-sequences, non-ASCII bytes, `#`, `..` above the root
+characters (raw or encoded in the path), %3B (an encoded `;`: servers that decode before stripping path
+parameters would route `..%3B/` as `..`), invalid %-sequences, non-ASCII bytes, `#`, `..` above the root
 (refused rather than clamped: a client that sends it is broken or probing), and dot segments with path
 parameters (`..;`, which some Java servers resolve as `..`). Path parameters (`;...` in a segment) are
 forwarded as sent but do not take part in matching: `/admin;jsessionid=1/users` is matched as
@@ -151,6 +152,10 @@ def _decode_unreserved(path: str) -> str:
             out.append(chr(b))
         elif b in (0x2F, 0x5C):
             raise BadRequest("encoded '/' or '\\' in the request path is ambiguous")
+        elif b == 0x3B:
+            # Servers that decode, then strip `;params`, then normalise (Tomcat, Spring) would read
+            # `/api/..%3B/admin` as `/admin`: as ambiguous as an encoded '/'.
+            raise BadRequest("encoded ';' in the request path is ambiguous (path parameter delimiter)")
         elif b == 0:
             raise BadRequest("encoded NUL in the request path")
         elif b < 0x20 or b == 0x7F:

@@ -49,7 +49,7 @@ class UpstreamSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; owned by its pool, leased to one sink at a time."""
 
-    __slots__ = ("_idle_deadline", "_pool", "_sink", "alive", "generation", "reused", "transport")
+    __slots__ = ("_cork", "_idle_deadline", "_pool", "_sink", "alive", "generation", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -59,6 +59,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.alive = False
         self.reused = False
+        # While corked (one read of the downstream being processed), writes are collected and sent as one
+        # by `uncork()`; a connection closed before that sends none of them (e.g. a request whose chunked
+        # framing broke in the same read never reaches the app).
+        self._cork: list[bytes] | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -100,8 +104,26 @@ class UpstreamConnection(asyncio.Protocol):
 
     # used by the sink
     def write(self, data: bytes) -> None:
+        cork = self._cork
+        if cork is not None:
+            cork.append(data)
+            return
         assert self.transport is not None
         self.transport.write(data)
+
+    def cork(self) -> bool:
+        """Start collecting writes; False if already corked."""
+        if self._cork is not None:
+            return False
+        self._cork = []
+        return True
+
+    def uncork(self) -> None:
+        """Send what was collected since `cork()` in one write (nothing if the connection closed)."""
+        cork = self._cork
+        self._cork = None
+        if cork and self.alive and self.transport is not None:
+            self.transport.write(cork[0] if len(cork) == 1 else b"".join(cork))
 
     def pause_reading(self) -> None:
         if self.alive and self.transport is not None:
@@ -120,12 +142,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._sink = None
+        self._cork = None
         self.alive = False
         if self.transport is not None:
             self.transport.abort()
 
     def close(self) -> None:
         self._sink = None
+        self._cork = None
         self.alive = False
         if self.transport is not None:
             self.transport.close()
@@ -231,6 +255,8 @@ class UpstreamPool:
         """Give a leased connection back; `reusable` only when the exchange ended cleanly on both sides
         (whole request sent, whole response read, keep-alive on both)."""
         conn._sink = None
+        if reusable and conn._cork is not None:
+            conn.uncork()  # a clean exchange's last bytes; an unusable connection is closed without them
         if reusable and conn.alive and not self._closed and conn.generation == self.generation:
             loop = asyncio.get_running_loop()
             conn._idle_deadline = deadline = loop.time() + self.idle_timeout

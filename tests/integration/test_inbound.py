@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -232,6 +233,7 @@ async def start_sidecar(
     mode: ListenerMode = ListenerMode.HTTP,
     timeouts: Timeouts | None = None,
     limits: Limits | None = None,
+    strip: tuple[str, ...] | None = None,
 ) -> Sidecar:
     metrics = Metrics()
     lines: list[dict[str, Any]] = []
@@ -240,6 +242,8 @@ async def start_sidecar(
     tls = TlsContexts(pki.context())
     ref = PolicyRef(compile_policy(policy, "test-policy"))
     settings = InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app_port), mode=mode)
+    if strip is not None:
+        settings = dataclasses.replace(settings, strip_request_headers=strip)
     server = InboundServer(
         settings,
         timeouts=timeouts or Timeouts(handshake=3, request_head=3, idle=5, upstream_connect=1,
@@ -284,9 +288,16 @@ async def curl(pki: Pki, port: int, path: str, leaf: Leaf | None, *extra: str) -
     return (int(code) if code.strip().isdigit() else 0), body, err.decode()
 
 
+class ServerHung(AssertionError):
+    """The server neither closed the connection nor stopped sending within the test's deadline."""
+
+
 async def raw_exchange(pki: Pki, port: int, data: bytes, leaf: Leaf | None = None, *,
                        timeout: float = 5.0) -> bytes:
-    """Send raw bytes over a client-authenticated TLS connection; read until the server closes."""
+    """Send raw bytes over a client-authenticated TLS connection; read until the server closes.
+
+    A server that keeps the connection open past `timeout` fails the test (`ServerHung`): every caller
+    expects a close (an error response, `Connection: close`, a refused request)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_ssl(leaf or pki.checkout))
     writer.write(data)
     out = b""
@@ -294,9 +305,12 @@ async def raw_exchange(pki: Pki, port: int, data: bytes, leaf: Leaf | None = Non
         async with asyncio.timeout(timeout):
             while chunk := await reader.read(65536):
                 out += chunk
-    except (TimeoutError, ConnectionError, ssl.SSLError):
-        pass
-    writer.close()
+    except TimeoutError:
+        raise ServerHung(f"the server did not close within {timeout}s; received {out[:300]!r}") from None
+    except (ConnectionError, ssl.SSLError):
+        pass  # a reset or an unclean TLS close is a close
+    finally:
+        writer.close()
     return out
 
 
@@ -517,14 +531,23 @@ SMUGGLING = [
      400),
     ("oversized_headers", b"GET /api/x HTTP/1.1\r\nHost: x\r\n" + b"X-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
     ("oversized_line", b"GET /api/" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 400),
-    ("dotdot_admin", b"GET /api/../admin/x HTTP/1.1\r\nHost: x\r\n\r\n", 403),
-    ("pct_dotdot", b"GET /api/%2e%2e/admin/x HTTP/1.1\r\nHost: x\r\n\r\n", 403),
+    ("dotdot_admin", b"GET /api/../admin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 403),
+    ("pct_dotdot", b"GET /api/%2e%2e/admin/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 403),
     ("pct_slash", b"GET /api/stock%2F1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("nul", b"GET /api/stock/%00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("raw_nul", b"GET /api/stock/\x00 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("absolute_form", b"GET http://x/api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("no_host", b"GET /api/stock/1 HTTP/1.1\r\n\r\n", 400),
     ("connect_origin_form", b"CONNECT /api/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # RFC 9112 §3.2.3
+    # issue 10 #3-#5: Connection naming Host, an invalid Host, an encoded ';' after dot segments
+    ("connection_names_host", b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nConnection: Host\r\n\r\n", 400),
+    ("connection_names_xfcc", b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\nConnection: x-forwarded-client-cert"
+                              b"\r\nX-Forwarded-Client-Cert: URI=spiffe://example.org/x\r\n\r\n", 400),
+    ("host_with_slash", b"GET /api/stock/1 HTTP/1.1\r\nHost: inventory/admin\r\n\r\n", 400),
+    ("host_with_userinfo", b"GET /api/stock/1 HTTP/1.1\r\nHost: admin@inventory\r\n\r\n", 400),
+    ("host_with_space", b"GET /api/stock/1 HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+    ("pct_semicolon_dotdot", b"GET /api/..%3B/admin/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    ("pct_semicolon", b"GET /api/stock/1%3bx HTTP/1.1\r\nHost: x\r\n\r\n", 400),
 ]
 
 
@@ -1030,3 +1053,284 @@ async def test_silent_sockets_cannot_hold_every_connection_slot(pki: Pki, app: A
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 10: streaming deadlines measure inactivity, not the exchange; heads held back on broken framing;
+# routing overrides stripped; bytes_in counts the head; denied bodies close the connection.
+
+
+@dataclass
+class StreamApp:
+    port: int
+    runner: web.AppRunner
+    received: list[int] = field(default_factory=list)
+
+
+async def _stream_app() -> StreamApp:
+    """An app that streams: /upload reads the body as it comes; /download sends 20 pieces 0.3 s apart;
+    /echo answers each request piece with the same bytes while the body still streams; /stall sends a
+    head and one piece, then goes silent; /mute never answers; /deaf never reads its body."""
+    state = StreamApp(0, cast(web.AppRunner, None))
+
+    async def upload(request: web.Request) -> web.Response:
+        n = 0
+        async for chunk in request.content.iter_any():
+            n += len(chunk)
+        state.received.append(n)
+        return web.json_response({"len": n})
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(20):
+            await resp.write(b"d" * 1000)
+            await asyncio.sleep(0.3)
+        await resp.write_eof()
+        return resp
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for chunk in request.content.iter_any():
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 10_000
+        await resp.prepare(request)
+        await resp.write(b"s" * 100)
+        await asyncio.sleep(30)
+        return resp
+
+    async def mute(request: web.Request) -> web.Response:
+        await request.read()
+        await asyncio.sleep(30)
+        return web.Response()
+
+    async def deaf(request: web.Request) -> web.Response:
+        await asyncio.sleep(30)
+        return web.Response()
+
+    a = web.Application(client_max_size=64 * 1024 * 1024)
+    for path, handler in (("/api/upload", upload), ("/api/download", download), ("/api/echo", echo),
+                          ("/api/stall", stall), ("/api/mute", mute), ("/api/deaf", deaf)):
+        a.router.add_route("*", path, handler)
+    runner = web.AppRunner(a, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    state.runner = runner
+    return state
+
+
+# Every deadline 2 s; each healthy exchange below moves bytes for 6 s.
+_SHORT = Timeouts(handshake=3, request_head=2, idle=10, upstream_connect=1, upstream_response=2, drain=2,
+                  write_stall=2, request_body_stall=2)
+
+
+async def test_a_long_upload_at_a_steady_rate_outlives_every_deadline(pki: Pki) -> None:
+    """A body that streams for 3x the response deadline, a piece every 0.3 s, reaches the app whole."""
+    sa = await _stream_app()
+    sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b"u" * 1000
+            await asyncio.sleep(0.3)
+
+    try:
+        async with _session(pki) as s, s.post(f"https://127.0.0.1:{sc.port}/api/upload", data=body()) as r:
+            assert r.status == 200, await r.text()
+            assert (await r.json())["len"] == 20_000
+        assert sa.received == [20_000]
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="timeout") == 0
+    finally:
+        await sc.server.drain(1)
+        await sa.runner.cleanup()
+
+
+async def test_a_long_download_at_a_steady_rate_outlives_every_deadline(pki: Pki) -> None:
+    sa = await _stream_app()
+    sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
+    try:
+        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/download") as r:
+            assert r.status == 200
+            assert len(await r.read()) == 20_000
+    finally:
+        await sc.server.drain(1)
+        await sa.runner.cleanup()
+
+
+async def test_a_long_exchange_streaming_both_ways_at_once_outlives_every_deadline(pki: Pki) -> None:
+    """The app echoes each piece while the upload still streams: both directions move for 6 s."""
+    sa = await _stream_app()
+    sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+    try:
+        writer.write(b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        got = b""
+        async with asyncio.timeout(20):
+            for i in range(20):
+                writer.write(b"5\r\nm%04d\r\n" % i)
+                await asyncio.sleep(0.3)
+                got += await reader.read(65536)  # the echo of this piece arrives while we keep sending
+            writer.write(b"0\r\n\r\n")
+            while not got.endswith(b"0\r\n\r\n"):
+                chunk = await reader.read(65536)
+                assert chunk, got[-200:]
+                got += chunk
+        assert got.startswith(b"HTTP/1.1 200 ")
+        assert all(b"m%04d" % i in got for i in range(20))
+    finally:
+        writer.close()
+        await sc.server.drain(1)
+        await sa.runner.cleanup()
+
+
+async def test_app_silence_is_cut_off_by_the_inactivity_deadline(pki: Pki) -> None:
+    """Inactivity on the app's side still ends the exchange: no first byte (504), silence mid-response
+    (the caller's connection is dropped), or a body the app stops reading (504)."""
+    sa = await _stream_app()
+    sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await raw_exchange(pki, sc.port, b"GET /api/mute HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+        assert out.startswith(b"HTTP/1.1 504 "), out[:100]
+        assert 1.5 < loop.time() - t0 < 6
+        out = await raw_exchange(pki, sc.port, b"GET /api/stall HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+        assert out.startswith(b"HTTP/1.1 200 ") and out.count(b"s") >= 100 and len(out) < 10_000
+        body = b"x" * (8 * 1024 * 1024)  # far above every socket and transport buffer
+        out = await raw_exchange(pki, sc.port, b"POST /api/deaf HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                 % len(body) + body, timeout=15)
+        assert out.startswith(b"HTTP/1.1 504 "), out[:100]
+        assert sc.metric("spiffe_sidecar_upstream_errors_total", listener="inbound", kind="timeout") == 3
+    finally:
+        await sc.server.drain(1)
+        await sa.runner.cleanup()
+
+
+@dataclass
+class RawApp:
+    """A raw TCP app that records the bytes of each connection and answers nothing until told to."""
+
+    port: int
+    server: asyncio.Server
+    conns: list[bytearray] = field(default_factory=list)
+    closed: list[bool] = field(default_factory=list)
+
+
+async def _raw_app() -> RawApp:
+    state = RawApp(0, cast(asyncio.Server, None))
+
+    warm = b"GET /api/warm HTTP/1.1\r\n"
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        buf = bytearray()
+        i = len(state.conns)
+        state.conns.append(buf)
+        state.closed.append(False)
+        while chunk := await reader.read(65536):
+            buf += chunk
+            if buf.startswith(warm) and b"\r\n\r\n" in buf:
+                # A warm-up request: answered, so this connection goes back to the sidecar's pool, and not
+                # recorded (what follows on this connection is the case under test).
+                del buf[: buf.index(b"\r\n\r\n") + 4]
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        state.closed[i] = True
+        writer.close()
+
+    state.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    state.port = state.server.sockets[0].getsockname()[1]
+    return state
+
+
+async def test_broken_chunked_framing_never_completes_a_request_at_the_app(pki: Pki) -> None:
+    """When the head and a bad chunk line arrive together the app sees nothing; when the bad chunk comes
+    later the app sees a partial request and then its connection closes, never a complete request nor a
+    second one on that connection."""
+    ra = await _raw_app()
+    sc = await start_sidecar(pki, ra.port, timeouts=_SHORT)
+    head = b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    warm = b"GET /api/warm HTTP/1.1\r\nHost: x\r\n\r\n"
+    try:
+        # A warm pooled connection first: the request is then written upstream within the same read.
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(warm)
+        async with asyncio.timeout(5):
+            out = await reader.readuntil(b"\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200 ")
+            assert sc.server.pool.idle_count == 1
+            writer.write(head + b"5\r\nhello\r\nzz\r\n")
+            out = await reader.read()
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 400 ")
+        await _until(lambda: all(ra.closed))
+        assert all(conn == b"" for conn in ra.conns), ra.conns  # nothing of the request reached the app
+
+        await raw_exchange(pki, sc.port, warm.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(head + b"5\r\nhello\r\n")
+        await _until(lambda: any(b"hello" in c for c in ra.conns))
+        writer.write(b"zz\r\nGET /api/next HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            out = await reader.read()
+        writer.close()
+        assert out.startswith(b"HTTP/1.1 400 ")
+        await _until(lambda: all(ra.closed))
+        seen = next(c for c in ra.conns if b"hello" in c)
+        assert seen.startswith(b"POST /api/x HTTP/1.1\r\n")
+        assert not seen.endswith(b"0\r\n\r\n") and b"/api/next" not in seen  # never completed, never reused
+    finally:
+        await sc.server.drain(1)
+        ra.server.close()
+
+
+async def test_routing_override_headers_never_reach_the_app(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    code, _, err = await curl(pki, sidecar.port, "/api/stock/1", pki.checkout, "-H", "X-Original-URL: /admin/x",
+                              "-H", "X-Rewrite-URL: /admin/x", "-H", "X-HTTP-Method-Override: DELETE",
+                              "-H", "X-Method-Override: DELETE", "-H", "X-Kept: yes")
+    assert code == 200, err
+    h = app.seen[0].headers
+    assert "X-Original-URL" not in h and "X-Rewrite-URL" not in h
+    assert "X-HTTP-Method-Override" not in h and "X-Method-Override" not in h
+    assert h["X-Kept"] == "yes"
+
+
+async def test_a_configured_strip_list_replaces_the_default(pki: Pki, app: App) -> None:
+    sc = await start_sidecar(pki, app.port, strip=("x-internal-token",))
+    try:
+        code, _, err = await curl(pki, sc.port, "/api/stock/1", pki.checkout, "-H", "X-Internal-Token: t",
+                                  "-H", "X-Original-URL: /other")
+        assert code == 200, err
+        assert "X-Internal-Token" not in app.seen[0].headers
+        assert app.seen[0].headers["X-Original-URL"] == "/other"
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_audit_bytes_in_counts_the_request_head(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    head = b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+    out = await raw_exchange(pki, sidecar.port, head + b"hello")
+    assert out.startswith(b"HTTP/1.1 200 ")
+    await _until(lambda: bool(sidecar.audit_lines))
+    line = sidecar.audit_lines[-1]
+    assert line["bytes_in"] == len(head) + 5
+    assert line["bytes_out"] == len(out)
+
+
+async def test_a_denied_request_with_a_body_closes_the_connection_even_when_pipelined(
+    pki: Pki, app: App, sidecar: Sidecar
+) -> None:
+    req = (b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n"
+           b"POST /admin/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
+           b"GET /api/stock/2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    out = await raw_exchange(pki, sidecar.port, req)  # fails if the connection stays open
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"403"]
+    assert b"connection: close" in out.split(b"HTTP/1.1 403 ")[1].lower()
+    assert [s.path for s in app.seen] == ["/api/stock/1"]

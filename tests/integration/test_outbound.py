@@ -5,6 +5,8 @@ with checkout's SVID and checks inventory's SPIFFE ID (running example: checkout
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -104,13 +106,19 @@ class Inventory:
     port: int
 
 
-async def start_inventory(pki: Pki, app: App, leaf: Leaf | None = None) -> Inventory:
+TCP_POLICY = {"rules": [{"name": "checkout-tcp", "action": "allow", "callers": [CHECKOUT]}]}
+
+
+async def start_inventory(
+    pki: Pki, app: App, leaf: Leaf | None = None, *, mode: ListenerMode = ListenerMode.HTTP
+) -> Inventory:
     metrics = Metrics()
     audit = AuditLog(AuditSettings(), write=lambda s: None, metrics=metrics, rng=lambda: 0.0)
     tls = TlsContexts(pki.context(leaf or pki.inventory))
+    policy = TCP_POLICY if mode is ListenerMode.TCP else POLICY
     server = InboundServer(
-        InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app.port)),
-        timeouts=TIMEOUTS, limits=Limits(), tls=tls, policy=PolicyRef(compile_policy(POLICY, "p")),
+        InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app.port), mode=mode),
+        timeouts=TIMEOUTS, limits=Limits(), tls=tls, policy=PolicyRef(compile_policy(policy, "p")),
         audit=audit, metrics=metrics,
     )  # fmt: skip
     return Inventory(server, tls, await server.start())
@@ -500,3 +508,88 @@ async def test_expired_own_svid_gets_503_not_an_expired_handshake(pki: Pki, app:
         assert co.metric("spiffe_sidecar_handshake_failures_total", listener="outbound", reason="own_svid_expired") == 1
     finally:
         await co.server.drain(1.0)
+
+
+# --- the outbound TCP relay keeps every deadline of the inbound one, and audits each connection (issue 10 #8)
+
+
+async def test_outbound_tcp_relay_closes_when_idle_and_audits_the_connection(pki: Pki, app: App) -> None:
+    inv = await start_inventory(pki, app, mode=ListenerMode.TCP)
+    co = await start_checkout(pki, {"inventory": (inv.port, INVENTORY)}, mode=ListenerMode.TCP,
+                              timeouts=dataclasses.replace(TIMEOUTS, idle=0.5))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", co.port)
+        writer.write(b"GET /api/stock/3 HTTP/1.1\r\nHost: inventory\r\n\r\n")  # keep-alive: nothing closes it
+        async with asyncio.timeout(10):
+            data = await reader.readuntil(b"}")
+            assert data.startswith(b"HTTP/1.1 200")
+            assert await reader.read() == b""  # no byte either way for timeouts.idle: closed
+        writer.close()
+        await _until(lambda: bool(co.audit_lines))
+        line = co.audit_lines[-1]
+        assert (line["listener"], line["peer"], line["rule"], line["decision"]) == (
+            "outbound", INVENTORY, "inventory", "allow")
+        assert line["method"] == "-" and line["bytes_in"] > 30 and line["bytes_out"] == len(data)
+    finally:
+        await co.server.drain(1.0)
+        await inv.server.drain(1.0)
+
+
+async def test_outbound_tcp_relay_cuts_off_an_app_that_stops_reading(pki: Pki) -> None:
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        block = b"f" * 65536
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(block)
+                await writer.drain()
+
+    srv = await asyncio.start_server(firehose, "127.0.0.1", 0)
+    inv = await start_inventory(pki, App(srv.sockets[0].getsockname()[1]), mode=ListenerMode.TCP)
+    co = await start_checkout(pki, {"inventory": (inv.port, INVENTORY)}, mode=ListenerMode.TCP,
+                              timeouts=dataclasses.replace(TIMEOUTS, write_stall=1, idle=60))
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", co.port, limit=1024)
+        writer.transport.pause_reading()  # the app never reads
+        writer.write(b"go")
+        await _until(lambda: bool(co.audit_lines), timeout=20)  # the relay ended: one audit line
+        writer.transport.abort()
+        assert co.metric("spiffe_sidecar_peer_stalls_total", listener="outbound", kind="write") == 1
+        assert co.audit_lines[-1]["status"] == 408 and co.audit_lines[-1]["bytes_out"] > 64 * 1024
+    finally:
+        await co.server.drain(1.0)
+        await inv.server.drain(1.0)
+        srv.close()
+
+
+async def test_outbound_tcp_relay_ends_when_the_server_certificate_expires(pki: Pki) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    srv = await asyncio.start_server(echo, "127.0.0.1", 0)
+    short = pki.root.intermediate().leaf(INVENTORY, not_after=dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2))
+    inv = await start_inventory(pki, App(srv.sockets[0].getsockname()[1]), leaf=short, mode=ListenerMode.TCP)
+    co = await start_checkout(pki, {"inventory": (inv.port, INVENTORY)}, mode=ListenerMode.TCP,
+                              timeouts=dataclasses.replace(TIMEOUTS, idle=60))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", co.port)
+        async with asyncio.timeout(10):
+            while True:  # keep the relay busy: only the expiry can end it
+                writer.write(b"x")
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        if await reader.read() == b"":
+                            break
+        writer.close()
+        assert co.metric("spiffe_sidecar_handshake_failures_total", listener="outbound", reason="expired") == 1
+    finally:
+        await co.server.drain(1.0)
+        await inv.server.drain(1.0)
+        srv.close()
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)

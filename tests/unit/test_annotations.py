@@ -546,3 +546,13 @@ def test_metrics_port_annotation_and_the_injected_metrics_listener() -> None:
     assert settings.metrics.listen == HostPort("0.0.0.0", 15020)  # the pod IP: Prometheus scrapes it
     settings, _ = ann_mod.annotations_mode(text, {k: v for k, v in _ENV.items() if "METRICS" not in k}, _FILE)
     assert settings.metrics.listen is None
+
+
+def test_strip_request_headers_annotation() -> None:
+    assert "x-http-method-override" in parse_pod_annotations({}).strip_request_headers
+    a = parse_pod_annotations(ann(strip_request_headers="X-Internal-Token, X-Debug"))
+    assert a.strip_request_headers == ("x-internal-token", "x-debug")
+    assert parse_pod_annotations(ann(strip_request_headers="none")).strip_request_headers == ()
+    with pytest.raises(ConfigError) as info:
+        parse_pod_annotations(ann(strip_request_headers="X Bad"))
+    assert "strip-request-headers" in str(info.value) and "not a header name" in str(info.value)

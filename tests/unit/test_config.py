@@ -606,3 +606,14 @@ def test_metrics_listener_from_the_file_or_the_environment() -> None:
         "side.yaml:7: metrics.max_callers: must be >= 0, got -1",
         "side.yaml:7: metrics.path: unknown key (expected one of: listen, max_callers)",
     ]
+
+
+def test_strip_request_headers_default_list_and_replacement() -> None:
+    s = parse(MINIMAL)
+    assert s.inbound is not None and "x-original-url" in s.inbound.strip_request_headers
+    s = parse(MINIMAL + "  strip_request_headers: [X-Internal-Token, x-internal-token]\n")
+    assert s.inbound is not None and s.inbound.strip_request_headers == ("x-internal-token",)
+    s = parse(MINIMAL + "  strip_request_headers: []\n")
+    assert s.inbound is not None and s.inbound.strip_request_headers == ()
+    found = problems(MINIMAL + '  strip_request_headers: ["X Bad", "ok"]\n')
+    assert found == ["side.yaml:7: inbound.strip_request_headers: 'X Bad' is not a header name (RFC 9110 §5.1)"]

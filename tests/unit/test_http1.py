@@ -10,6 +10,7 @@ import pytest
 
 from sidecar.errors import SidecarError
 from sidecar.http1 import (
+    REQUEST_DROP,
     RESPONSE_100,
     RESPONSE_400,
     RESPONSE_403,
@@ -20,12 +21,14 @@ from sidecar.http1 import (
     RESPONSE_502,
     RESPONSE_503,
     RESPONSE_504,
+    ROUTING_OVERRIDE_HEADERS,
     BadRequest,
     BodyFraming,
     build_request_head,
     build_response_head,
     check_method,
     check_request_headers,
+    request_drop,
     xfcc_value,
 )
 from sidecar.identity import SpiffeId
@@ -205,7 +208,39 @@ SMUGGLING: list[tuple[str, H, str]] = [
     ("two Host", [*HOST, (b"host", b"evil")], "more than one Host"),
     ("two Upgrade", [*HOST, (b"Upgrade", b"a"), (b"Upgrade", b"b")], "more than one Upgrade"),
     ("Expect other", [*HOST, (b"Expect", b"something")], "expectation"),
+    # Host must be uri-host [":" port] (issue 10 #4).
+    ("Host slash", [(b"Host", b"inventory/admin")], "valid host"),
+    ("Host space", [(b"Host", b"inv entory")], "valid host"),
+    ("Host userinfo", [(b"Host", b"user@inventory")], "valid host"),
+    ("Host query", [(b"Host", b"inventory?x")], "valid host"),
+    ("Host fragment", [(b"Host", b"inventory#x")], "valid host"),
+    ("Host backslash", [(b"Host", b"inventory\\x")], "valid host"),
+    ("Host bad port", [(b"Host", b"inventory:80a")], "valid host"),
+    ("Host two ports", [(b"Host", b"inventory:80:81")], "valid host"),
+    ("Host long port", [(b"Host", b"inventory:123456")], "valid host"),
+    ("Host bad pct", [(b"Host", b"inv%zzentory")], "valid host"),
+    ("Host unclosed v6", [(b"Host", b"[::1")], "valid host"),
+    ("Host non-ascii", [(b"Host", b"caf\xc3\xa9")], "valid host"),
+    # Connection may not name a field routing, framing or identity depends on (issue 10 #3).
+    ("Connection: host", [*HOST, (b"Connection", b"close, Host")], "Connection names host"),
+    ("Connection: CL", [*HOST, (b"Connection", b"content-length"), (b"Content-Length", b"1")], "content-length"),
+    ("Connection: TE", [*HOST, (b"Connection", b"Transfer-Encoding")], "transfer-encoding"),
+    ("Connection: XFCC", [*HOST, (b"Connection", b"X-Forwarded-Client-Cert")], "x-forwarded-client-cert"),
 ]
+
+
+@pytest.mark.parametrize(
+    "host",
+    [b"inventory", b"inventory:8443", b"inventory.shop.svc.cluster.local:80", b"127.0.0.1:8443", b"[::1]:8443",
+     b"[v1.fe80::a+en1]", b"a-b_c~d", b"", b"inventory:", b"%41bc", b"x!$&'()*+,;=y"],
+)
+def test_valid_hosts_are_accepted(host: bytes) -> None:
+    check_request_headers([(b"Host", host)])
+
+
+def test_connection_may_still_name_ordinary_hop_by_hop_fields() -> None:
+    f = check_request_headers([*HOST, (b"Connection", b"TE, keep-alive, X-Secret"), (b"TE", b"trailers")])
+    assert f.keep_alive
 
 
 @pytest.mark.parametrize(("case", "headers", "fragment"), SMUGGLING, ids=[c[0] for c in SMUGGLING])
@@ -326,6 +361,22 @@ def test_request_head_content_length_host_fallback_upgrade() -> None:
         build_request_head(
             b"GET", b"/", [], xfcc=b"X", chunked=True, content_length=1, upgrade=None, host_fallback=None
         )
+
+
+def test_routing_override_headers_are_dropped_by_default() -> None:
+    headers: H = [(b"Host", b"a"), (b"X-Original-URL", b"/admin"), (b"X-Rewrite-URL", b"/admin"),
+                  (b"X-HTTP-Method-Override", b"DELETE"), (b"x-http-method", b"DELETE"),
+                  (b"X-Method-Override", b"DELETE"), (b"X-Override-URL", b"/admin"), (b"X-Original-URI", b"/a"),
+                  (b"X-Keep", b"1")]
+    assert {h.encode() for h in ROUTING_OVERRIDE_HEADERS} <= REQUEST_DROP
+    head = build_request_head(b"GET", b"/api", headers, xfcc=b"X", chunked=False, content_length=None,
+                              upgrade=None, host_fallback=None)
+    assert head == b"GET /api HTTP/1.1\r\nHost: a\r\nX-Keep: 1\r\nx-forwarded-client-cert: X\r\n\r\n"
+    # A configured list replaces the default one: here only X-Keep is dropped.
+    head = build_request_head(b"GET", b"/api", headers, xfcc=b"X", chunked=False, content_length=None,
+                              upgrade=None, host_fallback=None, drop=request_drop(["X-Keep"]))
+    assert b"X-Keep" not in head and b"X-Original-URL: /admin" in head
+    assert b"x-forwarded-client-cert: X" in head and head.count(b"x-forwarded-client-cert") == 1
 
 
 # ---------------------------------------------------------------------------------------------------------

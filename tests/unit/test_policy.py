@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,9 @@ def test_normalize_accepts(raw: bytes, path: str | None, query: str | None) -> N
         (b"/a/..;/b", "'..;'"),
         (b"/a/.;x/b", "'..;'"),
         (b"/a/%2e%2e;/b", "'..;'"),
+        (b"/api/..%3B/admin", "encoded ';'"),
+        (b"/api/..%3b/admin", "encoded ';'"),
+        (b"/a%3Bb", "encoded ';'"),
     ],
 )
 def test_normalize_rejects(raw: bytes, fragment: str) -> None:
@@ -272,6 +276,37 @@ def test_normalize_never_raises_anything_else_and_is_idempotent(raw: bytes) -> N
     assert all(s not in (".", "..") for s in segs)
     assert all(segs[:-1])
     assert re.search(r"%(?![0-9A-F]{2})", t.path) is None
+
+
+def _lenient_route(forward: bytes) -> str:
+    """Where a lenient Java-style server routes a forwarded target: percent-decode the whole path, then
+    drop `;params` from each segment, then resolve dot segments and merge empty ones (Tomcat, Spring)."""
+    path = urllib.parse.unquote(forward.split(b"?", 1)[0].decode("ascii"), errors="strict")
+    out: list[str] = []
+    for seg in path[1:].split("/"):
+        seg = seg.split(";", 1)[0]
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    return "/" + "/".join(out)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_slash_targets)
+@example(b"/api/..%3b/admin")
+def test_a_lenient_app_routes_to_the_authorised_path(raw: bytes) -> None:
+    """Whatever we forward, an app that decodes before it strips path parameters and normalises routes it
+    to the path the policy matched (an encoded ';' after dot segments would break this: issue 10 #5)."""
+    try:
+        t = normalize_target(raw)
+    except BadRequest:
+        return
+    authorised = urllib.parse.unquote(t.path).rstrip("/") or "/"
+    assert (_lenient_route(t.forward).rstrip("/") or "/") == authorised
 
 
 # ---------------------------------------------------------------------------------------------------------
