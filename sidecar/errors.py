@@ -34,6 +34,16 @@ class SvidError(SidecarError):
         super().__init__(f"{reason}: {detail}")
 
 
+class JwtSvidError(SidecarError):
+    """A JWT-SVID (or JWT bundle) that must not be trusted; `reason` is a short stable code (metrics labels,
+    audit lines), `detail` says why. Never carries the token itself."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
 class SourceError(SidecarError):
     """An SVID source (Workload API, PEM files) that cannot deliver."""
 
