@@ -1,4 +1,4 @@
-"""The in-process CA of the embedded SPIRE: signing authorities, X509-SVID issuance, CA rotation (pure).
+"""The in-process CA of the embedded SPIRE: signing authorities, X509-SVID issuance, key rotation (pure).
 
 No I/O, no clock: every function takes `now`. Certificates follow spiffe/spiffe standards/X509-SVID.md:
 
@@ -7,14 +7,16 @@ No I/O, no clock: every function takes `now`. Certificates follow spiffe/spiffe 
 * signing CA (§3.2, §4): self-signed, CA=true, keyUsage critical keyCertSign|cRLSign, URI SAN
   `spiffe://<td>` (no path, no trailing slash: SPIFFE-ID §2.2), SKI.
 * keys: ECDSA P-256; the Workload API wants chains as DER leaf first and keys as unencrypted PKCS#8 (§3.3).
+* rotation (`KeyRotation`): one overlap scheme for CAs and JWT signing keys (spire.jwtsvid.JwtKeyManager).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import secrets
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final, Generic, Protocol, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -230,65 +232,74 @@ def issue_x509_svid(
     return IssuedX509Svid(spiffe_id, (cert,), key, now, authority.generation)
 
 
-class AuthorityManager:
-    """The signing CAs of one trust domain over time (mutable, pure: the caller passes `now`).
+class _Signer(Protocol):
+    @property
+    def generation(self) -> int: ...
+    @property
+    def issued_at(self) -> dt.datetime: ...
+    @property
+    def not_after(self) -> dt.datetime: ...
+    @property
+    def lifetime(self) -> dt.timedelta: ...
+
+
+_A = TypeVar("_A", bound=_Signer)
+
+
+class KeyRotation(Generic[_A]):
+    """The signing keys of one trust domain over time (mutable, pure: the caller passes `now`).
 
     Rotation with overlap (SPIFFE Trust Domain and Bundle §4, "publish keys before use"):
-    * at PREPARE_AT of the active CA's life a next CA is created and joins the bundle, signing nothing;
-    * at ACTIVATE_AT it becomes the active CA; the old one moves to `retiring`;
-    * a retiring CA leaves the bundle only once every SVID it signed has expired (leaves never outlive
-      their CA, so that is at the latest its own notAfter).
+    * at PREPARE_AT of the active key's life a next key is created and joins the bundle, signing nothing;
+    * at ACTIVATE_AT it becomes the active key; the old one moves to `retiring`;
+    * a retiring key leaves the bundle only once everything it signed has expired (nothing outlives its
+      key, so that is at the latest its own notAfter).
+    Subclasses say what a key is (`_new`) and what it signs (`noun`, `signs`).
     """
 
-    def __init__(self, trust_domain: TrustDomain, ca_ttl: float, now: dt.datetime) -> None:
-        self.trust_domain = trust_domain
-        self.ca_ttl = ca_ttl
-        self._generation = 1
-        self.active = new_x509_authority(trust_domain, ca_ttl, now, self._generation)
-        self.prepared: X509Authority | None = None
-        # generation -> (authority, latest notAfter of an SVID it signed)
-        self._signed_until: dict[int, dt.datetime] = {}
-        self.retiring: list[X509Authority] = []
+    noun: ClassVar[str] = "key"
+    signs: ClassVar[str] = "credentials"
 
-    def bundle(self) -> tuple[X509Authority, ...]:
-        """Every CA a relying party must trust now: active, prepared (pre-published), retiring."""
+    def __init__(self, trust_domain: TrustDomain, ttl: float, now: dt.datetime) -> None:
+        self.trust_domain = trust_domain
+        self.ttl = ttl
+        self._generation = 1
+        self.active: _A = self._new(now, self._generation)
+        self.prepared: _A | None = None
+        # generation -> latest expiry of anything it signed
+        self._signed_until: dict[int, dt.datetime] = {}
+        self.retiring: list[_A] = []
+
+    def _new(self, now: dt.datetime, generation: int) -> _A:
+        raise NotImplementedError
+
+    def _name(self, a: _A) -> str:
+        return f"{self.noun} {a.generation}"
+
+    def bundle(self) -> tuple[_A, ...]:
+        """Every key a relying party must trust now: active, prepared (pre-published), retiring."""
         out = [self.active]
         if self.prepared is not None:
             out.append(self.prepared)
         out += self.retiring
         return tuple(out)
 
-    def bundle_der(self) -> bytes:
-        return b"".join(a.der for a in self.bundle())
-
-    def bundle_pem(self) -> bytes:
-        return b"".join(a.pem for a in self.bundle())
-
-    def issue(
-        self,
-        spiffe_id: SpiffeId,
-        ttl: float,
-        now: dt.datetime,
-        dns_names: tuple[str, ...] = (),
-        ip_addresses: tuple[str, ...] = (),
-    ) -> IssuedX509Svid:
-        svid = issue_x509_svid(self.active, spiffe_id, ttl, now, dns_names, ip_addresses)
-        g = svid.authority_generation
-        prev = self._signed_until.get(g)
-        if prev is None or svid.not_after > prev:
-            self._signed_until[g] = svid.not_after
-        return svid
+    def record(self, generation: int, expires: dt.datetime) -> None:
+        """Note that the key of `generation` signed something valid until `expires`."""
+        prev = self._signed_until.get(generation)
+        if prev is None or expires > prev:
+            self._signed_until[generation] = expires
 
     def prepare(self, now: dt.datetime) -> bool:
-        """Create the next CA and publish it in the bundle; False if one is already prepared."""
+        """Create the next key and publish it in the bundle; False if one is already prepared."""
         if self.prepared is not None:
             return False
         self._generation += 1
-        self.prepared = new_x509_authority(self.trust_domain, self.ca_ttl, now, self._generation)
+        self.prepared = self._new(now, self._generation)
         return True
 
     def activate(self, now: dt.datetime) -> None:
-        """Make the prepared CA (created now if needed) the signer; the old one starts retiring."""
+        """Make the prepared key (created now if needed) the signer; the old one starts retiring."""
         self.prepare(now)
         assert self.prepared is not None
         old = self.active
@@ -297,7 +308,7 @@ class AuthorityManager:
         self.prune(now)
 
     def prune(self, now: dt.datetime) -> bool:
-        """Drop retiring CAs whose every SVID has expired; True if the bundle changed."""
+        """Drop retiring keys whose every credential has expired; True if the bundle changed."""
         keep = [a for a in self.retiring if self._retire_at(a) > now]
         changed = len(keep) != len(self.retiring)
         for a in self.retiring:
@@ -306,7 +317,7 @@ class AuthorityManager:
         self.retiring = keep
         return changed
 
-    def _retire_at(self, a: X509Authority) -> dt.datetime:
+    def _retire_at(self, a: _A) -> dt.datetime:
         return min(self._signed_until.get(a.generation, a.issued_at), a.not_after)
 
     def prepare_at(self) -> dt.datetime:
@@ -327,30 +338,86 @@ class AuthorityManager:
         if self.prepared is None and now >= self.prepare_at():
             self.prepare(now)
             assert self.prepared is not None
-            events.append(f"prepared CA {self.prepared.generation} (joins the bundle, not signing yet)")
+            events.append(f"prepared {self._name(self.prepared)} (joins the bundle, not signing yet)")
         if self.prepared is not None and now >= self.activate_at():
-            old = self.active.generation
+            old = self.active
             self.activate(now)
-            events.append(f"activated CA {self.active.generation}; CA {old} retires once its SVIDs expire")
+            events.append(
+                f"activated {self._name(self.active)}; {self.noun} {old.generation} retires once its "
+                f"{self.signs} expire"
+            )
         before = {a.generation for a in self.retiring}
         if self.prune(now):
             gone = before - {a.generation for a in self.retiring}
-            events.append(f"removed CA {', '.join(map(str, sorted(gone)))} from the bundle")
+            events.append(f"removed {self.noun} {', '.join(map(str, sorted(gone)))} from the bundle")
         return events
+
+
+class AuthorityManager(KeyRotation[X509Authority]):
+    """The signing CAs of one trust domain over time (see `KeyRotation`)."""
+
+    noun = "CA"
+    signs = "SVIDs"
+
+    def __init__(self, trust_domain: TrustDomain, ca_ttl: float, now: dt.datetime) -> None:
+        super().__init__(trust_domain, ca_ttl, now)
+
+    @property
+    def ca_ttl(self) -> float:
+        return self.ttl
+
+    def _new(self, now: dt.datetime, generation: int) -> X509Authority:
+        return new_x509_authority(self.trust_domain, self.ttl, now, generation)
+
+    def bundle_der(self) -> bytes:
+        return b"".join(a.der for a in self.bundle())
+
+    def bundle_pem(self) -> bytes:
+        return b"".join(a.pem for a in self.bundle())
+
+    def issue(
+        self,
+        spiffe_id: SpiffeId,
+        ttl: float,
+        now: dt.datetime,
+        dns_names: tuple[str, ...] = (),
+        ip_addresses: tuple[str, ...] = (),
+    ) -> IssuedX509Svid:
+        svid = issue_x509_svid(self.active, spiffe_id, ttl, now, dns_names, ip_addresses)
+        self.record(svid.authority_generation, svid.not_after)
+        return svid
 
 
 @dataclass(frozen=True, slots=True)
 class JwtAuthority:
-    """The JWT-SVID signing key of a trust domain (ES256). `kid` is published in the JWT bundle."""
+    """A JWT-SVID signing key of a trust domain (ES256). `kid` is published in the JWT bundle and changes
+    with every key (JWT-SVID §6.1)."""
 
     trust_domain: TrustDomain
     kid: str
     private_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    issued_at: dt.datetime
+    not_after: dt.datetime
+    generation: int = 1
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self.private_key.public_key()
 
+    @property
+    def lifetime(self) -> dt.timedelta:
+        return self.not_after - self.issued_at
 
-def new_jwt_authority(trust_domain: TrustDomain, kid: str) -> JwtAuthority:
-    return JwtAuthority(trust_domain, kid, ec.generate_private_key(ec.SECP256R1()))
+
+def new_jwt_authority(
+    trust_domain: TrustDomain, ttl: float, now: dt.datetime, generation: int = 1, kid: str | None = None
+) -> JwtAuthority:
+    """A fresh P-256 JWT key valid for `ttl` seconds from `now`, with a random `kid` unless one is given."""
+    return JwtAuthority(
+        trust_domain,
+        kid if kid is not None else secrets.token_urlsafe(24),
+        ec.generate_private_key(ec.SECP256R1()),
+        now,
+        now + dt.timedelta(seconds=ttl),
+        generation,
+    )

@@ -1,7 +1,8 @@
 """`spiffe-spire`: run or check the embedded development SPIRE.
 
     spiffe-spire run --entries FILE [--socket-dir DIR | --socket PATH] [--trust-domain TD]
-                     [--svid-ttl 1h] [--jwt-ttl 5m] [--ca-ttl 24h] [--bundle-out PEM] [--loop uvloop|asyncio]
+                     [--svid-ttl 1h] [--jwt-ttl 5m] [--ca-ttl 24h] [--jwt-key-ttl 24h] [--bundle-out PEM]
+                     [--loop uvloop|asyncio]
     spiffe-spire check --entries FILE [same overrides]
 
 Exit codes: 0 ok (run: stopped by SIGTERM/SIGINT), 1 runtime failure, 2 bad usage or bad entries file
@@ -45,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--svid-ttl", type=_duration, help="X509-SVID lifetime, e.g. 1h (rotation at half-life)")
     common.add_argument("--jwt-ttl", type=_duration, help="JWT-SVID lifetime, e.g. 5m")
     common.add_argument("--ca-ttl", type=_duration, help="signing CA lifetime, e.g. 24h")
+    common.add_argument("--jwt-key-ttl", type=_duration,
+                        help="JWT signing key lifetime, e.g. 24h (a new kid is published at half-life)")
     where = common.add_mutually_exclusive_group()
     where.add_argument("--socket-dir", help="directory of the shared socket api.sock and relative entry sockets")
     where.add_argument("--socket", help="path of the shared Workload API socket")
@@ -63,6 +66,7 @@ def _load(args: argparse.Namespace) -> SpireConfig:
         svid_ttl=args.svid_ttl,
         jwt_ttl=args.jwt_ttl,
         ca_ttl=args.ca_ttl,
+        jwt_key_ttl=args.jwt_key_ttl,
         socket_dir=args.socket_dir,
         socket=args.socket,
     )

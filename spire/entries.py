@@ -6,6 +6,8 @@ File shape (every key but `trust_domain` and `entries` optional)::
     svid_ttl: 1h          # default X509-SVID lifetime; rotation at half-life
     jwt_ttl: 5m           # JWT-SVID lifetime
     ca_ttl: 24h           # signing CA lifetime; the next CA is prepared at 1/2, activated at 2/3
+    jwt_key_ttl: 24h      # JWT signing key lifetime: same steps, a new kid each time
+    allowed_foreign_jwt_claims: [groups]  # ValidateJWTSVID: claims kept for other trust domains' tokens
     socket_dir: /tmp/spire            # where the shared socket (api.sock) and relative entry sockets live
     federation:                       # trust domains this SPIRE also runs a CA for (simulated foreign SPIRE)
       - trust_domain: partner.org
@@ -39,6 +41,7 @@ from sidecar.identity import SpiffeId, TrustDomain
 DEFAULT_SVID_TTL: Final = 3600.0
 DEFAULT_JWT_TTL: Final = 300.0
 DEFAULT_CA_TTL: Final = 86400.0
+DEFAULT_JWT_KEY_TTL: Final = 86400.0
 SHARED_SOCKET_NAME: Final = "api.sock"
 MAX_HINT_BYTES: Final = 1024  # Workload API §8: hints above 1024 bytes SHOULD NOT be supported
 
@@ -130,6 +133,10 @@ class SpireConfig:
     svid_ttl: float = DEFAULT_SVID_TTL
     jwt_ttl: float = DEFAULT_JWT_TTL
     ca_ttl: float = DEFAULT_CA_TTL
+    jwt_key_ttl: float = DEFAULT_JWT_KEY_TTL
+    # ValidateJWTSVID returns only sub, aud and exp of a token from another trust domain, plus these (as
+    # SPIRE's agent option allowed_foreign_jwt_claims): other issuers' claims are not ours to vouch for.
+    allowed_foreign_jwt_claims: frozenset[str] = frozenset()
     socket_dir: str | None = None
     socket: str | None = None  # shared socket; default <socket_dir>/api.sock
     source: str = "<config>"
@@ -166,7 +173,8 @@ class SpireConfig:
 # --- YAML walking with node marks -------------------------------------------------------------------------
 
 _TOP_KEYS: Final = frozenset(
-    {"trust_domain", "svid_ttl", "jwt_ttl", "ca_ttl", "socket_dir", "socket", "federation", "entries"}
+    {"trust_domain", "svid_ttl", "jwt_ttl", "ca_ttl", "jwt_key_ttl", "allowed_foreign_jwt_claims", "socket_dir",
+     "socket", "federation", "entries"}
 )
 _ENTRY_KEYS: Final = frozenset(
     {"spiffe_id", "selectors", "socket", "ttl", "jwt_ttl", "hint", "federates_with", "dns_names"}
@@ -254,6 +262,7 @@ def parse_config(
     svid_ttl: float | None = None,
     jwt_ttl: float | None = None,
     ca_ttl: float | None = None,
+    jwt_key_ttl: float | None = None,
     socket_dir: str | None = None,
     socket: str | None = None,
 ) -> SpireConfig:
@@ -301,9 +310,19 @@ def parse_config(
     svid = setting("svid_ttl", svid_ttl, DEFAULT_SVID_TTL)
     jwt = setting("jwt_ttl", jwt_ttl, DEFAULT_JWT_TTL)
     ca = setting("ca_ttl", ca_ttl, DEFAULT_CA_TTL)
+    jwt_key = setting("jwt_key_ttl", jwt_key_ttl, DEFAULT_JWT_KEY_TTL)
     if svid >= ca:
         node = top.get("svid_ttl", top.get("ca_ttl", root))
         w.add(node, "svid_ttl", f"SVID ttl ({svid:g}s) must be shorter than the CA ttl ({ca:g}s)")
+    if jwt >= jwt_key:
+        node = top.get("jwt_ttl", top.get("jwt_key_ttl", root))
+        w.add(node, "jwt_ttl", f"JWT-SVID ttl ({jwt:g}s) must be shorter than the JWT key ttl ({jwt_key:g}s)")
+    foreign_claims: set[str] = set()
+    if "allowed_foreign_jwt_claims" in top:
+        for item, sub, claim in w.strings(top["allowed_foreign_jwt_claims"], "allowed_foreign_jwt_claims"):
+            if not claim:
+                w.add(item, sub, "empty claim name")
+            foreign_claims.add(claim)
 
     sdir = socket_dir
     if sdir is None and "socket_dir" in top:
@@ -355,6 +374,8 @@ def parse_config(
         svid_ttl=svid,
         jwt_ttl=jwt,
         ca_ttl=ca,
+        jwt_key_ttl=jwt_key,
+        allowed_foreign_jwt_claims=frozenset(foreign_claims),
         socket_dir=sdir,
         socket=ssock,
         source=source,
@@ -476,6 +497,7 @@ def load_config(
     svid_ttl: float | None = None,
     jwt_ttl: float | None = None,
     ca_ttl: float | None = None,
+    jwt_key_ttl: float | None = None,
     socket_dir: str | None = None,
     socket: str | None = None,
 ) -> SpireConfig:
@@ -492,6 +514,7 @@ def load_config(
         svid_ttl=svid_ttl,
         jwt_ttl=jwt_ttl,
         ca_ttl=ca_ttl,
+        jwt_key_ttl=jwt_key_ttl,
         socket_dir=socket_dir,
         socket=socket,
     )

@@ -1,10 +1,10 @@
-"""JWT-SVID minting, JWT bundles (JWKS) and validation per spiffe/spiffe standards/JWT-SVID.md (pure).
+"""JWT-SVID minting, JWT signing-key rotation and JWT bundles (JWKS) of the embedded SPIRE (pure).
 
-Validation follows the steps of the spec notes §4.2: compact JWS only, `alg` allowlist checked before
-anything else (JWT-SVID §2.1), `typ` JWT/JOSE if present (§2.3), `sub` a SPIFFE ID whose trust domain
-selects the bundle (Workload API §6.3), key by `kid` (required, as go-spiffe and SPIRE do), signature,
-`exp` present and not past (Appendix A, small leeway), `aud` present and containing the audience (§3.2).
-Time checks use the injected `now`, never the system clock.
+Tokens follow spiffe/spiffe standards/JWT-SVID.md: header alg/kid/typ only (§2), claims sub/aud/exp/iat
+(§3). Keys rotate like the CAs (`KeyRotation`): the next key is published before it signs, every key gets a
+new `kid`, and a retired key stays in the bundle until the last token it signed has expired. Validation is
+the sidecar's own (`sidecar.jwtsvid`), so the Workload API and the data plane judge tokens alike.
+Time comes from the caller's `now`, never the system clock.
 """
 
 from __future__ import annotations
@@ -12,55 +12,45 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+import math
+from collections.abc import Sequence
+from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.errors import IdentityError, SvidError
-from sidecar.identity import SpiffeId, TrustDomain
+from sidecar.errors import JwtSvidError
+from sidecar.identity import SpiffeId
 
-from .ca import JwtAuthority
+from .ca import JwtAuthority, KeyRotation, new_jwt_authority
 
-ALLOWED_ALGS: Final = frozenset(
-    {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"}
-)
-ALLOWED_TYPS: Final = frozenset({"JWT", "JOSE"})
-DEFAULT_LEEWAY: Final = 5.0
-
-
-class JwtSvidError(SvidError):
-    """A JWT-SVID that does not validate; `reason` is a short stable code, `detail` says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class ValidatedJwtSvid:
-    spiffe_id: SpiffeId
-    claims: Mapping[str, Any] = field(repr=False)
+__all__ = ["JwtKeyManager", "JwtSvidError", "jwk_for", "jwks_json", "jwt_svid_expiry", "mint_jwt_svid"]
 
 
 def _b64url_uint(n: int, length: int) -> str:
     return base64.urlsafe_b64encode(n.to_bytes(length, "big")).rstrip(b"=").decode("ascii")
 
 
-def jwk_for(authority: JwtAuthority) -> dict[str, str]:
-    """The public JWK of a JWT authority with `use: jwt-svid` and `kid` (JWT-SVID §6)."""
+def jwk_for(authority: JwtAuthority, *, spiffe_bundle: bool = False) -> dict[str, str]:
+    """The public JWK of a JWT key, with its `kid` (JWT-SVID §6.1). `use: jwt-svid` is set in the SPIFFE
+    bundle form only: SPIRE serves Workload API JWT bundles as standard JWKS, without `use`."""
     nums = authority.public_key.public_numbers()
-    return {
-        "kty": "EC",
-        "crv": "P-256",
-        "x": _b64url_uint(nums.x, 32),
-        "y": _b64url_uint(nums.y, 32),
-        "kid": authority.kid,
-        "use": "jwt-svid",
-    }
+    out = {"kty": "EC", "crv": "P-256", "x": _b64url_uint(nums.x, 32), "y": _b64url_uint(nums.y, 32),
+           "kid": authority.kid}
+    if spiffe_bundle:
+        out["use"] = "jwt-svid"
+    return out
 
 
-def jwks_json(authorities: Sequence[JwtAuthority]) -> bytes:
-    """A JWT bundle as the Workload API serves it: RFC 7517 JWK Set JSON with only jwt-svid keys."""
-    return json.dumps({"keys": [jwk_for(a) for a in authorities]}, separators=(",", ":")).encode()
+def jwks_json(authorities: Sequence[JwtAuthority], *, spiffe_bundle: bool = False) -> bytes:
+    """A JWT bundle: an RFC 7517 JWK Set of JWT keys only (Workload API §6.2.2), or with `spiffe_bundle` the
+    SPIFFE bundle form (Trust Domain and Bundle §4, `use: jwt-svid` on every key)."""
+    keys = [jwk_for(a, spiffe_bundle=spiffe_bundle) for a in authorities]
+    return json.dumps({"keys": keys}, separators=(",", ":")).encode()
+
+
+def jwt_svid_expiry(authority: JwtAuthority, ttl: float, now: dt.datetime) -> int:
+    """`exp` of a token minted now: `ttl` later, but never after the key itself (SPIRE's expiration cap)."""
+    return min(int(now.timestamp()) + max(1, round(ttl)), math.floor(authority.not_after.timestamp()))
 
 
 def mint_jwt_svid(
@@ -70,93 +60,46 @@ def mint_jwt_svid(
     ttl: float,
     now: dt.datetime,
 ) -> str:
-    """A compact ES256 JWT-SVID with header alg/kid/typ only (JWT-SVID §2) and claims sub/aud/exp/iat."""
+    """A compact ES256 JWT-SVID with header alg/kid/typ only (JWT-SVID §2) and claims sub/aud/exp/iat.
+
+    Empty audience values are dropped, as SPIRE's server does; none left is refused (§3.2: at least one).
+    """
     if spiffe_id.trust_domain != authority.trust_domain:
         raise JwtSvidError("wrong_trust_domain", f"{spiffe_id} is not in {authority.trust_domain}")
-    if not audience:
+    aud = [a for a in audience if a]
+    if not aud:
         raise JwtSvidError("no_audience", "aud MUST have at least one value (JWT-SVID §3.2)")
-    iat = int(now.timestamp())
     claims: dict[str, Any] = {
         "sub": str(spiffe_id),
-        "aud": list(audience),
-        "exp": iat + max(1, round(ttl)),
-        "iat": iat,
+        "aud": aud,
+        "exp": jwt_svid_expiry(authority, ttl, now),
+        "iat": int(now.timestamp()),
     }
     return jwt.encode(
         claims, authority.private_key, algorithm="ES256", headers={"kid": authority.kid, "typ": "JWT"}
     )
 
 
-def validate_jwt_svid(
-    token: str,
-    audience: str,
-    bundles: Mapping[TrustDomain, Mapping[str, Any]],
-    now: dt.datetime,
-    leeway: float = DEFAULT_LEEWAY,
-) -> ValidatedJwtSvid:
-    """Validate `token` for `audience` against per-trust-domain key maps (kid -> public key)."""
-    if not audience:
-        raise JwtSvidError("no_audience", "an audience is required to validate a JWT-SVID")
-    parts = token.split(".")
-    if len(parts) != 3 or not all(parts):
-        raise JwtSvidError("malformed", "not a JWS in compact serialization (JWT-SVID §1)")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as e:
-        raise JwtSvidError("malformed", f"bad header: {e}") from None
-    alg = header.get("alg")
-    if alg not in ALLOWED_ALGS:  # checked before any other processing (JWT-SVID §4)
-        raise JwtSvidError("bad_alg", f"alg {alg!r} is not allowed (JWT-SVID §2.1)")
-    typ = header.get("typ")
-    if typ is not None and typ not in ALLOWED_TYPS:
-        raise JwtSvidError("bad_typ", f"typ {typ!r} must be JWT or JOSE (JWT-SVID §2.3)")
-    try:
-        unverified = jwt.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError as e:
-        raise JwtSvidError("malformed", f"bad payload: {e}") from None
-    sub = unverified.get("sub")
-    if not isinstance(sub, str) or not sub:
-        raise JwtSvidError("no_sub", "sub claim is missing (JWT-SVID §3.1)")
-    try:
-        spiffe_id = SpiffeId.parse(sub)
-    except IdentityError as e:
-        raise JwtSvidError("bad_sub", f"sub is not a SPIFFE ID: {e.reason}") from None
-    keys = bundles.get(spiffe_id.trust_domain)
-    if keys is None:
-        raise JwtSvidError("no_bundle", f"no JWT bundle for trust domain {spiffe_id.trust_domain}")
-    kid = header.get("kid")
-    if not isinstance(kid, str) or not kid:
-        raise JwtSvidError("no_kid", "token header has no kid")
-    key = keys.get(kid)
-    if key is None:
-        raise JwtSvidError("unknown_kid", f"kid {kid!r} is not in the bundle of {spiffe_id.trust_domain}")
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            key,
-            algorithms=[alg],
-            options={"verify_exp": False, "verify_aud": False, "verify_iat": False, "verify_nbf": False},
-        )
-    except (jwt.PyJWTError, TypeError, ValueError) as e:
-        # pyjwt raises TypeError when alg and key type disagree (e.g. RS256 token, EC key).
-        raise JwtSvidError("bad_signature", f"signature does not verify: {e}") from None
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise JwtSvidError("no_exp", "exp claim is missing or not a number (JWT-SVID §3.3)")
-    ts = now.timestamp()
-    if ts > exp + leeway:
-        raise JwtSvidError("expired", f"token expired at {int(exp)}")
-    nbf = claims.get("nbf")
-    if isinstance(nbf, int | float) and ts + leeway < nbf:
-        raise JwtSvidError("not_yet_valid", f"token not valid before {int(nbf)}")
-    aud = claims.get("aud")
-    auds = [aud] if isinstance(aud, str) else aud  # JWT-SVID.schema says string, §3.2 allows an array
-    if not isinstance(auds, list) or not auds or not all(isinstance(a, str) for a in auds):
-        raise JwtSvidError("no_aud", "aud claim is missing (JWT-SVID §3.2)")
-    if audience not in auds:
-        raise JwtSvidError("wrong_aud", f"expected audience {audience!r}, token has {auds}")
-    return ValidatedJwtSvid(spiffe_id, claims)
+class JwtKeyManager(KeyRotation[JwtAuthority]):
+    """The JWT signing keys of one trust domain over time: prepare at 1/2 of a key's life, activate at 2/3,
+    retire once every token it signed has expired (see `KeyRotation`). SPIRE activates later (at 5/6)."""
 
+    noun = "JWT key"
+    signs = "tokens"
 
-def public_keys(authorities: Sequence[JwtAuthority]) -> dict[str, ec.EllipticCurvePublicKey]:
-    return {a.kid: a.public_key for a in authorities}
+    def _new(self, now: dt.datetime, generation: int) -> JwtAuthority:
+        return new_jwt_authority(self.trust_domain, self.ttl, now, generation)
+
+    def _name(self, a: JwtAuthority) -> str:
+        return f"JWT key {a.generation} kid={a.kid}"
+
+    def mint(self, spiffe_id: SpiffeId, audience: Sequence[str], ttl: float, now: dt.datetime) -> str:
+        """A token signed by the active key; its expiry keeps that key in the bundle."""
+        token = mint_jwt_svid(self.active, spiffe_id, audience, ttl, now)
+        expires = dt.datetime.fromtimestamp(jwt_svid_expiry(self.active, ttl, now), dt.UTC)
+        self.record(self.active.generation, expires)
+        return token
+
+    def public_keys(self) -> dict[str, Any]:
+        """kid -> public key of every key in the bundle."""
+        return {a.kid: a.public_key for a in self.bundle()}

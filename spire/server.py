@@ -4,6 +4,10 @@ grpclib (asyncio) serves the API because it exposes the accepted transport: the 
 SO_PEERCRED on that socket (SPIFFE Workload Endpoint §5: identify the caller out of band, never from what it
 says). Every stream message carries the full state (Workload API §4.3) and the first one is sent at once.
 All state lives on one event loop; `SpireThread` runs it on its own thread for blocking callers.
+
+Like SPIRE's agent, every socket also serves grpc.health.v1 and server reflection (Workload Endpoint §7:
+SHOULD), without the security header. grpclib's generated modules for those register the same protobuf
+symbols as grpcio-health-checking's and grpcio-reflection's: one process cannot import both.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import secrets
 import socket
 import stat
 import struct
@@ -24,18 +27,27 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from cryptography import x509
+from google.protobuf.descriptor_pool import DescriptorPool  # type: ignore[import-untyped]
 from grpclib.const import Status
+from grpclib.events import RecvRequest, listen
 from grpclib.exceptions import GRPCError
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.health.v1 import health_pb2
+from grpclib.reflection.service import ServerReflection
+from grpclib.reflection.v1 import reflection_pb2
+from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server, Stream
 
+from sidecar import jwtsvid as jwt_core
 from sidecar._proto import workload_pb2 as pb
 from sidecar._proto.workload_grpc import SpiffeWorkloadAPIBase
-from sidecar.errors import ConfigError, IdentityError, Problem
+from sidecar.errors import ConfigError, IdentityError, JwtSvidError, Problem
 from sidecar.identity import SpiffeId, TrustDomain
 
-from .ca import AuthorityManager, IssuedX509Svid, JwtAuthority, new_jwt_authority
+from .ca import AuthorityManager, IssuedX509Svid, JwtAuthority
 from .entries import RegistrationEntry, SpireConfig
-from .jwtsvid import JwtSvidError, jwks_json, mint_jwt_svid, public_keys, validate_jwt_svid
+from .jwtsvid import JwtKeyManager, jwks_json
 
 log = logging.getLogger("spire")
 
@@ -49,6 +61,19 @@ STATIC_SOCKET_MODE: Final = 0o600  # static mode: access to the socket file is t
 
 _T = TypeVar("_T")
 Clock = Callable[[], dt.datetime]
+# ValidateJWTSVID always returns these, whatever the token's trust domain (SPIRE's isClaimAllowed).
+SPIFFE_CLAIMS: Final = frozenset({"sub", "aud", "exp"})
+
+
+def _reflection_pool() -> DescriptorPool:
+    """What reflection describes: the Workload API (kept out of protobuf's default pool, see the Makefile's
+    `proto` target), its struct.proto dependency, health and reflection itself."""
+    pool = DescriptorPool()
+    files = [*pb.DESCRIPTOR.dependencies, pb.DESCRIPTOR]  # google/protobuf/struct.proto first
+    files += [m.DESCRIPTOR for m in (health_pb2, reflection_pb2, reflection_v1alpha_pb2)]
+    for f in files:
+        pool.AddSerializedFile(f.serialized_pb)
+    return pool
 
 
 def utc_now() -> dt.datetime:
@@ -115,11 +140,11 @@ class EmbeddedSpire:
         self._now = now
         t = now()
         self._cas: dict[TrustDomain, AuthorityManager] = {}
-        self._jwt: dict[TrustDomain, JwtAuthority] = {}
+        self._jwt: dict[TrustDomain, JwtKeyManager] = {}
         for td in config.trust_domains:
             self._cas[td] = AuthorityManager(td, config.ca_ttl, t)
-            self._jwt[td] = new_jwt_authority(td, secrets.token_urlsafe(24))
-            log.info("trust_domain=%s created CA 1 and JWT key kid=%s", td, self._jwt[td].kid)
+            self._jwt[td] = JwtKeyManager(td, config.jwt_key_ttl, t)
+            log.info("trust_domain=%s created CA 1 and JWT key 1 kid=%s", td, self._jwt[td].active.kid)
         self._svids: list[IssuedX509Svid] = [self._issue(i, e, t) for i, e in enumerate(config.entries)]
         self._changed = asyncio.Event()
         self._version = 0
@@ -131,6 +156,8 @@ class EmbeddedSpire:
         self._stopping = False
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._serving = ServiceStatus()  # grpc.health.v1: SERVING once every socket is bound
+        self._pool = _reflection_pool()
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -144,6 +171,7 @@ class EmbeddedSpire:
         except BaseException:
             await self.stop()
             raise
+        self._serving.set(True)
         self._schedule()
 
     async def stop(self) -> None:
@@ -153,6 +181,7 @@ class EmbeddedSpire:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._serving.set(False)  # health watchers hear NOT_SERVING before their connection closes
         self._stopping = True
         servers, self._servers = self._servers, []
         for _, server in servers:
@@ -166,6 +195,10 @@ class EmbeddedSpire:
         for transport in transports:
             transport.abort()  # whatever is still buffered goes nowhere: the server is gone
         self._stopping = False
+
+    async def _on_request(self, event: RecvRequest) -> None:
+        # Every call on every service (Workload API, health, reflection) pins its connection for stop().
+        self._track(getattr(event.peer, "_transport", None))  # see peer_credentials
 
     def _track(self, transport: asyncio.Transport | None) -> None:
         if transport is None:
@@ -205,7 +238,10 @@ class EmbeddedSpire:
 
     async def _serve(self, path: Path, scope: tuple[int, ...] | None) -> None:
         _prepare_socket_path(path)
-        server = Server([_WorkloadApi(self, scope)])
+        api = _WorkloadApi(self, scope)
+        health = Health({api: [self._serving]})  # "" (the whole server) and "SpiffeWorkloadAPI"
+        server = Server(ServerReflection.extend([api, health], pool=self._pool))
+        listen(server, RecvRequest, self._on_request)
         await server.start(path=str(path))
         self._servers.append((path, server))
         os.chmod(path, SHARED_SOCKET_MODE if scope is None else STATIC_SOCKET_MODE)
@@ -245,11 +281,24 @@ class EmbeddedSpire:
         return self._ca(trust_domain).bundle_pem()
 
     def jwt_bundle_json(self, trust_domain: TrustDomain | str | None = None) -> bytes:
-        return jwks_json(self.jwt_authorities(trust_domain))
+        """The trust domain's JWT keys as a SPIFFE bundle (`use: jwt-svid`), e.g. for a JWKS file."""
+        return jwks_json(self.jwt_authorities(trust_domain), spiffe_bundle=True)
 
     def jwt_authorities(self, trust_domain: TrustDomain | str | None = None) -> tuple[JwtAuthority, ...]:
         """The JWT signing keys in a trust domain's JWT bundle, the signing one first (tests forge with it)."""
-        return (self._jwt[self._ca(trust_domain).trust_domain],)
+        return self._jwt_keys(trust_domain).bundle()
+
+    def rotate_jwt_key(self, trust_domain: TrustDomain | str | None = None) -> JwtAuthority:
+        """Sign JWT-SVIDs with a new key (new kid) from now on. The old key stays in the JWT bundle until every
+        token it signed has expired; the bundle streams get both keys at once."""
+        mgr = self._jwt_keys(trust_domain)
+        old = mgr.active
+        mgr.activate(self._now())
+        log.info("trust_domain=%s activated JWT key %d kid=%s; JWT key %d kid=%s retires once its tokens expire",
+                 mgr.trust_domain, mgr.active.generation, mgr.active.kid, old.generation, old.kid)
+        self._notify()
+        self._schedule()
+        return mgr.active
 
     def rotate_ca(self, trust_domain: TrustDomain | str | None = None, *, reissue: bool = False) -> None:
         """Rotate a trust domain's CA now. The new CA is pushed in the bundle before it signs anything; the
@@ -302,11 +351,12 @@ class EmbeddedSpire:
         return svid
 
     def mint_jwt_svid(self, spiffe_id: str | SpiffeId, audience: Iterable[str], ttl: float | None = None) -> str:
+        """Sign a JWT-SVID outside any entry (tests/demo), with the trust domain's active key."""
         sid = spiffe_id if isinstance(spiffe_id, SpiffeId) else SpiffeId.parse(spiffe_id)
-        auth = self._jwt[self._ca(sid.trust_domain).trust_domain]
+        mgr = self._jwt_keys(sid.trust_domain)
         aud = list(audience)
-        token = mint_jwt_svid(auth, sid, aud, ttl or self.config.jwt_ttl, self._now())
-        log.info("issued JWT-SVID spiffe_id=%s aud=%s kid=%s", sid, ",".join(aud), auth.kid)
+        token = mgr.mint(sid, aud, ttl or self.config.jwt_ttl, self._now())
+        log.info("issued JWT-SVID spiffe_id=%s aud=%s kid=%s", sid, ",".join(aud), mgr.active.kid)
         return token
 
     def on_change(self, callback: Callable[[], None]) -> None:
@@ -333,6 +383,10 @@ class EmbeddedSpire:
             for event in mgr.tick(now):
                 log.info("trust_domain=%s %s", td, event)
                 changed = True
+        for td, keys in self._jwt.items():
+            for event in keys.tick(now):
+                log.info("trust_domain=%s %s", td, event)
+                changed = True
         for i, svid in enumerate(self._svids):
             if svid.rotate_at <= now:
                 self._svids[i] = self._issue(i, self.config.entries[i], now)
@@ -351,6 +405,9 @@ class EmbeddedSpire:
             return self._cas[td]
         except KeyError:
             raise KeyError(f"this SPIRE has no CA for trust domain {td}") from None
+
+    def _jwt_keys(self, trust_domain: TrustDomain | str | None) -> JwtKeyManager:
+        return self._jwt[self._ca(trust_domain).trust_domain]
 
     def _index_of_id(self, spiffe_id: str) -> int:
         for i, e in enumerate(self.config.entries):
@@ -397,7 +454,11 @@ class EmbeddedSpire:
             return
         if self._timer is not None:
             self._timer.cancel()
-        due = min([s.rotate_at for s in self._svids] + [m.next_event() for m in self._cas.values()])
+        due = min(
+            [s.rotate_at for s in self._svids]
+            + [m.next_event() for m in self._cas.values()]
+            + [k.next_event() for k in self._jwt.values()]
+        )
         delay = max(0.001, (due - self._now()).total_seconds())
         self._timer = self._loop.call_later(delay, self._on_timer)
 
@@ -459,7 +520,8 @@ class EmbeddedSpire:
     def jwt_bundles_response(self, idx: tuple[int, ...]) -> pb.JWTBundlesResponse:
         resp = pb.JWTBundlesResponse()
         for td in self._trust_domains_for(idx):
-            resp.bundles[td.id_string()] = jwks_json([self._jwt[td]])
+            # Standard JWKS without `use`, as SPIRE sends them (bundleutil.StandardJWKS).
+            resp.bundles[td.id_string()] = jwks_json(self._jwt[td].bundle())
         return resp
 
     def jwt_svid_response(self, idx: tuple[int, ...], audience: list[str], spiffe_id: str) -> pb.JWTSVIDResponse:
@@ -469,17 +531,28 @@ class EmbeddedSpire:
             e = self.config.entries[i]
             if spiffe_id and str(e.spiffe_id) != spiffe_id:
                 continue
-            token = mint_jwt_svid(self._jwt[e.spiffe_id.trust_domain], e.spiffe_id, audience,
-                                  self.config.jwt_ttl_for(e), now)
-            log.info("issued JWT-SVID spiffe_id=%s aud=%s", e.spiffe_id, ",".join(audience))
+            keys = self._jwt[e.spiffe_id.trust_domain]
+            token = keys.mint(e.spiffe_id, audience, self.config.jwt_ttl_for(e), now)
+            log.info("issued JWT-SVID spiffe_id=%s aud=%s kid=%s", e.spiffe_id, ",".join(audience), keys.active.kid)
             resp.svids.append(pb.JWTSVID(spiffe_id=str(e.spiffe_id), svid=token, hint=e.hint))
         return resp
 
     def validate(self, idx: tuple[int, ...], token: str, audience: str) -> pb.ValidateJWTSVIDResponse:
-        keys = {td: public_keys([self._jwt[td]]) for td in self._trust_domains_for(idx)}
-        v = validate_jwt_svid(token, audience, keys, self._now())
-        resp = pb.ValidateJWTSVIDResponse(spiffe_id=str(v.spiffe_id))
-        resp.claims.update(dict(v.claims))
+        """ValidateJWTSVID as SPIRE's agent answers it: against the own trust domain's JWT bundle plus those
+        the caller's entries bring (none for a caller without entries), with go-jose's 60 s leeway; claims of
+        another trust domain's token cut down to sub/aud/exp and `allowed_foreign_jwt_claims`."""
+        bundles = {
+            td: jwt_core.JwtBundle.from_keys(td, self._jwt[td].public_keys()) for td in self._trust_domains_for(idx)
+        }
+        v = jwt_core.validate(token, audience=audience, bundles=bundles, now=self._now().timestamp())
+        claims = dict(v.claims)
+        if v.subject.trust_domain != self.config.trust_domain:
+            keep = SPIFFE_CLAIMS | self.config.allowed_foreign_jwt_claims
+            claims = {k: c for k, c in claims.items() if k in keep}
+        if isinstance(claims.get("aud"), str):
+            claims["aud"] = [claims["aud"]]  # SPIRE always answers a list (RFC 7519 allows a lone string)
+        resp = pb.ValidateJWTSVIDResponse(spiffe_id=str(v.subject))
+        resp.claims.update(claims)
         return resp
 
 
@@ -490,12 +563,11 @@ class _WorkloadApi(SpiffeWorkloadAPIBase):
         self._spire = spire
         self._scope = scope
 
-    def _attest(self, stream: Stream[Any, Any]) -> tuple[int, ...]:
-        self._spire._track(getattr(stream.peer, "_transport", None))  # see peer_credentials
+    def _attest(self, stream: Stream[Any, Any], *, need_identity: bool = True) -> tuple[int, ...]:
         check_security_header(stream)  # before anything else: the request is refused as a whole
         _pid, uid, gid = peer_credentials(stream)
         idx = self._spire._entitled(self._scope, uid, gid)
-        if not idx:
+        if not idx and need_identity:
             raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
         return idx
 
@@ -540,8 +612,8 @@ class _WorkloadApi(SpiffeWorkloadAPIBase):
         async with asyncio.timeout(SEND_TIMEOUT):
             req = await stream.recv_message()
         assert req is not None
-        audience = [a for a in req.audience]
-        if not audience or not all(audience):
+        audience = [a for a in req.audience if a]  # SPIRE drops empty values and needs one left
+        if not audience:
             raise GRPCError(Status.INVALID_ARGUMENT, "audience must be specified")
         if req.spiffe_id:
             try:
@@ -557,7 +629,8 @@ class _WorkloadApi(SpiffeWorkloadAPIBase):
     async def ValidateJWTSVID(
         self, stream: Stream[pb.ValidateJWTSVIDRequest, pb.ValidateJWTSVIDResponse]
     ) -> None:
-        idx = self._attest(stream)
+        # SPIRE validates for anyone on the socket: attested, but no entry needed (its bundles only).
+        idx = self._attest(stream, need_identity=False)
         async with asyncio.timeout(SEND_TIMEOUT):
             req = await stream.recv_message()
         assert req is not None

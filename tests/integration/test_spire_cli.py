@@ -67,6 +67,12 @@ def test_check_bad_file_exits_2_with_one_line_per_problem(tmp_path: Path, sock_d
     assert list(sock_dir.iterdir()) == []  # nothing started
 
 
+def test_jwt_key_ttl_flag_is_checked_against_jwt_ttl(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--entries", str(EXAMPLE), "--jwt-key-ttl", "1h"]) == 0
+    assert main(["check", "--entries", str(EXAMPLE), "--jwt-key-ttl", "5m"]) == 2
+    assert "JWT-SVID ttl (300s) must be shorter than the JWT key ttl (300s)" in capsys.readouterr().err
+
+
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as ei:
         main(["run", "--entries", str(EXAMPLE), "--svid-ttl", "soon"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc  # type: ignore[import-untyped]
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -467,3 +470,220 @@ async def test_stop_ends_open_streams(sock_dir: Path) -> None:
         await watcher
     assert outcome == [grpc.StatusCode.UNAVAILABLE], outcome
     assert not spire.socket_path_for(INVENTORY).exists()
+
+
+# --- issue 13: closer to a real SPIRE agent ----------------------------------------------------------------
+
+OUTSIDE_CLIENT = Path(__file__).with_name("grpc_outside_client.py")
+NO_ENTRY_FOR_US = (
+    "trust_domain: example.org\nentries:\n  - spiffe_id: spiffe://example.org/x\n    selectors: ['unix:uid:12345']\n"
+)
+
+
+def forge(spire: EmbeddedSpire, sub: str, aud: Any, *, exp_in: float = 300, td: str | None = None,
+          **claims: Any) -> str:
+    """A token signed with the trust domain's current JWT key, with any claims (PyJWT, not our minting)."""
+    key = spire.jwt_authorities(td)[0]
+    now = int(time.time())
+    body = {"sub": sub, "aud": aud, "exp": int(now + exp_in), "iat": now, **claims}
+    return jwt.encode(body, key.private_key, algorithm="ES256", headers={"kid": key.kid, "typ": "JWT"})
+
+
+def validate_raw(path: Path, token: str, audience: str) -> tuple[grpc.StatusCode, Any]:
+    """ValidateJWTSVID over grpcio: (code, response or None); the claims come back as a Struct."""
+    ch, stub = raw_stub(path)
+    with ch:
+        try:
+            resp = stub.ValidateJWTSVID(spb.ValidateJWTSVIDRequest(audience=audience, svid=token),
+                                        metadata=[HEADER], timeout=DEADLINE)
+        except grpc.RpcError as e:
+            return e.code(), None
+        return grpc.StatusCode.OK, resp
+
+
+def kid_of(token: str) -> str:
+    return str(jwt.get_unverified_header(token)["kid"])
+
+
+async def test_validate_jwt_svid_serves_callers_without_an_entry(sock_dir: Path) -> None:
+    """SPIRE validates for anyone on the socket, against its own trust domain's bundle (federated bundles
+    come only with entries); a caller with no identity is not refused."""
+    async with EmbeddedSpire(config(sock_dir, NO_ENTRY_FOR_US)) as spire:
+        token = spire.mint_jwt_svid("spiffe://example.org/x", ["svc"])
+        endpoint = spire.endpoint_for("spiffe://example.org/x")
+
+        def run() -> str:
+            with WorkloadApiClient(socket_path=endpoint) as c:
+                return str(c.validate_jwt_svid(token, "svc", timeout=DEADLINE).spiffe_id)
+
+        assert await asyncio.to_thread(run) == "spiffe://example.org/x"
+        code, _ = await asyncio.to_thread(validate_raw, sock_dir / "api.sock", token, "other")
+        assert code == grpc.StatusCode.INVALID_ARGUMENT  # still validated: wrong audience
+
+
+async def test_fetch_jwt_svid_drops_empty_audience_values(sock_dir: Path) -> None:
+    """SPIRE drops empty audience values and refuses only when none is left (credtemplate dropEmptyValues)."""
+    async with EmbeddedSpire(config(sock_dir)):
+
+        def run() -> tuple[Any, grpc.StatusCode]:
+            ch, stub = raw_stub(sock_dir / "api.sock")
+            with ch:
+                resp = stub.FetchJWTSVID(spb.JWTSVIDRequest(audience=["svc", ""]), metadata=[HEADER],
+                                         timeout=DEADLINE)
+                only_empty = rpc_code(lambda: stub.FetchJWTSVID(spb.JWTSVIDRequest(audience=["", ""]),
+                                                                metadata=[HEADER], timeout=DEADLINE))
+                return resp, only_empty
+
+        resp, only_empty = await asyncio.to_thread(run)
+        claims = jwt.decode(resp.svids[0].svid, options={"verify_signature": False})
+        assert claims["aud"] == ["svc"]
+        assert only_empty == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize(
+    ("claims", "ok"),
+    [
+        ({"exp_in": -30}, True),  # expired 30 s ago: inside SPIRE's 60 s leeway (go-jose DefaultLeeway)
+        ({"exp_in": -90}, False),
+        ({"iat": int(time.time()) + 30}, True),
+        ({"iat": int(time.time()) + 600}, False),  # issued in the future: refused
+        ({"nbf": int(time.time()) + 30}, True),
+        ({"nbf": int(time.time()) + 600}, False),
+    ],
+    ids=["exp-30s", "exp-90s", "iat+30s", "iat+600s", "nbf+30s", "nbf+600s"],
+)
+async def test_validate_jwt_svid_time_claims_like_spire(sock_dir: Path, claims: dict[str, Any], ok: bool) -> None:
+    async with EmbeddedSpire(config(sock_dir)) as spire:
+        token = forge(spire, INVENTORY, ["svc"], **claims)
+        code, _ = await asyncio.to_thread(validate_raw, sock_dir / "api.sock", token, "svc")
+        assert code == (grpc.StatusCode.OK if ok else grpc.StatusCode.INVALID_ARGUMENT)
+
+
+async def test_foreign_trust_domain_claims_are_filtered(sock_dir: Path) -> None:
+    """As SPIRE's agent: for a subject outside the agent's own trust domain only sub, aud and exp (plus
+    `allowed_foreign_jwt_claims`) come back; a single-string aud comes back as a list."""
+    extra = {"custom": "x", "jti": "abc", "nbf": int(time.time()) - 5}
+    text = CONFIG.replace("federation:", "allowed_foreign_jwt_claims: [custom]\nfederation:")
+    for cfg_text, kept in ((CONFIG, set()), (text, {"custom"})):
+        async with EmbeddedSpire(config(sock_dir, cfg_text)) as spire:
+            foreign = forge(spire, "spiffe://partner.org/x", "svc", td="partner.org", **extra)
+            own = forge(spire, INVENTORY, "svc", **extra)
+            code, resp = await asyncio.to_thread(validate_raw, sock_dir / "checkout.sock", foreign, "svc")
+            assert code == grpc.StatusCode.OK
+            assert set(resp.claims) == {"sub", "aud", "exp"} | kept
+            assert list(resp.claims["aud"]) == ["svc"]
+            code, resp = await asyncio.to_thread(validate_raw, sock_dir / "checkout.sock", own, "svc")
+            assert code == grpc.StatusCode.OK
+            assert set(resp.claims) == {"sub", "aud", "exp", "iat", "custom", "jti", "nbf"}
+            assert list(resp.claims["aud"]) == ["svc"]
+
+
+async def test_health_and_reflection_for_outside_clients(sock_dir: Path) -> None:
+    """grpc.health.v1 and server reflection on every socket, as SPIRE's agent serves them (the Workload
+    Endpoint spec §7: SHOULD support reflection); neither needs the security header nor an identity. The
+    client is grpcio with grpcio-health-checking and grpcio-reflection, in its own process."""
+    async with EmbeddedSpire(config(sock_dir, NO_ENTRY_FOR_US)):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(OUTSIDE_CLIENT), f"unix:{sock_dir / 'api.sock'}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), DEADLINE * 2)
+    assert proc.returncode == 0, err.decode()
+    got = json.loads(out)
+    assert got["check:"] == got["check:SpiffeWorkloadAPI"] == "SERVING"
+    assert got["check:no.such.Service"] == "NOT_FOUND"
+    assert got["watch:first"] == "SERVING"
+    # grpclib's reflection lists the services it was given, not itself (grpc-go would add its own two).
+    assert got["services"] == ["SpiffeWorkloadAPI", "grpc.health.v1.Health"]
+    assert got["methods"]["FetchX509SVID"] == ["X509SVIDRequest", "X509SVIDResponse", True]
+    assert got["methods"]["ValidateJWTSVID"] == ["ValidateJWTSVIDRequest", "ValidateJWTSVIDResponse", False]
+    assert got["claims_type"] == "google.protobuf.Struct"
+
+
+async def test_jwt_key_rotation_is_pushed_and_old_keys_stay_while_their_tokens_live(sock_dir: Path) -> None:
+    """rotate_jwt_key: a new kid signs at once, the FetchJWTBundles stream pushes both keys, tokens of the old
+    key keep validating; the old key leaves the bundle (pushed again) once its last token has expired."""
+    t = [dt.datetime.now(dt.UTC)]
+    async with EmbeddedSpire(config(sock_dir), now=lambda: t[0]) as spire:
+        endpoint = spire.endpoint_for(INVENTORY)
+        source = await asyncio.to_thread(JwtSource, socket_path=endpoint, timeout_in_seconds=DEADLINE)
+        updated = threading.Event()
+        source.subscribe_for_updates(updated.set)
+        td = TrustDomain("example.org")
+
+        def kids() -> set[str]:
+            bundle = source.get_bundle_for_trust_domain(td)
+            assert bundle is not None
+            return set(bundle.jwt_authorities)
+
+        async def kids_become(want: Callable[[set[str]], bool]) -> set[str]:
+            """Wait for a pushed bundle whose kids satisfy `want` (pushes are events, not polled)."""
+            while not want(got := kids()):
+                assert await asyncio.to_thread(updated.wait, DEADLINE), got
+                updated.clear()
+            return got
+
+        try:
+            (kid1,) = kids()
+            old = (await asyncio.to_thread(source.fetch_svid, {"svc"}, timeout=DEADLINE)).token
+            assert kid_of(old) == kid1
+            spire.rotate_jwt_key()
+            both = await kids_become(lambda k: len(k) == 2)
+            assert kid1 in both
+            new = (await asyncio.to_thread(source.fetch_svid, {"svc"}, timeout=DEADLINE)).token
+            kid2 = kid_of(new)
+            assert kid2 != kid1 and both == {kid1, kid2}
+            for token in (old, new):
+                code, _ = await asyncio.to_thread(validate_raw, sock_dir / "api.sock", token, "svc")
+                assert code == grpc.StatusCode.OK
+            old_exp = jwt.decode(old, options={"verify_signature": False})["exp"]
+            t[0] = dt.datetime.fromtimestamp(old_exp - 1, dt.UTC)
+            spire.tick()
+            assert {a.kid for a in spire.jwt_authorities()} == {kid1, kid2}  # one second of life left
+            t[0] = dt.datetime.fromtimestamp(old_exp, dt.UTC)
+            spire.tick()
+            assert await kids_become(lambda k: kid1 not in k) == {kid2}
+        finally:
+            source.close()
+
+
+async def test_jwt_keys_rotate_on_their_own_and_never_strand_a_token(sock_dir: Path) -> None:
+    """Real timers: JWT key ttl 3 s, JWT-SVID ttl 1 s. Tokens are fetched all along; every bundle pushed while a
+    token lives holds its kid, and several kids are seen."""
+    text = CONFIG.replace("federation:", "jwt_key_ttl: 3s\njwt_ttl: 1s\nfederation:")
+    async with EmbeddedSpire(config(sock_dir, text)) as spire:
+        endpoint = spire.endpoint_for(INVENTORY)
+
+        def run() -> tuple[list[tuple[float, set[str]]], list[tuple[float, str, float]]]:
+            bundles: list[tuple[float, set[str]]] = []
+            tokens: list[tuple[float, str, float]] = []
+            lock = threading.Lock()
+
+            def on_bundles(bs: Any) -> None:
+                b = bs.get_bundle_for_trust_domain(TrustDomain("example.org"))
+                with lock:
+                    bundles.append((time.time(), set(b.jwt_authorities)))
+
+            with WorkloadApiClient(socket_path=endpoint) as c:
+                handle = c.stream_jwt_bundles(on_bundles, lambda e: None)
+                try:
+                    stop = time.time() + 8
+                    while time.time() < stop:
+                        resp = c.fetch_jwt_svid({"svc"}, timeout=DEADLINE)
+                        with lock:
+                            tokens.append((time.time(), kid_of(resp.token), float(resp.expiry)))
+                        time.sleep(0.2)
+                finally:
+                    handle.cancel()
+            return bundles, tokens
+
+        bundles, tokens = await asyncio.to_thread(run)
+    assert len({kid for _, kid, _ in tokens}) >= 3
+    assert max(len(kids) for _, kids in bundles) >= 2  # the next key is published before it signs
+    checked = 0
+    for fetched, kid, exp in tokens:
+        for at, kids in bundles:
+            if fetched < at < exp - 0.2:
+                assert kid in kids, (kid, at, exp)
+                checked += 1
+    assert checked > 0

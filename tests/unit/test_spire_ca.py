@@ -169,6 +169,6 @@ def test_wrong_ca_does_not_verify() -> None:
 
 
 def test_jwt_authority_key_is_p256_and_hidden() -> None:
-    j = new_jwt_authority(TD, "kid1")
+    j = new_jwt_authority(TD, 60, T0, kid="kid1")
     assert j.public_key.curve.name == "secp256r1"
     assert "kid1" in repr(j) and "EllipticCurvePrivateKey" not in repr(j)

@@ -10,6 +10,7 @@ from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId, TrustDomain
 from spire.entries import (
     DEFAULT_CA_TTL,
+    DEFAULT_JWT_KEY_TTL,
     DEFAULT_JWT_TTL,
     DEFAULT_SVID_TTL,
     Selector,
@@ -25,6 +26,8 @@ trust_domain: example.org
 svid_ttl: 10m
 jwt_ttl: 90
 ca_ttl: 1h30m
+jwt_key_ttl: 2h
+allowed_foreign_jwt_claims: [groups, tenant]
 socket_dir: /run/spire
 federation:
   - trust_domain: partner.org
@@ -70,8 +73,9 @@ def test_good_file_parses_every_field() -> None:
     assert inventory.selectors == (Selector("unix", "uid", 1000), Selector("unix", "gid", 50))
     assert inventory.socket is None and inventory.jwt_ttl == 60
     assert cfg.svid_ttl_for(checkout) == 30 and cfg.svid_ttl_for(inventory) == 600
+    assert cfg.jwt_key_ttl == 7200 and cfg.allowed_foreign_jwt_claims == {"groups", "tenant"}
     assert cfg.jwt_ttl_for(inventory) == 60 and cfg.jwt_ttl_for(checkout) == 90
-    assert checkout.where == "entries.yaml:9: entries[0]"
+    assert checkout.where == "entries.yaml:11: entries[0]"
     # Socket resolution: shared under socket_dir, relative static names too, absolute paths as given.
     assert cfg.shared_socket_path() == Path("/run/spire/api.sock")
     assert cfg.socket_path_for(checkout) == Path("/run/spire/checkout.sock")
@@ -83,9 +87,10 @@ def test_defaults_and_cli_overrides() -> None:
     text = "trust_domain: a.org\nentries:\n  - spiffe_id: spiffe://b.org/x\n    socket: x.sock\n"
     cfg = parse_config(text.replace("b.org", "a.org"))
     assert (cfg.svid_ttl, cfg.jwt_ttl, cfg.ca_ttl) == (DEFAULT_SVID_TTL, DEFAULT_JWT_TTL, DEFAULT_CA_TTL)
-    cfg = parse_config(text, trust_domain="b.org", svid_ttl=5, ca_ttl=60, socket="/tmp/s/api.sock")
+    assert cfg.jwt_key_ttl == DEFAULT_JWT_KEY_TTL and cfg.allowed_foreign_jwt_claims == frozenset()
+    cfg = parse_config(text, trust_domain="b.org", svid_ttl=5, ca_ttl=60, jwt_key_ttl=600, socket="/tmp/s/api.sock")
     assert cfg.trust_domain == TrustDomain("b.org")
-    assert (cfg.svid_ttl, cfg.ca_ttl) == (5, 60)
+    assert (cfg.svid_ttl, cfg.ca_ttl, cfg.jwt_key_ttl) == (5, 60, 600)
     # A relative static socket lives next to the shared socket.
     assert cfg.socket_path_for(cfg.entries[0]) == Path("/tmp/s/x.sock")
 
@@ -180,6 +185,13 @@ def test_empty_selectors_on_shared_socket() -> None:
             "trust_domain: a.org\nsvid_ttl: 2h\nca_ttl: 1h\nentries:\n  - {spiffe_id: spiffe://a.org/x, "
             "socket: s}\n",
             ["entries.yaml:2: svid_ttl: SVID ttl (7200s) must be shorter than the CA ttl (3600s)"],
+        ),
+        (
+            "trust_domain: a.org\njwt_ttl: 1h\njwt_key_ttl: 30m\nallowed_foreign_jwt_claims: [ok, '', 3]\n"
+            "entries:\n  - {spiffe_id: spiffe://a.org/x, socket: s}\n",
+            ["entries.yaml:2: jwt_ttl: JWT-SVID ttl (3600s) must be shorter than the JWT key ttl (1800s)",
+             "entries.yaml:4: allowed_foreign_jwt_claims[1]: empty claim name",
+             "entries.yaml:4: allowed_foreign_jwt_claims[2]: expected a string"],
         ),
         (
             "trust_domain: a.org\nentries:\n  - {spiffe_id: spiffe://a.org/x, socket: s, hint: h}\n"
