@@ -343,6 +343,10 @@ class WorkloadApiSource(_Publisher):
                     bundles[sid.trust_domain] = X509Bundle.from_der(sid.trust_domain, s.bundle)
             except (SvidError, IdentityError) as e:
                 raise _Rejected(f"svids[{i}]: {e}") from None
+            except _Rejected:
+                raise
+            except Exception as e:  # backstop: no content is a broken stream (it would be re-sent forever)
+                raise _Rejected(f"svids[{i}]: {type(e).__name__}: {e}") from None
             svids.append(svid)
         for key, der in msg.federated_bundles.items():
             try:
@@ -352,6 +356,8 @@ class WorkloadApiSource(_Publisher):
                 bundles[td] = X509Bundle.from_der(td, der)
             except (SvidError, IdentityError) as e:
                 raise _Rejected(f"federated_bundles[{key!r}]: {e}") from None
+            except Exception as e:  # backstop, as above
+                raise _Rejected(f"federated_bundles[{key!r}]: {type(e).__name__}: {e}") from None
         return X509Context(tuple(svids), bundles)
 
 
@@ -370,6 +376,7 @@ class PemFileSource(_Publisher):
     content hash. A set that does not load (unparsable PEM, key not matching the certificate, SVID outside
     `trust_domain`) is reported as `rejected` and the last good set is kept; a rejected set is re-read on
     every poll until it changes into a good one (writers that replace files non-atomically settle).
+    No file content, whatever its bytes, stops the source: it is a rejected set (issue 10 item 9).
     """
 
     _name = "pem_files"
@@ -435,12 +442,16 @@ class PemFileSource(_Publisher):
             return False
         digest = hashlib.sha256(b"\0".join(hashlib.sha256(c).digest() for c in contents)).digest()
         if digest == self._last_digest:
-            self._last_sig = sig  # touched but unchanged
+            # Touched but unchanged, or back to the good set after a bad one: a later bad set is news again.
+            self._last_sig, self._last_rejection = sig, None
             return False
         try:
             ctx = self._load(contents)
         except (SvidError, IdentityError, SourceError) as e:
             self._reject(str(e))
+            return False
+        except Exception as e:  # backstop: a file's content must never end the source's task (the sidecar)
+            self._reject(f"{type(e).__name__}: {e}")
             return False
         self._last_sig, self._last_digest, self._last_rejection = sig, digest, None
         self._publish(ctx)
@@ -454,14 +465,24 @@ class PemFileSource(_Publisher):
 
     def _load(self, contents: list[bytes]) -> X509Context:
         cert_pem, key_pem, bundle_pem, *fed = contents
-        svid = X509Svid.from_pem(cert_pem, key_pem)
+        try:
+            svid = X509Svid.from_pem(cert_pem, key_pem)
+        except SvidError as e:
+            raise SourceError(f"{self._paths[0]}, {self._paths[1]}: {e}") from None
         td = svid.spiffe_id.trust_domain
         if self._trust_domain is not None and td != self._trust_domain:
             raise SourceError(f"SVID {svid.spiffe_id} is not in the configured trust domain {self._trust_domain}")
-        bundles = {td: X509Bundle.from_pem(td, bundle_pem)}
+        bundles = {td: self._bundle(td, self._paths[2], bundle_pem)}
         if not bundles[td].authorities:
             raise SourceError(f"bundle file {self._paths[2]} has no certificates")
-        for ftd, pem in zip(self._federated, fed, strict=True):
+        for (ftd, path), pem in zip(self._federated.items(), fed, strict=True):
             if ftd != td:
-                bundles[ftd] = X509Bundle.from_pem(ftd, pem)
+                bundles[ftd] = self._bundle(ftd, path, pem)
         return X509Context((svid,), bundles)
+
+    @staticmethod
+    def _bundle(td: TrustDomain, path: Path, pem: bytes) -> X509Bundle:
+        try:
+            return X509Bundle.from_pem(td, pem)
+        except SvidError as e:
+            raise SourceError(f"bundle file {path}: {e}") from None

@@ -5,6 +5,9 @@ like the "recommended validator" of the spec notes (§2.2): X509-SVID §5.2 leaf
 validation against the bundle of the *peer ID's* trust domain only (SPIFFE_Federation §4.2: bundles are
 never merged). `verify_peer` runs once per TLS handshake, so successful results are cached by chain digest
 and bundle digest; time is re-checked against `now` on every call.
+
+Every certificate is parsed completely where it enters (extensions included), and any parse failure,
+whatever `cryptography` calls it, is an SvidError(malformed_certificate): no input stops a source.
 """
 
 from __future__ import annotations
@@ -116,11 +119,25 @@ def split_der_certificates(data: bytes) -> list[bytes]:
     return out
 
 
+def _parsed(cert: x509.Certificate) -> x509.Certificate:
+    """`cert`, fully decoded: `cryptography` parses names, keys and extensions lazily, so a certificate that
+    loads can still fail on first use (a duplicated extension raises `x509.DuplicateExtension`, which is
+    not a ValueError). Decoding everything here turns every such failure into one SvidError, at the
+    boundary. Decoded values are cached by `cryptography`, so this costs nothing later."""
+    try:
+        _ = cert.extensions, cert.subject, cert.issuer, cert.not_valid_after_utc, cert.not_valid_before_utc
+        cert.public_key()
+    except Exception as e:  # whatever the parser raises: DuplicateExtension, ValueError, UnsupportedAlgorithm...
+        raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    return cert
+
+
 def _load_der(blob: bytes) -> x509.Certificate:
     try:
-        return x509.load_der_x509_certificate(blob)
-    except (ValueError, x509.InvalidVersion) as e:  # InvalidVersion is not a ValueError
+        cert = x509.load_der_x509_certificate(blob)
+    except Exception as e:  # ValueError, InvalidVersion (not a ValueError), ...
         raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    return _parsed(cert)
 
 
 def _load_der_chain(data: bytes) -> tuple[x509.Certificate, ...]:
@@ -129,13 +146,15 @@ def _load_der_chain(data: bytes) -> tuple[x509.Certificate, ...]:
 
 def _load_pem_chain(data: bytes) -> tuple[x509.Certificate, ...]:
     try:
-        return tuple(x509.load_pem_x509_certificates(data))
-    except (ValueError, x509.InvalidVersion) as e:
+        certs = x509.load_pem_x509_certificates(data)
+    except Exception as e:
         raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    return tuple(_parsed(c) for c in certs)
 
 
 def _short(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = str(e).splitlines()[0] if str(e) else ""
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
 
@@ -172,10 +191,7 @@ def _check_leaf(cert: x509.Certificate) -> SpiffeId:
 
     Order matters for stable reasons: identity first (what is it?), then what it may do.
     """
-    try:
-        san = _extension(cert, x509.SubjectAlternativeName)
-    except ValueError as e:  # duplicate or undecodable extensions
-        raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    san = _extension(_parsed(cert), x509.SubjectAlternativeName)
     uris = san.get_values_for_type(x509.UniformResourceIdentifier) if san is not None else []
     if not uris:
         raise SvidError(SvidReason.NO_URI_SAN, "leaf has no URI SAN (X509-SVID §2)")
@@ -187,11 +203,8 @@ def _check_leaf(cert: x509.Certificate) -> SpiffeId:
         raise SvidError(SvidReason.INVALID_SPIFFE_ID, str(e)) from None
     if sid.is_root:
         raise SvidError(SvidReason.ROOT_PATH_ID, f"{sid} has no path; a leaf needs one (X509-SVID §3.1)")
-    try:
-        bc = _extension(cert, x509.BasicConstraints)
-        ku = _extension(cert, x509.KeyUsage)
-    except ValueError as e:
-        raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    bc = _extension(cert, x509.BasicConstraints)
+    ku = _extension(cert, x509.KeyUsage)
     if bc is not None and bc.ca:
         raise SvidError(SvidReason.LEAF_IS_CA, f"{sid}: leaf has CA=true (X509-SVID §4.1)")
     if ku is not None and ku.key_cert_sign:
@@ -205,11 +218,8 @@ def _check_leaf(cert: x509.Certificate) -> SpiffeId:
 
 def _check_intermediate(cert: x509.Certificate, index: int) -> None:
     """go-spiffe Parse: every certificate after the leaf is a signing certificate (X509-SVID §3.2, §4.1)."""
-    try:
-        bc = _extension(cert, x509.BasicConstraints)
-        ku = _extension(cert, x509.KeyUsage)
-    except ValueError as e:
-        raise SvidError(SvidReason.MALFORMED_CERTIFICATE, _short(e)) from None
+    bc = _extension(_parsed(cert), x509.BasicConstraints)
+    ku = _extension(cert, x509.KeyUsage)
     if bc is None or not bc.ca:
         raise SvidError(SvidReason.BAD_INTERMEDIATE, f"chain certificate {index} is not a CA (X509-SVID §4.1)")
     if ku is None or not ku.key_cert_sign:
@@ -232,7 +242,7 @@ class X509Bundle:
     _store: Store | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        auth = tuple(self.authorities)
+        auth = tuple(_parsed(c) for c in self.authorities)
         object.__setattr__(self, "authorities", auth)
         h = hashlib.sha256(self.trust_domain.name.encode())
         for c in auth:

@@ -10,8 +10,9 @@ Small API, shared by every test that needs certificates::
     root.bundle_der(), root.bundle_pem()        # the trust bundle (root only)
 
 Bad leaves are built with `CA.leaf(...)` keyword arguments (see its docstring), or by name with
-`bad_leaf(ca, kind)` for the kinds in `BAD_LEAF_KINDS`. Keys are EC P-256 (fast to generate).
-Everything here is test-only: no secrets, no I/O.
+`bad_leaf(ca, kind)` for the kinds in `BAD_LEAF_KINDS`. Certificates `cryptography` refuses to build (a
+duplicated extension) are made by editing DER and re-signing: `duplicate_extension(...)`.
+Keys are EC P-256 (fast to generate). Everything here is test-only: no secrets, no I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -219,6 +221,87 @@ class CA:
 
     def bundle_pem(self) -> bytes:
         return self.root_ca.cert.public_bytes(serialization.Encoding.PEM)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hand-made DER: what `cryptography` refuses to build
+
+
+def _der_tlv(data: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, content start, end) of the DER element at `pos` (definite lengths only)."""
+    first = data[pos + 1]
+    if first < 0x80:
+        return data[pos], pos + 2, pos + 2 + first
+    n = first & 0x7F
+    start = pos + 2 + n
+    return data[pos], start, start + int.from_bytes(data[pos + 2 : start], "big")
+
+
+def _der_children(data: bytes, start: int, end: int) -> list[bytes]:
+    out = []
+    while start < end:
+        _, _, stop = _der_tlv(data, start)
+        out.append(data[start:stop])
+        start = stop
+    return out
+
+
+def _der_encode(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def tbs_span(cert_der: bytes) -> tuple[int, int]:
+    """[start, end) of the tbsCertificate inside a certificate's DER: the bytes the signature covers."""
+    _, content, _ = _der_tlv(cert_der, 0)
+    _, _, end = _der_tlv(cert_der, content)
+    return content, end
+
+
+def resign(tbs: bytes, cert_der: bytes, signer: CA) -> bytes:
+    """A certificate with `tbs` as its tbsCertificate, signed by `signer` (ECDSA-SHA256, like `cert_der`)."""
+    _, content, end = _der_tlv(cert_der, 0)
+    _, sig_alg, _ = _der_children(cert_der, content, end)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(tbs)
+    signature = signer.key.sign(digest.finalize(), ec.ECDSA(Prehashed(hashes.SHA256())))
+    return _der_encode(0x30, tbs + sig_alg + _der_encode(0x03, b"\x00" + signature))
+
+
+def duplicate_extension(cert: x509.Certificate, signer: CA, oid: ObjectIdentifier) -> bytes:
+    """`cert` with its extension `oid` present twice, validly re-signed by `signer` (DER).
+
+    RFC 5280 §4.2: "A certificate MUST NOT include more than one instance of a particular extension".
+    `cryptography` parses such a certificate lazily and raises `x509.DuplicateExtension` (not a ValueError)
+    on first access to `.extensions`: the signature is fine, only the extension list is wrong.
+    """
+    der = cert.public_bytes(serialization.Encoding.DER)
+    _, tbs_content, tbs_end = _der_tlv(der, tbs_span(der)[0])
+    fields = _der_children(der, tbs_content, tbs_end)
+    i = next(k for k, f in enumerate(fields) if f[0] == 0xA3)  # [3] EXPLICIT Extensions
+    _, seq_at, _ = _der_tlv(fields[i], 0)
+    _, ext_content, ext_end = _der_tlv(fields[i], seq_at)
+    exts = _der_children(fields[i], ext_content, ext_end)
+    oid_der = _der_encode(0x06, _oid_body(oid))
+    dup = next(e for e in exts if oid_der in e[:16])
+    fields[i] = _der_encode(0xA3, _der_encode(0x30, b"".join([*exts, dup])))
+    return resign(_der_encode(0x30, b"".join(fields)), der, signer)
+
+
+def _oid_body(oid: ObjectIdentifier) -> bytes:
+    arcs = [int(a) for a in oid.dotted_string.split(".")]
+    out = bytes([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return out
 
 
 # Bad leaf kinds, named after the `svid` reason code each must produce when used as a peer leaf.

@@ -8,18 +8,24 @@ SPIRE once it lands. PEM sources read real files rewritten the way cert-manager 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from sidecar._proto import workload_pb2
 from sidecar._proto.workload_grpc import SpiffeWorkloadAPIBase
@@ -28,7 +34,7 @@ from sidecar.errors import SourceError
 from sidecar.identity import SpiffeId, TrustDomain
 from sidecar.sources import PemFileSource, SourceEvent, WorkloadApiSource, endpoint_from_env
 from sidecar.svid import X509Context
-from tests.pki import CA, Leaf, utcnow
+from tests.pki import CA, Leaf, duplicate_extension, utcnow
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -66,6 +72,18 @@ class EventLog:
         async with asyncio.timeout(timeout), self._cond:
             await self._cond.wait_for(lambda: self.count(kind) >= count)
         return [e for e in self.events if e.kind == kind][count - 1]
+
+    async def wait_after(self, seen: int, kinds: tuple[str, ...], timeout: float = WAIT) -> SourceEvent:
+        """The first event of one of `kinds` after the first `seen` events."""
+
+        def found() -> SourceEvent | None:
+            return next((e for e in self.events[seen:] if e.kind in kinds), None)
+
+        async with asyncio.timeout(timeout), self._cond:
+            await self._cond.wait_for(lambda: found() is not None)
+        ev = found()
+        assert ev is not None
+        return ev
 
 
 def leaf_id(leaf: Leaf) -> str:
@@ -272,6 +290,37 @@ async def test_bad_messages_are_discarded_last_good_kept(root_a: CA, sock: Path)
         cur = src.current()
         assert cur is not None and str(cur.default_svid.spiffe_id) == "spiffe://a.test/good"
         assert log.count("update") == 1
+
+
+def _pem(der: bytes) -> bytes:
+    return x509.load_der_x509_certificate(der).public_bytes(serialization.Encoding.PEM)
+
+
+async def test_malformed_certificates_are_rejected_not_stream_errors(root_a: CA, sock: Path) -> None:
+    # Issue 10 item 9: a certificate that does not parse (here: a duplicated extension, validly signed) is
+    # a bad message (rejected, last good kept, stream kept), not a broken stream to reconnect.
+    good = root_a.leaf("spiffe://a.test/good")
+    api = FakeWorkloadApi(response(svid_msg(good, root_a)))
+    log = EventLog()
+    src = new_source(sock, log)
+    async with serving(api, sock), running(src) as task:
+        first = await src.wait_ready(WAIT)
+        dup = root_a.leaf("spiffe://a.test/dup")
+        bad_svid = svid_msg(dup, root_a)
+        bad_svid.x509_svid = duplicate_extension(dup.cert, root_a, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        bad_bundle = svid_msg(root_a.leaf("spiffe://a.test/b"), root_a)
+        bad_bundle.bundle = duplicate_extension(root_a.cert, root_a, ExtensionOID.BASIC_CONSTRAINTS)
+        bad_federated = response(svid_msg(root_a.leaf("spiffe://a.test/f"), root_a),
+                                 federated={"spiffe://b.test": duplicate_extension(root_a.cert, root_a,
+                                                                                   ExtensionOID.KEY_USAGE)})
+        for msg in (response(bad_svid), response(bad_bundle), bad_federated):
+            seen = len(log.events)
+            api.push(msg)
+            ev = await log.wait_after(seen, ("rejected", "stream_error", "update"))
+            assert ev.kind == "rejected", ev
+            assert "malformed_certificate" in ev.detail and "uplicate" in ev.detail
+            assert src.current() is first and not task.done()
+    assert api.calls == 1 and log.count("stream_error") == 0
 
 
 async def test_duplicate_hints_keep_first(root_a: CA, sock: Path) -> None:
@@ -491,3 +540,105 @@ async def test_pem_kubelet_symlink_swap(root_a: CA, tmp_path: Path) -> None:
     publish(root_a.leaf("spiffe://a.test/gen2"), "..gen2")
     assert await src.poll_once()
     assert str(src.current().default_svid.spiffe_id) == "spiffe://a.test/gen2"  # type: ignore[union-attr]
+
+
+async def _first(task: asyncio.Task[None], waiting: Any) -> SourceEvent:
+    """The awaited event, or the source task's own end (it must never end on a file's content)."""
+    waiter = asyncio.ensure_future(waiting)
+    await asyncio.wait({task, waiter}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        raise AssertionError(f"the PEM source stopped: {task.exception()!r}")
+    return await waiter
+
+
+async def test_pem_source_survives_any_file_content(root_a: CA, tmp_path: Path) -> None:
+    # Issue 10 item 9: one bad file written into the SVID directory used to end the source's task (an
+    # uncaught DuplicateExtension), and with it the sidecar. Every file content is now a rejected set.
+    good = root_a.leaf("spiffe://a.test/good")
+    write_set(tmp_path, good, root_a)
+    log = EventLog()
+    src = pem_source(tmp_path, log, poll_interval=0.02)
+    dup_leaf = _pem(duplicate_extension(good.cert, root_a, ExtensionOID.SUBJECT_ALTERNATIVE_NAME))
+    dup_root = _pem(duplicate_extension(root_a.cert, root_a, ExtensionOID.BASIC_CONSTRAINTS))
+    bad_files = [
+        ("tls.crt", dup_leaf, "malformed_certificate: DuplicateExtension"),
+        ("ca.crt", dup_root, "ca.crt: malformed_certificate: DuplicateExtension"),
+        ("tls.crt", b"\xff\xfe\x00 not a certificate \x80", "malformed_certificate"),
+        ("tls.crt", b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "malformed_certificate"),
+        ("tls.key", b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "malformed_key"),
+        ("tls.key", os.urandom(200), "malformed_key"),
+        ("ca.crt", b"", "ca.crt: malformed_certificate"),
+        ("tls.crt", b"", "malformed_certificate"),
+        ("tls.crt", dup_leaf, "malformed_certificate: DuplicateExtension"),  # the same bad file again
+    ]
+    async with running(src) as task:
+        first = await src.wait_ready(WAIT)
+        for name, data, why in bad_files:
+            seen = len(log.events)
+            write_atomic(tmp_path / name, data)
+            ev = await _first(task, log.wait_after(seen, ("rejected", "update")))
+            assert ev.kind == "rejected" and why in ev.detail, (name, ev)
+            assert src.current() is first
+            write_set(tmp_path, good, root_a)  # the good set again: same content, no new snapshot
+        seen = len(log.events)
+        write_set(tmp_path, root_a.leaf("spiffe://a.test/next"), root_a)
+        ev = await _first(task, log.wait_after(seen, ("update",)))
+        assert str(src.current().default_svid.spiffe_id) == "spiffe://a.test/next"  # type: ignore[union-attr]
+    assert log.count("fatal") == 0
+
+
+_FILE_ROOT = CA.root("a.test")
+_FILE_LEAF = _FILE_ROOT.intermediate().leaf("spiffe://a.test/files")
+_GOOD_FILES = (_FILE_LEAF.chain_pem(), _FILE_LEAF.key_pem(), _FILE_ROOT.bundle_pem())
+_DUP_FILES = (
+    _pem(duplicate_extension(_FILE_LEAF.cert, _FILE_ROOT, ExtensionOID.SUBJECT_ALTERNATIVE_NAME)),
+    _FILE_LEAF.key_pem(),
+    _pem(duplicate_extension(_FILE_ROOT.cert, _FILE_ROOT, ExtensionOID.KEY_USAGE)),
+)
+
+
+def _mutated_pem(pem: bytes, mutations: list[tuple[int, int]]) -> bytes:
+    """`pem`'s first block with bytes of its DER changed, re-wrapped: the parser sees mutated DER."""
+    body = b"".join(pem.split(b"-----")[2].split())
+    der = bytearray(base64.b64decode(body))
+    for i, v in mutations:
+        der[i % len(der)] = v
+    label = pem.split(b"-----")[1]
+    return b"-----" + label + b"-----\n" + base64.encodebytes(bytes(der)) + b"-----END" + label[5:] + b"-----\n"
+
+
+_file_contents = st.one_of(
+    st.binary(max_size=400),
+    st.tuples(st.sampled_from(_GOOD_FILES + _DUP_FILES), st.lists(st.tuples(st.integers(0, 2000),
+                                                                         st.integers(0, 255)), max_size=3)
+              ).map(lambda t: _mutated_pem(*t)),
+    st.sampled_from(_GOOD_FILES + _DUP_FILES),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(files={0: _DUP_FILES[0]})
+@example(files={2: _DUP_FILES[2]})
+@given(files=st.dictionaries(st.integers(0, 2), _file_contents, min_size=1))
+def test_pem_files_of_any_bytes_never_stop_the_source(files: dict[int, bytes]) -> None:
+    """Real files in a temp dir: after a good set, any bytes in any of the files give a new good set or a
+    rejected one; the last good set stays served and `poll_once` never raises."""
+
+    async def scenario(paths: tuple[Path, Path, Path]) -> None:
+        for path, data in zip(paths, _GOOD_FILES, strict=True):
+            write_atomic(path, data)
+        events: list[SourceEvent] = []
+        src = PemFileSource(*paths, on_event=events.append)
+        assert await src.poll_once()
+        good = src.current()
+        for i, data in files.items():
+            write_atomic(paths[i], data)
+            os.utime(paths[i], ns=(1, 1))  # a stat change even within the clock's granularity
+        published = await src.poll_once()
+        assert src.current() is not None
+        if not published and any(data != _GOOD_FILES[i] for i, data in files.items()):
+            assert src.current() is good and events[-1].kind == "rejected"
+
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(scenario((Path(d) / "tls.crt", Path(d) / "tls.key", Path(d) / "ca.crt")))
