@@ -2,9 +2,10 @@
 
 Own SVIDs (from the Workload API or PEM files) are checked like go-spiffe's `x509svid.Parse`; peer chains
 like the "recommended validator" of the spec notes (§2.2): X509-SVID §5.2 leaf checks, then RFC 5280 path
-validation against the bundle of the *peer ID's* trust domain only (SPIFFE_Federation §4.2: bundles are
-never merged). `verify_peer` runs once per TLS handshake, so successful results are cached by chain digest
-and bundle digest; time is re-checked against `now` on every call.
+validation (`sidecar.x509path`) against the bundle of the *peer ID's* trust domain only (SPIFFE_Federation
+§4.2: bundles are never merged), for the direction at hand (`Purpose`, X509-SVID §4.4). `verify_peer` runs
+once per TLS handshake, so successful results are cached by purpose, chain digest and bundle digest; time
+is re-checked against `now` on every call.
 
 Every certificate is parsed completely where it enters (extensions included), and any parse failure,
 whatever `cryptography` calls it, is an SvidError(malformed_certificate): no input stops a source.
@@ -25,19 +26,15 @@ from typing import Final, TypeVar
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.verification import (
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
 
 from .errors import IdentityError, SvidError
 from .identity import SpiffeId, TrustDomain
+from .x509path import PathError, Purpose, TrustAnchors, validate_path
 
 __all__ = [
     "PeerIdentity",
     "PeerVerifier",
+    "Purpose",
     "SvidPrivateKey",
     "SvidReason",
     "X509Bundle",
@@ -76,6 +73,9 @@ class SvidReason(enum.StrEnum):
     BAD_CHAIN = "bad_chain"
     EXPIRED = "expired"
     NOT_YET_VALID = "not_yet_valid"
+    EKU_LACKS_PURPOSE = "eku_lacks_purpose"  # clientAuth/serverAuth missing for the direction (§4.4)
+    NAME_CONSTRAINT_VIOLATION = "name_constraint_violation"  # a name outside a CA's subtrees (§4.2)
+    NAME_CONSTRAINT_UNSUPPORTED = "name_constraint_unsupported"  # subtrees of a type we do not evaluate
     # own SVIDs / contexts only
     BAD_INTERMEDIATE = "bad_intermediate"
     MALFORMED_KEY = "malformed_key"
@@ -238,8 +238,8 @@ class X509Bundle:
     authorities: tuple[x509.Certificate, ...]
     # Identity of the content (sha256 over the DER of the authorities), for caches keyed by bundle.
     digest: bytes = field(init=False, repr=False, compare=False)
-    # Built once: the verifier's trust store for this trust domain only (None for an empty bundle).
-    _store: Store | None = field(init=False, repr=False, compare=False)
+    # Built once: the path builder's anchors for this trust domain only (None for an empty bundle).
+    _anchors: TrustAnchors | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         auth = tuple(_parsed(c) for c in self.authorities)
@@ -248,7 +248,7 @@ class X509Bundle:
         for c in auth:
             h.update(_der(c))
         object.__setattr__(self, "digest", h.digest())
-        object.__setattr__(self, "_store", Store(list(auth)) if auth else None)
+        object.__setattr__(self, "_anchors", TrustAnchors(auth) if auth else None)
 
     @classmethod
     def from_der(cls, trust_domain: TrustDomain, der_bytes: bytes) -> X509Bundle:
@@ -437,30 +437,8 @@ class _CacheEntry:
     not_after: dt.datetime  # earliest notAfter over the verified path
 
 
-# RFC 5280 path validation by cryptography's verifier. The CA policy stays WebPKI's (CA=true, keyCertSign,
-# critical basicConstraints). The leaf policy is relaxed to "any extension, unknown critical ones still
-# refused": SPIFFE leaves have no DNS SANs, AKI is not a SPIFFE requirement, and EKU is not enforced
-# (spec notes §2.2 step 6, same as go-spiffe's ExtKeyUsageAny). Our own leaf checks run before it.
-_CA_POLICY: Final = ExtensionPolicy.webpki_defaults_ca()
-_EE_POLICY: Final = ExtensionPolicy.permit_all()
-
-
-def _window_error(
-    certs: Sequence[x509.Certificate], now: dt.datetime, sid: SpiffeId
-) -> SvidError | None:
-    for i, c in enumerate(certs):
-        what = "leaf" if i == 0 else f"chain certificate {i}"
-        if now > c.not_valid_after_utc:
-            return SvidError(SvidReason.EXPIRED, f"{sid}: {what} expired at {c.not_valid_after_utc.isoformat()}")
-        if now < c.not_valid_before_utc:
-            return SvidError(
-                SvidReason.NOT_YET_VALID, f"{sid}: {what} not valid before {c.not_valid_before_utc.isoformat()}"
-            )
-    return None
-
-
 class PeerVerifier:
-    """Validates peer X.509-SVID chains; caches successes (bounded LRU keyed by chain digest).
+    """Validates peer X.509-SVID chains; caches successes (bounded LRU keyed by purpose and chain digest).
 
     A cache hit is only used when the peer's trust domain still maps to a bundle with the same digest,
     and the verified path's validity window is re-checked against `now` on every call.
@@ -476,14 +454,20 @@ class PeerVerifier:
         self._cache.clear()
 
     def verify(
-        self, chain: Sequence[bytes], ctx_bundles: Mapping[TrustDomain, X509Bundle], now: dt.datetime
+        self,
+        chain: Sequence[bytes],
+        ctx_bundles: Mapping[TrustDomain, X509Bundle],
+        now: dt.datetime,
+        purpose: Purpose = Purpose.CLIENT,
     ) -> PeerIdentity:
-        """Authenticate a peer chain (leaf first, DER each). Raises SvidError with a `SvidReason`."""
+        """Authenticate a peer chain (leaf first, DER each) presented in the TLS role `purpose`.
+        Raises SvidError with a `SvidReason`."""
         if not chain:
             raise SvidError(SvidReason.NO_CERTIFICATE, "peer presented no certificate")
         if len(chain) > MAX_PEER_CHAIN:
             raise SvidError(SvidReason.BAD_CHAIN, f"peer chain has {len(chain)} certificates (max {MAX_PEER_CHAIN})")
-        h = hashlib.sha256()
+        # The purpose is part of the key: a chain good for a client may lack serverAuth (X509-SVID §4.4).
+        h = hashlib.sha256(purpose.value.encode() + b"\0")
         for blob in chain:
             h.update(len(blob).to_bytes(4, "big"))
             h.update(blob)
@@ -500,7 +484,7 @@ class PeerVerifier:
                         SvidReason.NOT_YET_VALID, f"{hit.peer.spiffe_id}: chain not valid before {hit.not_before}"
                     )
                 return hit.peer
-        entry = self._verify_uncached(chain, ctx_bundles, now)
+        entry = self._verify_uncached(chain, ctx_bundles, now, purpose)
         self._cache[key] = entry
         if len(self._cache) > self._maxsize:
             self._cache.popitem(last=False)
@@ -508,7 +492,7 @@ class PeerVerifier:
 
     @staticmethod
     def _verify_uncached(
-        chain: Sequence[bytes], ctx_bundles: Mapping[TrustDomain, X509Bundle], now: dt.datetime
+        chain: Sequence[bytes], ctx_bundles: Mapping[TrustDomain, X509Bundle], now: dt.datetime, purpose: Purpose
     ) -> _CacheEntry:
         certs = [_load_der(bytes(b)) for b in chain]
         leaf = certs[0]
@@ -517,44 +501,34 @@ class PeerVerifier:
         bundle = ctx_bundles.get(sid.trust_domain)
         if bundle is None:
             raise SvidError(SvidReason.UNTRUSTED_TRUST_DOMAIN, f"{sid}: no bundle for trust domain {sid.trust_domain}")
-        err = _window_error(certs, now, sid)
-        if err is not None:
-            raise err
-        if bundle._store is None:
+        if bundle._anchors is None:
             # An empty bundle revokes every SVID of the trust domain (Trust Domain and Bundle §4.1.3).
             raise SvidError(SvidReason.BAD_CHAIN, f"{sid}: the bundle of {sid.trust_domain} is empty")
-        verifier = (
-            PolicyBuilder()
-            .store(bundle._store)
-            .time(now)
-            .max_chain_depth(MAX_PEER_CHAIN)
-            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-            .build_client_verifier()
-        )
+        # RFC 5280 path to THAT bundle; presented certificates off the path are ignored, their validity too.
         try:
-            verified = verifier.verify(leaf, certs[1:])
-        except VerificationError as e:
-            raise SvidError(
-                SvidReason.BAD_CHAIN, f"{sid}: does not chain to the bundle of {sid.trust_domain}: {_short(e)}"
-            ) from None
-        path = verified.chain
-        not_before = max(c.not_valid_before_utc for c in path)
-        not_after = min(c.not_valid_after_utc for c in path)
-        peer = PeerIdentity(sid, hashlib.sha256(chain[0]).hexdigest(), not_after)
-        return _CacheEntry(peer, bundle.digest, not_before, not_after)
+            path = validate_path(leaf, certs[1:], bundle._anchors, now, purpose)
+        except PathError as e:
+            raise SvidError(SvidReason(e.reason), f"{sid}: {e.detail} (bundle of {sid.trust_domain})") from None
+        peer = PeerIdentity(sid, hashlib.sha256(chain[0]).hexdigest(), path.not_after)
+        return _CacheEntry(peer, bundle.digest, path.not_before, path.not_after)
 
 
 _DEFAULT_VERIFIER: Final = PeerVerifier()
 
 
 def verify_peer(
-    chain: Sequence[bytes], ctx_bundles: Mapping[TrustDomain, X509Bundle], now: dt.datetime
+    chain: Sequence[bytes],
+    ctx_bundles: Mapping[TrustDomain, X509Bundle],
+    now: dt.datetime,
+    purpose: Purpose = Purpose.CLIENT,
 ) -> PeerIdentity:
     """Authenticate a peer's presented chain (DER each, leaf first) with the process-wide cached verifier.
 
-    Checks, in order: a certificate is present and parses; exactly one URI SAN holding a valid SPIFFE ID
-    with a non-root path; leaf CA=false, no keyCertSign, no cRLSign, digitalSignature set; a bundle exists
-    for the ID's trust domain; every presented certificate is valid at `now`; RFC 5280 path to THAT bundle
-    (never the union). Raises SvidError whose `reason` is a `SvidReason` value.
+    `purpose` is the peer's TLS role: CLIENT (inbound, the default) or SERVER (outbound). Checks, in order:
+    every presented certificate parses; exactly one URI SAN holding a valid SPIFFE ID with a non-root
+    path; leaf CA=false, no keyCertSign, no cRLSign, digitalSignature set; a bundle exists for the ID's
+    trust domain; an RFC 5280 path to THAT bundle (never the union) on which every certificate is valid at
+    `now`, EKUs allow `purpose` and name constraints hold (`sidecar.x509path`). Raises SvidError whose
+    `reason` is a `SvidReason` value.
     """
-    return _DEFAULT_VERIFIER.verify(chain, ctx_bundles, now)
+    return _DEFAULT_VERIFIER.verify(chain, ctx_bundles, now, purpose)

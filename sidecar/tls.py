@@ -8,7 +8,8 @@ The inbound listener accepts plain TCP and wraps each accepted socket with the s
 moment (`loop.connect_accepted_socket(ssl=snapshot.server)`), so every new handshake uses the newest SVID
 and bundles. OpenSSL verifies the peer chain against the union of all bundles (it has no per-trust-domain
 store); `verify_peer_connection()` then runs `svid.verify_peer` on the presented chain with the bundle of
-the peer ID's own trust domain (X509-SVID §5.2, federation: never the union) before a byte is read.
+the peer ID's own trust domain (X509-SVID §5.2, federation: never the union) before a byte is read, for the
+peer's TLS role (a server checks a client for clientAuth, a client a server for serverAuth, §4.4).
 
 Private keys reach OpenSSL only through `load_cert_chain`, which needs a path: we use an anonymous
 memfd (never on a filesystem) and fall back to a 0700 temp dir with 0600 files removed right after loading.
@@ -29,7 +30,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .errors import SvidError
 from .identity import SpiffeId
-from .svid import PeerIdentity, X509Context, verify_peer
+from .svid import PeerIdentity, Purpose, X509Context, verify_peer
 
 __all__ = [
     "HandshakeFailure",
@@ -56,8 +57,17 @@ _VERIFY_CODES = {
     20: "bad_chain",  # unable to get local issuer certificate
     21: "bad_chain",  # unable to verify the first certificate
     24: "bad_chain",  # invalid CA certificate (an issuer that is not a CA)
-    26: "bad_chain",  # unsupported certificate purpose
+    # "unsuitable certificate purpose": OpenSSL's ssl_client/ssl_server check of keyUsage (digitalSignature
+    # or keyAgreement) and EKU, on the leaf or a CA. It does not say which, so it is neither of our own
+    # `no_digital_signature` / `eku_lacks_purpose`, and it is not an untrusted chain either.
+    26: "unsuitable_purpose",
     7: "bad_chain",  # certificate signature failure
+    47: "name_constraint_violation",  # permitted subtree violation
+    48: "name_constraint_violation",  # excluded subtree violation
+    49: "name_constraint_unsupported",  # name constraints minimum and maximum not supported
+    51: "name_constraint_unsupported",  # unsupported name constraint type
+    52: "name_constraint_unsupported",  # unsupported or invalid name constraint syntax
+    53: "name_constraint_unsupported",  # unsupported or invalid name syntax
 }
 
 
@@ -232,14 +242,24 @@ def peer_chain_der(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> list[bytes]:
 
 
 def verify_peer_connection(
-    ssl_object: ssl.SSLObject | ssl.SSLSocket, snapshot: TlsSnapshot, now: dt.datetime
+    ssl_object: ssl.SSLObject | ssl.SSLSocket,
+    snapshot: TlsSnapshot,
+    now: dt.datetime,
+    *,
+    purpose: Purpose | None = None,
 ) -> PeerIdentity:
     """The SPIFFE check after the handshake: the presented chain against the bundle of the peer ID's own
-    trust domain in the snapshot the handshake used. Raises SvidError(reason, detail)."""
+    trust domain in the snapshot the handshake used. Raises SvidError(reason, detail).
+
+    `purpose` is the peer's TLS role for its EKU (X509-SVID §4.4). By default it follows from our side of
+    the connection: our server side (inbound) checks a client, our client side (outbound) a server; so no
+    caller can judge a server by a client's rules by forgetting to say which it is."""
     chain = peer_chain_der(ssl_object)
     if not chain:
         raise SvidError("no_client_certificate", "the peer presented no certificate")
-    return verify_peer(chain, snapshot.x509.bundles, now)
+    if purpose is None:
+        purpose = Purpose.CLIENT if ssl_object.server_side else Purpose.SERVER
+    return verify_peer(chain, snapshot.x509.bundles, now, purpose)
 
 
 def classify_handshake_error(exc: BaseException) -> HandshakeFailure:

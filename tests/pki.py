@@ -10,8 +10,9 @@ Small API, shared by every test that needs certificates::
     root.bundle_der(), root.bundle_pem()        # the trust bundle (root only)
 
 Bad leaves are built with `CA.leaf(...)` keyword arguments (see its docstring), or by name with
-`bad_leaf(ca, kind)` for the kinds in `BAD_LEAF_KINDS`. Certificates `cryptography` refuses to build (a
-duplicated extension) are made by editing DER and re-signing: `duplicate_extension(...)`.
+`bad_leaf(ca, kind)` for the kinds in `BAD_LEAF_KINDS`. CAs may carry name constraints and an EKU
+(`CA.root(..., name_constraints=uri_constraints(...), eku=[...])`). Certificates `cryptography` refuses to
+build (a duplicated extension) are made by editing DER and re-signing: `duplicate_extension(...)`.
 Keys are EC P-256 (fast to generate). Everything here is test-only: no secrets, no I/O.
 """
 
@@ -101,12 +102,14 @@ class CA:
     def root(
         cls, td: str = "a.test", *, not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None, key: PrivateKey | None = None,
+        name_constraints: x509.NameConstraints | None = None, eku: Sequence[ObjectIdentifier] | None = None,
     ) -> CA:
-        """A self-signed root CA for `td` with URI SAN `spiffe://<td>` (valid -1h..+1 day by default)."""
+        """A self-signed root CA for `td` with URI SAN `spiffe://<td>` (valid -1h..+1 day by default).
+        `name_constraints` and `eku` add those extensions (X509-SVID §4.2, §4.4: a CA MAY carry them)."""
         key = key or new_key()
         now = utcnow()
         name = _name(f"{td} root CA")
-        cert = (
+        b = (
             x509.CertificateBuilder()
             .subject_name(name).issuer_name(name)
             .public_key(key.public_key())
@@ -118,8 +121,8 @@ class CA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{td}")]),
                            critical=False)
-            .sign(key, hashes.SHA256())
         )
+        cert = _ca_extras(b, name_constraints, eku).sign(key, hashes.SHA256())
         return cls(td, cert, key)
 
     def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey,
@@ -141,18 +144,21 @@ class CA:
     def intermediate(
         self, td: str | None = None, *, key_cert_sign: bool = True, ca: bool = True,
         not_before: dt.datetime | None = None, not_after: dt.datetime | None = None,
+        name_constraints: x509.NameConstraints | None = None, eku: Sequence[ObjectIdentifier] | None = None,
+        path_length: int | None = None, key: PrivateKey | None = None, subject: x509.Name | None = None,
     ) -> CA:
-        """An intermediate CA signed by this CA (SPIRE's "upstream"/agent CA shape)."""
+        """An intermediate CA signed by this CA (SPIRE's "upstream"/agent CA shape). `name_constraints`,
+        `eku` and `path_length` add those; `key` and `subject` reuse a key/name (a re-issued CA)."""
         td = td or self.td
-        key = new_key()
-        cert = (
-            self._builder(_name(f"{td} intermediate CA"), key.public_key(), not_before, not_after)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        key = key or new_key()
+        b = (
+            self._builder(subject or _name(f"{td} intermediate CA"), key.public_key(), not_before, not_after)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=path_length), critical=True)
             .add_extension(_key_usage(key_cert_sign=key_cert_sign, crl_sign=True), critical=True)
             .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{td}")]),
                            critical=False)
-            .sign(self.key, hashes.SHA256())
         )
+        cert = _ca_extras(b, name_constraints, eku).sign(self.key, hashes.SHA256())
         return CA(td, cert, key, (self, *self.parents))
 
     def leaf(
@@ -166,7 +172,7 @@ class CA:
         key_cert_sign: bool = False,
         crl_sign: bool = False,
         key_usage: bool = True,
-        eku: bool = True,
+        eku: bool | Sequence[ObjectIdentifier] = True,
         not_before: dt.datetime | None = None,
         not_after: dt.datetime | None = None,
         key: PrivateKey | None = None,
@@ -177,8 +183,9 @@ class CA:
         `spiffe_id` defaults to `spiffe://<td>/workload`. `uris` overrides the URI SANs entirely (`[]` for
         none, two for "multiple"). `dns` adds DNS SANs. `ca`, `digital_signature`, `key_cert_sign`,
         `crl_sign` set the flags; `key_usage=False` omits the KeyUsage extension; `eku=False` omits
-        ExtendedKeyUsage. Validity defaults to -5 min .. +1 h. `chain_extra` replaces the intermediates
-        put after the leaf in `Leaf.chain` (default: this CA's intermediates, excluding the root).
+        ExtendedKeyUsage, a list of OIDs replaces SPIRE's (serverAuth, clientAuth). Validity defaults to
+        -5 min .. +1 h. `chain_extra` replaces the intermediates put after the leaf in `Leaf.chain`
+        (default: this CA's intermediates, excluding the root).
         """
         key = key or new_key()
         sid = spiffe_id if spiffe_id is not None else f"spiffe://{self.td}/workload"
@@ -194,11 +201,10 @@ class CA:
                            crl_sign=crl_sign, key_encipherment=True, key_agreement=True),
                 critical=True,
             )
+        if eku is True:
+            eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
         if eku:
-            b = b.add_extension(
-                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                critical=False,
-            )
+            b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
         if names:
             b = b.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert = b.sign(self.key, hashes.SHA256())
@@ -221,6 +227,25 @@ class CA:
 
     def bundle_pem(self) -> bytes:
         return self.root_ca.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _ca_extras(
+    b: x509.CertificateBuilder, name_constraints: x509.NameConstraints | None,
+    eku: Sequence[ObjectIdentifier] | None,
+) -> x509.CertificateBuilder:
+    if name_constraints is not None:
+        b = b.add_extension(name_constraints, critical=True)  # RFC 5280 §4.2.1.10: MUST be critical
+    if eku is not None:
+        b = b.add_extension(x509.ExtendedKeyUsage(list(eku)), critical=False)
+    return b
+
+
+def uri_constraints(permitted: Sequence[str] = (), excluded: Sequence[str] = ()) -> x509.NameConstraints:
+    """URI name constraints (RFC 5280 §4.2.1.10: a host `a.test` or a domain `.a.test`)."""
+    return x509.NameConstraints(
+        permitted_subtrees=[x509.UniformResourceIdentifier(p) for p in permitted] or None,
+        excluded_subtrees=[x509.UniformResourceIdentifier(e) for e in excluded] or None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

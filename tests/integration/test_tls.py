@@ -14,10 +14,14 @@ import pytest
 import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from sidecar.config import HostPort, OutboundTarget, Timeouts
 from sidecar.errors import SvidError
-from sidecar.identity import TrustDomain
-from sidecar.svid import X509Bundle, X509Context, X509Svid
+from sidecar.identity import CallerPattern, TrustDomain
+from sidecar.metrics import Metrics
+from sidecar.outbound import build_routes
+from sidecar.svid import Purpose, X509Bundle, X509Context, X509Svid
 from sidecar.tls import TlsContexts, classify_handshake_error, peer_chain_der, verify_peer_connection
 from tests.integration.test_inbound import (  # app, pki: the inbound tests' fixtures, reused
     CHECKOUT,
@@ -30,7 +34,7 @@ from tests.integration.test_inbound import (  # app, pki: the inbound tests' fix
     run,
     start_sidecar,
 )
-from tests.pki import CA, Leaf
+from tests.pki import CA, Leaf, uri_constraints
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +208,113 @@ async def test_tls12_session_id_resumption_is_still_spiffe_checked(pki: Pki, app
         assert not reused and out.startswith(b"HTTP/1.1 200 ")
     finally:
         await sc.server.drain(1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chains OpenSSL and our verifier must agree on (issue 10 items 10 and 11)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class _Server:
+    """A plain TLS server over a TlsContexts; its handler runs the inbound SPIFFE check and answers with
+    the peer's ID or the refusal reason."""
+
+    def __init__(self, tls: TlsContexts) -> None:
+        self.tls = tls
+        self.port = 0
+        self._srv: asyncio.Server | None = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer = verify_peer_connection(writer.get_extra_info("ssl_object"), self.tls.current, _now())
+            writer.write(str(peer.spiffe_id).encode())
+        except SvidError as e:
+            writer.write(e.reason.encode())
+        await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> _Server:
+        self._srv = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls.server)
+        self.port = self._srv.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._srv is not None
+        self._srv.close()
+
+
+async def _call(server: _Server, client: TlsContexts, ssl_ctx: ssl.SSLContext | None = None) -> tuple[str, str]:
+    """(what the server said about us, what our outbound check says about the server)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=ssl_ctx or client.client)
+    try:
+        try:
+            ours = str(verify_peer_connection(writer.get_extra_info("ssl_object"), client.current, _now()).spiffe_id)
+        except SvidError as e:
+            ours = e.reason
+        async with asyncio.timeout(5):
+            return (await reader.read()).decode(), ours
+    finally:
+        writer.close()
+
+
+async def _handshake_refusal(server: _Server, client: TlsContexts) -> str:
+    """The reason our outbound side gives when OpenSSL refuses the server's chain during the handshake."""
+    with pytest.raises(ssl.SSLCertVerificationError) as ei:
+        await asyncio.open_connection("127.0.0.1", server.port, ssl=client.client)
+    return classify_handshake_error(ei.value).reason
+
+
+async def test_uri_name_constrained_chains_over_real_tls() -> None:
+    # X509-SVID §4.2: signing certificates MAY carry URI name constraints. OpenSSL checks them in the
+    # handshake (RFC 5280 §4.2.1.10, host of the URI); our check after it must agree, both directions.
+    root = CA.root(TD)
+    for permitted, excluded in (([TD], []), ([], [f".{TD}"]), ([TD], [f".{TD}"])):
+        inter = root.intermediate(name_constraints=uri_constraints(permitted, excluded))
+        async with _Server(TlsContexts(_ctx(inter.leaf(INVENTORY), root))) as server:
+            client = TlsContexts(_ctx(inter.leaf(CHECKOUT), root))
+            assert await _call(server, client) == (CHECKOUT, INVENTORY)
+    # A server chain outside its constraints: OpenSSL refuses it, and says why in our words.
+    for permitted, excluded in (([], [TD]), (["other.test"], [])):
+        inter = root.intermediate(name_constraints=uri_constraints(permitted, excluded))
+        async with _Server(TlsContexts(_ctx(inter.leaf(INVENTORY), root))) as server:
+            client = TlsContexts(_ctx(root.leaf(CHECKOUT), root))
+            assert await _handshake_refusal(server, client) == "name_constraint_violation"
+
+
+SERVER_AUTH, CLIENT_AUTH = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+
+
+async def test_outbound_route_checks_the_server_for_server_auth() -> None:
+    # A server whose CA is limited to serverAuth (X509-SVID §4.4: CAs MAY carry an EKU). OpenSSL accepts
+    # it for a server; the route's own check must judge it as a server too, not as a client.
+    root = CA.root(TD)
+    server_ca = root.intermediate(eku=[SERVER_AUTH])
+    checkout = TlsContexts(_ctx(root.leaf(CHECKOUT), root))
+    async with _Server(TlsContexts(_ctx(server_ca.leaf(INVENTORY), root))) as server:
+        target = OutboundTarget(HostPort("127.0.0.1", server.port), CallerPattern.parse(INVENTORY))
+        route = build_routes([("inventory", target)], tls=checkout, metrics=Metrics(), timeouts=Timeouts(),
+                             pool_size=1)["inventory"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=route.client_context())
+        try:
+            obj = writer.get_extra_info("ssl_object")
+            route.verify_server(obj)  # passes: serverAuth is what a server needs
+            assert str(verify_peer_connection(obj, checkout.current, _now()).spiffe_id) == INVENTORY
+            with pytest.raises(SvidError) as ei:  # the same chain judged as a client's
+                verify_peer_connection(obj, checkout.current, _now(), purpose=Purpose.CLIENT)
+            assert ei.value.reason == "eku_lacks_purpose"
+            async with asyncio.timeout(5):
+                assert (await reader.read()).decode() == CHECKOUT
+        finally:
+            writer.close()
+
+
+async def test_openssl_purpose_refusal_is_not_reported_as_bad_chain() -> None:
+    # A server presenting a client-only leaf: OpenSSL refuses it in the handshake (its ssl_server purpose
+    # check, X509_V_ERR_INVALID_PURPOSE). That is a key-usage/EKU problem, not an untrusted chain.
+    root = CA.root(TD)
+    async with _Server(TlsContexts(_ctx(root.leaf(INVENTORY, eku=[CLIENT_AUTH]), root))) as server:
+        client = TlsContexts(_ctx(root.leaf(CHECKOUT), root))
+        assert await _handshake_refusal(server, client) == "unsuitable_purpose"

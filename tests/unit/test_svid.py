@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +18,7 @@ from sidecar.errors import SvidError
 from sidecar.identity import SpiffeId, TrustDomain
 from sidecar.svid import (
     PeerVerifier,
+    Purpose,
     SvidReason,
     X509Bundle,
     X509Context,
@@ -25,7 +26,16 @@ from sidecar.svid import (
     split_der_certificates,
     verify_peer,
 )
-from tests.pki import BAD_LEAF_KINDS, CA, bad_leaf, duplicate_extension, new_key, tbs_span, utcnow
+from tests.pki import (
+    BAD_LEAF_KINDS,
+    CA,
+    bad_leaf,
+    duplicate_extension,
+    new_key,
+    tbs_span,
+    uri_constraints,
+    utcnow,
+)
 
 A = TrustDomain.parse("a.test")
 B = TrustDomain.parse("b.test")
@@ -45,9 +55,11 @@ def bundles(*cas: CA) -> dict[TrustDomain, X509Bundle]:
     return {TrustDomain.parse(ca.td): X509Bundle.from_der(TrustDomain.parse(ca.td), ca.bundle_der()) for ca in cas}
 
 
-def reason_of(chain: list[bytes], bmap: dict[TrustDomain, X509Bundle], now: dt.datetime | None = None) -> str:
+def reason_of(
+    chain: list[bytes], bmap: dict[TrustDomain, X509Bundle], now: dt.datetime | None = None, **kw: Purpose
+) -> str:
     with pytest.raises(SvidError) as ei:
-        PeerVerifier().verify(chain, bmap, now or utcnow())
+        PeerVerifier().verify(chain, bmap, now or utcnow(), **kw)
     return ei.value.reason
 
 
@@ -192,6 +204,209 @@ def test_federation_foreign_leaf_signed_by_our_ca_b_has_own_bundle(root_a: CA, r
 def test_federation_our_leaf_signed_by_partner_ca(root_a: CA, root_b: CA) -> None:
     leaf = root_b.leaf("spiffe://a.test/admin")
     assert reason_of(leaf.der_list(), bundles(root_a, root_b)) == "bad_chain"
+
+
+# Certificates that are not on the path (issue 10 item 12): validity is checked on the built path only.
+
+
+def _expired_root(td: str) -> CA:
+    now = utcnow()
+    return CA.root(td, not_before=now - dt.timedelta(days=3), not_after=now - dt.timedelta(days=2))
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def test_unrelated_expired_certificate_appended_is_ignored(root_a: CA) -> None:
+    leaf = root_a.intermediate().leaf("spiffe://a.test/w")
+    for extra in (_expired_root("z.test").cert, _expired_root("a.test").cert, bad_leaf(root_a, "expired").cert):
+        peer = PeerVerifier().verify([*leaf.der_list(), _der(extra)], bundles(root_a), utcnow())
+        assert str(peer.spiffe_id) == "spiffe://a.test/w"
+        # the peer's expiry is the path's, not the stray certificate's
+        assert peer.expires_at == min(c.not_valid_after_utc for c in (*leaf.chain, root_a.cert))
+
+
+def test_unrelated_not_yet_valid_certificate_appended_is_ignored(root_a: CA) -> None:
+    now = utcnow()
+    future = CA.root("a.test", not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=2))
+    leaf = root_a.leaf("spiffe://a.test/w")
+    assert str(verify_peer([*leaf.der_list(), _der(future.cert)], bundles(root_a), now).spiffe_id) == (
+        "spiffe://a.test/w"
+    )
+
+
+def test_expired_reissue_of_the_intermediate_next_to_the_valid_one(root_a: CA) -> None:
+    # A CA re-issued with the same name and key (SPIRE's upstream rotation): the expired copy presented
+    # first must not hide the valid path through the new one.
+    now = utcnow()
+    new = root_a.intermediate()
+    old = root_a.intermediate(key=new.key, subject=new.cert.subject,
+                              not_before=now - dt.timedelta(days=3), not_after=now - dt.timedelta(days=2))
+    leaf = new.leaf("spiffe://a.test/w")
+    chain = [leaf.der_list()[0], _der(old.cert), _der(new.cert)]
+    assert str(PeerVerifier().verify(chain, bundles(root_a), now).spiffe_id) == "spiffe://a.test/w"
+    # with only the expired copy there is no valid path, and the reason says why
+    assert reason_of([leaf.der_list()[0], _der(old.cert)], bundles(root_a)) == "expired"
+
+
+# URI name constraints (issue 10 item 10): X509-SVID §4.2 lets signing certificates carry them; the
+# SPIFFE ID's trust domain is the URI's host, matched per RFC 5280 §4.2.1.10 (`a.test` is that host,
+# `.a.test` any host below it, never a.test itself).
+
+
+def _nc_chain(constraints: x509.NameConstraints, leaf_td: str = "a.test", *, on_root: bool = False,
+              dns: tuple[str, ...] = ()) -> tuple[list[bytes], dict[TrustDomain, X509Bundle]]:
+    root = CA.root(leaf_td, name_constraints=constraints if on_root else None)
+    inter = root.intermediate(name_constraints=None if on_root else constraints)
+    leaf = inter.leaf(f"spiffe://{leaf_td}/w", dns=dns)
+    return leaf.der_list(), bundles(root)
+
+
+@pytest.mark.parametrize(
+    ("permitted", "excluded", "leaf_td"),
+    [
+        (["a.test"], [], "a.test"),
+        ([".a.test"], [], "east.a.test"),
+        (["b.test", "a.test"], [], "a.test"),
+        ([], [".a.test"], "a.test"),
+        ([], ["b.test"], "a.test"),
+        (["a.test"], [".a.test"], "a.test"),
+        (["A.Test"], [], "a.test"),  # hosts compare case-insensitively
+    ],
+)
+@pytest.mark.parametrize("on_root", [False, True], ids=["on_intermediate", "on_root"])
+def test_uri_name_constraints_that_permit_the_trust_domain(
+    permitted: list[str], excluded: list[str], leaf_td: str, on_root: bool
+) -> None:
+    chain, bmap = _nc_chain(uri_constraints(permitted, excluded), leaf_td, on_root=on_root)
+    assert str(verify_peer(chain, bmap, utcnow()).spiffe_id) == f"spiffe://{leaf_td}/w"
+    assert str(verify_peer(chain, bmap, utcnow(), purpose=Purpose.SERVER).spiffe_id) == f"spiffe://{leaf_td}/w"
+
+
+@pytest.mark.parametrize(
+    ("permitted", "excluded", "leaf_td"),
+    [
+        (["b.test"], [], "a.test"),  # permitted-fail
+        ([".a.test"], [], "a.test"),  # a domain constraint never matches its own host
+        (["a.test"], [], "east.a.test"),  # a host constraint never matches a host below it
+        (["A.test.evil"], [], "a.test"),
+        ([], ["a.test"], "a.test"),  # excluded hit
+        ([], [".a.test"], "east.a.test"),
+        (["a.test"], ["a.test"], "a.test"),  # excluded wins over permitted
+    ],
+)
+def test_uri_name_constraints_that_refuse_the_trust_domain(
+    permitted: list[str], excluded: list[str], leaf_td: str
+) -> None:
+    chain, bmap = _nc_chain(uri_constraints(permitted, excluded), leaf_td)
+    assert reason_of(chain, bmap) == "name_constraint_violation"
+
+
+def test_uri_name_constraints_of_the_bundle_root_apply_too() -> None:
+    # As OpenSSL does: the root's constraints bind the whole path below it (here the intermediate's own
+    # URI SAN spiffe://a.test breaks a `.a.test` constraint, like the leaf's would).
+    chain, bmap = _nc_chain(uri_constraints(["b.test"]), "a.test", on_root=True)
+    assert reason_of(chain, bmap) == "name_constraint_violation"
+
+
+def test_constraints_of_every_ca_on_the_path_apply() -> None:
+    root = CA.root("a.test", name_constraints=uri_constraints(["a.test", "b.test"]))
+    inter = root.intermediate(name_constraints=uri_constraints(excluded=["a.test"]))
+    leaf = inter.intermediate().leaf("spiffe://a.test/w")
+    assert reason_of(leaf.der_list(), bundles(root)) == "name_constraint_violation"
+
+
+def test_dns_name_constraints_do_not_constrain_the_spiffe_id() -> None:
+    # A DNS subtree constrains DNS SANs only (RFC 5280 §4.2.1.10: a constraint applies to names of its
+    # own type): the URI SAN passes; a DNS SAN outside the subtree does not.
+    dns_only = x509.NameConstraints(permitted_subtrees=[x509.DNSName("svc.cluster.local")], excluded_subtrees=None)
+    chain, bmap = _nc_chain(dns_only, "a.test")
+    assert str(verify_peer(chain, bmap, utcnow()).spiffe_id) == "spiffe://a.test/w"
+    chain, bmap = _nc_chain(dns_only, "a.test", dns=("web.shop.svc.cluster.local",))
+    verify_peer(chain, bmap, utcnow())
+    chain, bmap = _nc_chain(dns_only, "a.test", dns=("web.evil.example",))
+    assert reason_of(chain, bmap) == "name_constraint_violation"
+
+
+def test_name_constraints_of_a_type_we_cannot_evaluate_fail_closed() -> None:
+    # directoryName subtrees constrain every subject below; we do not evaluate them, so a chain where
+    # they apply is refused rather than passed unchecked.
+    dn = x509.NameConstraints(
+        permitted_subtrees=[x509.DirectoryName(x509.Name([x509.NameAttribute(x509.NameOID.ORGANIZATION_NAME, "X")]))],
+        excluded_subtrees=None,
+    )
+    chain, bmap = _nc_chain(dn, "a.test")
+    assert reason_of(chain, bmap) == "name_constraint_unsupported"
+
+
+# EKU per direction (issue 10 item 11; X509-SVID §4.4): a client needs clientAuth, a server serverAuth,
+# when an EKU is present, on the leaf and on every CA of the path. No EKU at all is accepted.
+
+CLIENT_AUTH, SERVER_AUTH = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
+
+
+@pytest.mark.parametrize(
+    ("eku", "as_client", "as_server"),
+    [
+        ([SERVER_AUTH, CLIENT_AUTH], True, True),
+        ([SERVER_AUTH], False, True),
+        ([CLIENT_AUTH], True, False),
+        ([ExtendedKeyUsageOID.CODE_SIGNING], False, False),
+        ([ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE], False, False),  # as OpenSSL: not a TLS purpose
+        ([], True, True),  # no EKU extension at all
+    ],
+    ids=["both", "server_only", "client_only", "code_signing", "any", "absent"],
+)
+def test_leaf_eku_is_checked_for_the_direction(
+    root_a: CA, eku: list[x509.ObjectIdentifier], as_client: bool, as_server: bool
+) -> None:
+    chain = root_a.leaf("spiffe://a.test/w", eku=eku or False).der_list()
+    for purpose, ok in ((Purpose.CLIENT, as_client), (Purpose.SERVER, as_server)):
+        if ok:
+            PeerVerifier().verify(chain, bundles(root_a), utcnow(), purpose=purpose)
+        else:
+            assert reason_of(chain, bundles(root_a), purpose=purpose) == "eku_lacks_purpose"
+    if not as_client:  # the default purpose is the inbound one: verifying a client
+        with pytest.raises(SvidError) as ei:
+            verify_peer(chain, bundles(root_a), utcnow())
+        assert ei.value.reason == "eku_lacks_purpose"
+
+
+@pytest.mark.parametrize(
+    ("eku", "as_client", "as_server"),
+    [([SERVER_AUTH], False, True), ([CLIENT_AUTH], True, False), ([SERVER_AUTH, CLIENT_AUTH], True, True)],
+    ids=["server_only", "client_only", "both"],
+)
+@pytest.mark.parametrize("where", ["intermediate", "root"])
+def test_ca_eku_is_checked_for_the_direction(
+    eku: list[x509.ObjectIdentifier], as_client: bool, as_server: bool, where: str
+) -> None:
+    root = CA.root("a.test", eku=eku if where == "root" else None)
+    inter = root.intermediate(eku=eku if where == "intermediate" else None)
+    chain = inter.leaf("spiffe://a.test/w").der_list()
+    for purpose, ok in ((Purpose.CLIENT, as_client), (Purpose.SERVER, as_server)):
+        if ok:
+            PeerVerifier().verify(chain, bundles(root), utcnow(), purpose=purpose)
+        else:
+            assert reason_of(chain, bundles(root), purpose=purpose) == "eku_lacks_purpose"
+
+
+def test_no_digital_signature_and_wrong_eku_have_their_own_reasons(root_a: CA) -> None:
+    no_ds = bad_leaf(root_a, "no_digital_signature").der_list()
+    server_only = root_a.leaf("spiffe://a.test/w", eku=[SERVER_AUTH]).der_list()
+    assert reason_of(no_ds, bundles(root_a)) == "no_digital_signature"
+    assert reason_of(server_only, bundles(root_a)) == "eku_lacks_purpose"
+
+
+def test_cache_key_includes_the_purpose(root_a: CA) -> None:
+    v = PeerVerifier()
+    chain = root_a.leaf("spiffe://a.test/w", eku=[CLIENT_AUTH]).der_list()
+    v.verify(chain, bundles(root_a), utcnow(), purpose=Purpose.CLIENT)
+    with pytest.raises(SvidError) as ei:
+        v.verify(chain, bundles(root_a), utcnow(), purpose=Purpose.SERVER)
+    assert ei.value.reason == "eku_lacks_purpose"
+    v.verify(chain, bundles(root_a), utcnow(), purpose=Purpose.CLIENT)  # still a hit for the client
 
 
 def test_reason_codes_are_distinct_strings() -> None:
