@@ -1,6 +1,6 @@
 """Hot-path micro-benchmarks: path normalisation, policy decisions (10 and 1,000 rules), identity header
-rewrite, SPIFFE ID parsing, the audit line, the per-request metrics call, and the whole inbound
-per-request glue without sockets.
+rewrite, SPIFFE ID parsing, the audit line, the per-request metrics call, JWT-SVID validation (cached and
+not), and the whole inbound per-request glue without sockets.
 
 1,000 rules cost about what 10 do: `sidecar.policy` compiles path patterns into a segment trie (exact
 segment -> child, one `*` child, `**` subtree buckets) and indexes each bucket's rules by kind, method and
@@ -10,14 +10,18 @@ caller (exact IDs in a dict), so a decision walks the request path's segments, n
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.audit import AuditLog
 from sidecar.config import AuditSettings
 from sidecar.http1 import build_request_head, check_request_headers, xfcc_value
-from sidecar.identity import SpiffeId
+from sidecar.identity import SpiffeId, TrustDomain
+from sidecar.jwtsvid import JwtBundle, JwtValidationCache, bearer_token, validate
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy, authorize, compile_policy, normalize_target
 
@@ -112,6 +116,41 @@ def test_request_metrics_record(benchmark: Any) -> None:
     benchmark(record)
     (row,) = metrics.callers()
     assert row.caller == caller and row.requests >= 1
+
+
+def _jwt_svid() -> tuple[str, dict[TrustDomain, JwtBundle], float]:
+    """An ES256 JWT-SVID as SPIRE mints them, and the bundles that trust it."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    td = TrustDomain("example.org")
+    now = time.time()
+    token = jwt.encode({"sub": str(CHECKOUT), "aud": ["inventory"], "exp": int(now) + 300, "iat": int(now)},
+                       key, algorithm="ES256", headers={"kid": "k1", "typ": "JWT"})
+    return token, {td: JwtBundle.from_keys(td, {"k1": key.public_key()})}, now
+
+
+def test_jwt_svid_validate_uncached(benchmark: Any) -> None:
+    """Header parse, strict JWS decode, bundle by the subject's trust domain, ES256 verify, claim checks."""
+    token, bundles, now = _jwt_svid()
+    header = f"Bearer {token}"
+
+    def check() -> SpiffeId:
+        return validate(bearer_token(header), audience="inventory", bundles=bundles, now=now).subject
+
+    assert benchmark(check) == CHECKOUT
+
+
+def test_jwt_svid_validate_cached(benchmark: Any) -> None:
+    """A repeated token: sha256 of the token and a dictionary lookup (what a keep-alive caller pays)."""
+    token, bundles, now = _jwt_svid()
+    header = f"Bearer {token}"
+    cache = JwtValidationCache()
+
+    def check() -> SpiffeId:
+        return cache.validate(bearer_token(header), audience="inventory", bundles=bundles, generation=1,
+                              now=now).subject
+
+    assert benchmark(check) == CHECKOUT
+    assert len(cache) == 1
 
 
 def test_inbound_glue_per_request(benchmark: Any) -> None:
