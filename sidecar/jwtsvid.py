@@ -318,10 +318,9 @@ def bearer_token(value: str | bytes | None, *, max_bytes: int = MAX_AUTHORIZATIO
     if len(value) > max_bytes:
         raise _fail(JwtSvidReason.TOO_LARGE, f"Authorization field of {len(value)} bytes (max {max_bytes})")
     if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            raise _fail(JwtSvidReason.MALFORMED, "Authorization field is not ASCII") from None
+        value = value.decode("latin-1")  # field values are octets (RFC 9110 §5.5); only ASCII is taken below
+    if not value.isascii():
+        raise _fail(JwtSvidReason.MALFORMED, "Authorization field is not ASCII")
     text = value.strip(" \t")  # optional whitespace around a field value is not part of it (RFC 9110 §5.5)
     scheme, _, rest = text.partition(" ")
     if scheme.lower() != "bearer":

@@ -219,7 +219,8 @@ def test_bearer_token(value: str | bytes) -> None:
     [(None, "missing_token"), ("", "missing_token"), ("Basic dXNlcjpwYXNz", "missing_token"),
      ("Bearer", "missing_token"), ("Bearer   ", "missing_token"), ("Bearera.b.c", "missing_token"),
      ("Bearer a.b.c d", "malformed"), ("Bearer a,b", "malformed"), ("Bearer\ta.b.c", "missing_token"),
-     (b"Bearer \xff", "malformed"), ("Bearer " + "a" * MAX_TOKEN_BYTES + "x" * 100, "too_large")],
+     (b"Bearer \xff", "malformed"), ("Bearer a.b.\u0130", "malformed"), ("B\u0130arer a.b.c", "malformed"),
+     ("Bearer " + "a" * MAX_TOKEN_BYTES + "x" * 100, "too_large")],
 )
 def test_bearer_token_refusals(value: str | bytes | None, code: str) -> None:
     with pytest.raises(JwtSvidError) as ei:
