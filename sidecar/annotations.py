@@ -53,6 +53,7 @@ from . import config as _config
 from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
 from .endpoint import parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
+from .hints import did_you_mean
 from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, PatternKind
 from .policy import AUDIT, ENFORCE, Policy, compile_policy
@@ -216,7 +217,7 @@ def _check_key(c: _Collector, full_key: str) -> str | None:
         c.add(name, "annotation names are 1-63 characters [A-Za-z0-9_.-], starting and ending alphanumeric")
         return None
     if name not in _KEYS_SET:
-        c.add(name, f"unknown annotation (expected one of: {', '.join(KEYS)})")
+        c.add(name, f"unknown annotation{did_you_mean(name, KEYS)} (expected one of: {', '.join(KEYS)})")
         return None
     return name
 
@@ -326,7 +327,7 @@ def _is_compact(text: str) -> bool:
         if not s or s.startswith("#"):
             continue
         first = s.split(None, 1)[0]
-        return first in _ACTIONS
+        return first.lower() in _ACTIONS  # `ALLOW ...` is a compact line with a typo, not YAML
     return False
 
 
@@ -383,7 +384,8 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
             continue
         tokens = s.split()
         if tokens[0] not in _ACTIONS:
-            c.add(key, f"a rule line starts with allow, deny or audit-deny, got {tokens[0]!r}", n)
+            hint = did_you_mean(tokens[0], _ACTIONS)
+            c.add(key, f"a rule line starts with allow, deny or audit-deny, got {tokens[0]!r}{hint}", n)
             continue
         action, mode = _ACTIONS[tokens[0]]
         name = f"line-{n}"
@@ -412,8 +414,11 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
         rule["callers"] = callers
         lines[f"rules[{len(rules)}]"] = n
         rules.append(rule)
-    if len(c.problems) != before:
+    if len(c.problems) != before and not rules:
         return None
+    # Lines with syntax problems are reported above; the others are still compiled, so that their
+    # problems (a bad caller, a bad path) come out in the same pass. The policy is never used: any problem
+    # makes parse_pod_annotations raise.
     return {"rules": rules}, lines
 
 

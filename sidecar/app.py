@@ -32,6 +32,7 @@ from .audit import AuditLog, open_writer
 from .bypass import BypassCheck, BypassMonitor
 from .config import HostPort, ListenerMode, PemSourceSettings, Settings, load_policy
 from .errors import ConfigError, SourceError
+from .hints import policy_warnings
 from .inbound import InboundServer, PolicyRef
 from .metrics import Metrics
 from .outbound import OutboundServer, build_routes
@@ -120,6 +121,8 @@ class PolicyWatcher:
         self._ref.policy = policy  # one reference assignment: each request sees the old or the new policy
         self._metrics.policy_reloads.labels(result="ok").inc()
         log.info("policy reloaded from %s (%s)", self._path, _rule_summary(policy))
+        for warning in policy_warnings(policy):
+            log.warning("%s", warning)
         return True
 
     async def run(self, interval: float = POLICY_POLL_INTERVAL) -> None:
@@ -172,11 +175,36 @@ _EVENT_LEVELS = {
 }
 
 
+@dataclass(slots=True)
+class _Repeat:
+    detail: str = ""
+    count: int = 0
+    logged: float = 0.0
+
+
 def _source_metrics(metrics: Metrics) -> Callable[[SourceEvent], None]:
-    """Log each source event and keep spiffe_sidecar_svid_source_up / _errors_total (the alerts read them)."""
+    """Log each source event and keep spiffe_sidecar_svid_source_up / _errors_total (the alerts read them).
+
+    A stream error repeated on every reconnect (an absent agent socket) is logged at WARNING the first time
+    and after that once a minute, with the number of attempts; the others go to DEBUG."""
+    last = _Repeat()
 
     def on_event(event: SourceEvent) -> None:
-        _source_event(event)
+        if event.kind == "stream_error" and event.detail == last.detail:
+            last.count += 1
+            now = time.monotonic()
+            if now - last.logged < 60.0:
+                log.debug("svid source %s: stream_error (again): %s", event.source, event.detail)
+            else:
+                last.logged = now
+                log.warning("svid source %s: still failing after %d attempts: %s", event.source, last.count,
+                            event.detail)  # fmt: skip
+        else:
+            if event.kind == "stream_error":
+                last.detail, last.count, last.logged = event.detail, 1, time.monotonic()
+            elif event.kind in ("connected", "update"):
+                last.detail, last.count = "", 0
+            _source_event(event)
         if event.kind in ("connected", "update"):
             metrics.source_connected.set(1)
         elif event.kind in ("stream_error", "fatal", "expired"):
@@ -352,6 +380,8 @@ async def run(
                     # Ready = an SVID is held and every configured listener is bound.
                     state.listeners_bound = True
                     policy_text = "none" if policy_ref is None else _rule_summary(policy_ref.policy)
+                    for warning in [] if policy_ref is None else policy_warnings(policy_ref.policy):
+                        log.warning("%s", warning)
                     log.info(
                         "ready: %s, identity %s, policy %s, admin %s",
                         ", ".join(bound),

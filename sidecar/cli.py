@@ -1,4 +1,4 @@
-"""Command line: `spiffe-sidecar run|check|explain|version|demo|webhook|inject`.
+"""Command line: `spiffe-sidecar run|check|explain|callers|suggest-policy|version|demo|webhook|inject`.
 
 `run --from-annotations FILE` is Kubernetes mode (what the injector puts in the pod): the policy, mode and
 outbound targets come from the pod's downward API annotations file (reloaded live), ports and the
@@ -23,10 +23,13 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+from . import logs
 from .annotations import PodRuntime, annotations_mode
-from .config import LOG_LEVELS, Settings, load_settings, warnings
+from .config import Settings, load_settings, warnings
 from .errors import ConfigError, IdentityError, Problem, SidecarError
+from .hints import policy_warnings
 from .identity import SpiffeId
+from .policy import AUDIT, Policy
 
 __all__ = ["main"]
 
@@ -34,22 +37,28 @@ EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
-    common.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log_level from the config")
+    logs.add_arguments(common, level_help="log level; overrides log_level from the config")
 
     parser = argparse.ArgumentParser(
-        prog="spiffe-sidecar", description="Per-pod SPIFFE mTLS sidecar with per-path caller allowlists."
+        prog="spiffe-sidecar",
+        description="Per-pod SPIFFE mTLS sidecar with per-path caller allowlists. "
+        "Start with `spiffe-sidecar demo`, or `check -f` on your manifest.",
+        epilog="Run `spiffe-sidecar COMMAND --help` for the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=f"spiffe-sidecar {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common], help="run the sidecar until SIGTERM")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=summary, description=description)
+
+    p = command("run", "run the sidecar until SIGTERM",
+                "Serve mTLS for the app: fetch SVIDs, enforce the policy, forward allowed requests; drain and "
+                "exit 0 on SIGTERM. Exit 1 on a runtime failure, 2 on a bad config (nothing started).")  # fmt: skip
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("-c", "--config", type=Path, metavar="FILE")
+    where.add_argument("-c", "--config", type=Path, metavar="FILE", help="sidecar config file (YAML)")
     where.add_argument(
         "--from-annotations",
         type=Path,
@@ -60,27 +69,64 @@ def _parser() -> argparse.ArgumentParser:
         "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="event loop (default uvloop; asyncio to debug)"
     )
 
-    p = sub.add_parser("check", parents=[common], help="validate a config and print the compiled policy")
-    p.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    def policy_source(p: argparse.ArgumentParser) -> None:
+        where = p.add_mutually_exclusive_group(required=True)
+        where.add_argument("-c", "--config", type=Path, metavar="FILE", help="sidecar config file (YAML)")
+        where.add_argument("-f", "--file", type=Path, metavar="FILE",
+                           help="a manifest (Deployment, Pod, ...), an annotations file (YAML or the downward API "
+                           "file), compact policy lines, or a policy file")  # fmt: skip
 
-    p = sub.add_parser("explain", parents=[common], help="explain the decision for one request")
-    p.add_argument("-c", "--config", required=True, type=Path, metavar="FILE")
+    p = command("check", "validate a config, manifest or policy and print the compiled policy",
+                "Validate and print the compiled policy. Every problem is listed with its file, annotation and "
+                "line (exit 2); warnings (e.g. audit mode) go to stderr.")  # fmt: skip
+    policy_source(p)
+
+    p = command("explain", "explain the decision for one request",
+                "Print the decision, rule and reason the policy gives one request (exit 0 allowed, 1 denied).")
+    policy_source(p)
     p.add_argument("--caller", required=True, metavar="SPIFFE_ID", help="the caller's SPIFFE ID")
     p.add_argument("--method", required=True, metavar="METHOD", help="HTTP method, e.g. GET")
     p.add_argument("--path", required=True, metavar="PATH", help="request target as sent, e.g. /api/stock/42")
+    p.add_argument("--workload", metavar="KIND/NAME",
+                   help="with -f on a manifest of several workloads: which one (e.g. Deployment/inventory)")
 
-    sub.add_parser("version", parents=[common], help="print the version")
+    p = command("callers", "who calls me: requests per caller, by rule and decision",
+                "Each caller with its requests by rule and decision, denies and when it was last seen, from a "
+                "running sidecar's admin endpoint (default) or from an audit log file.")  # fmt: skip
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--admin", metavar="URL", default=None,
+                     help="the sidecar's admin address (default http://127.0.0.1:15000; host:port works)")
+    src.add_argument("--audit", type=Path, metavar="FILE", help="read an audit log file instead")
+    p.add_argument("--listener", default="inbound", help="which listener's callers (default inbound; 'all')")
+    p.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
+                   help="refresh every SECONDS (default 2) until Ctrl-C")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = command("suggest-policy", "propose an allowlist from an audit log (run in audit mode first)",
+                "The smallest allowlist covering every request the audit log saw allowed or would-deny, printed "
+                "as the spiffe-sidecar.io/inbound-policy annotation, ready to paste. Enforced denials are not "
+                "covered; callers never seen stay denied.")  # fmt: skip
+    p.add_argument("--audit", required=True, type=Path, metavar="FILE", help="the audit log (JSON lines)")
+    p.add_argument("--listener", default="inbound", help="which listener's requests (default inbound)")
+    p.add_argument("--collapse", type=int, default=4, metavar="N",
+                   help="N or more distinct path segments at one place become '*' (default 4)")
+
+    command("version", "print the version", "Print the version (same as --version).")
 
     # Everything after `demo` that is not ours goes to sidecar.demo.main (see `main`).
-    sub.add_parser("demo", parents=[common], help="run the demo (embedded SPIRE + three workloads)")
+    command("demo", "run the demo (embedded SPIRE + three workloads)",
+            "Run the embedded development SPIRE and three workloads behind sidecars on loopback, check each "
+            "step of the running example and print a table (exit 0 only if every step behaved).")  # fmt: skip
 
     # The injector needs jsonpatch; `run` must keep working in an image without it.
-    p = sub.add_parser("webhook", parents=[common], help="run the Kubernetes admission webhook (HTTPS)")
+    p = command("webhook", "run the Kubernetes admission webhook (HTTPS)",
+                "Serve the mutating admission webhook that injects the sidecar into opted-in pods.")
     with contextlib.suppress(ImportError):
         from .webhook import add_webhook_arguments
 
         add_webhook_arguments(p)
-    p = sub.add_parser("inject", parents=[common], help="inject the sidecar into Kubernetes manifests (offline)")
+    p = command("inject", "inject the sidecar into Kubernetes manifests (offline)",
+                "Inject the sidecar into the pod templates of a manifest, as the webhook would (for GitOps).")
     with contextlib.suppress(ImportError):
         from .inject_cli import add_inject_arguments
 
@@ -95,7 +141,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.demo_args = extra
     debug: bool = args.debug
-    _setup_logging(args.log_level or "info")
+    try:
+        env_level = logs.from_env(os.environ, logs.ENV_LOG_LEVEL, logs.LEVELS)
+        env_format = logs.from_env(os.environ, logs.ENV_LOG_FORMAT, logs.FORMATS)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.log_level = args.log_level or env_level
+    args.log_format = args.log_format or env_format or "text"
+    logs.setup(args.log_level or "info", args.log_format)
     try:
         return _dispatch(args)
     except ConfigError as exc:
@@ -134,15 +187,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .inject_cli import inject_main
 
         return inject_main(args)
+    if command == "callers":
+        return _callers(args)
+    if command == "suggest-policy":
+        return _suggest(args)
     if command == "run" and args.from_annotations is not None:
         return _run_from_annotations(args.from_annotations, args.log_level, args.loop)
+    if command in ("check", "explain") and args.file is not None:
+        return _check_file(args.file) if command == "check" else _explain_file(args)
     settings = load_settings(args.config, os.environ)
     if args.log_level is None:
         logging.getLogger().setLevel(settings.log_level.upper())
     if command == "check":
         return _check(args.config, settings)
     if command == "explain":
-        return _explain(settings, args.caller, args.method, args.path)
+        inbound = settings.inbound
+        if inbound is None or inbound.policy is None:
+            print("error: the config has no inbound policy to explain", file=sys.stderr)
+            return EXIT_USAGE
+        return _explain(inbound.policy, args.caller, args.method, args.path)
     return _run(settings, args.loop)
 
 
@@ -201,9 +264,50 @@ def _check(path: Path, settings: Settings) -> int:
     origin = f"from {inbound.policy_file} (reloaded live)" if inbound.policy_file is not None else "inline"
     print(f"policy {origin}:")
     if inbound.policy is not None:
-        for line in _describe_policy(inbound.policy.describe()):
-            print(f"  {line}")
+        _print_policy(inbound.policy)
     return EXIT_OK
+
+
+def _print_policy(policy: Policy, indent: str = "  ") -> None:
+    for line in _describe_policy(policy.describe()):
+        if policy.mode == AUDIT and "every request is denied" in line:
+            line = line.replace("every request is denied", "every request is forwarded (audit mode)")
+        print(f"{indent}{line}")
+    for warning in policy_warnings(policy):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8") if str(path) != "-" else sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([Problem(str(path), f"cannot read: {reason}")]) from None
+
+
+def _check_file(path: Path) -> int:
+    from .policyfile import load_policies
+
+    for w in load_policies(_read(path), str(path)):
+        print(f"{w.name}: OK")
+        _print_policy(w.policy)
+    return EXIT_OK
+
+
+def _explain_file(args: argparse.Namespace) -> int:
+    from .policyfile import load_policies
+
+    workloads = load_policies(_read(args.file), str(args.file))
+    if args.workload:
+        chosen = [w for w in workloads if w.name.endswith(": " + args.workload) or w.name == args.workload]
+    else:
+        chosen = workloads
+    if len(chosen) != 1:
+        names = ", ".join(w.name.rsplit(": ", 1)[-1] for w in workloads)
+        what = "matches none" if not chosen else "is ambiguous"
+        print(f"error: --workload {args.workload or '(not given)'} {what}; choose one of: {names}", file=sys.stderr)
+        return EXIT_USAGE
+    return _explain(chosen[0].policy, args.caller, args.method, args.path)
 
 
 def _describe_source(settings: Settings) -> str:
@@ -225,14 +329,10 @@ def _describe_policy(described: object) -> list[str]:
     return [str(described)]
 
 
-def _explain(settings: Settings, caller: str, method: str, raw_path: str) -> int:
+def _explain(policy: Policy, caller: str, method: str, raw_path: str) -> int:
     from .http1 import BadRequest
     from .policy import explain
 
-    inbound = settings.inbound
-    if inbound is None or inbound.policy is None:
-        print("error: the config has no inbound policy to explain", file=sys.stderr)
-        return EXIT_USAGE
     try:
         peer = SpiffeId.parse(caller)
     except IdentityError as exc:
@@ -242,7 +342,7 @@ def _explain(settings: Settings, caller: str, method: str, raw_path: str) -> int
         print(f"error: --method: {method!r} is not an HTTP method token", file=sys.stderr)
         return EXIT_USAGE
     try:
-        decision = explain(inbound.policy, peer, method, raw_path)
+        decision = explain(policy, peer, method, raw_path)
     except BadRequest as exc:
         print("decision: reject (400 bad request: the sidecar never forwards this target)")
         print(f"reason: {exc}")
@@ -267,12 +367,78 @@ def _print_problems(exc: ConfigError) -> None:
     print(f"{n} problem{'s' if n != 1 else ''} found", file=sys.stderr)
 
 
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S%z"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+def _callers(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from .callers import render_table, rows_from_admin, rows_from_audit, summarise
+
+    listener = None if args.listener == "all" else args.listener
+
+    def once() -> str:
+        if args.audit is not None:
+            from .auditlog import parse_lines
+
+            rows = rows_from_audit(parse_lines(_read(args.audit).splitlines()).records)
+        else:
+            rows = rows_from_admin(_fetch_callers(args.admin or "http://127.0.0.1:15000"))
+        summaries = summarise(rows, listener=listener)
+        if args.json:
+            return json.dumps([
+                {"caller": s.caller, "requests": s.requests, "denied": s.denied, "would_deny": s.would_deny,
+                 "last_seen": s.last_seen or None,
+                 "by_rule": [{"rule": r, "decision": d, "requests": n} for (r, d), n in sorted(s.by_rule.items())]}
+                for s in summaries
+            ], indent=2) + "\n"  # fmt: skip
+        return render_table(summaries, now=time.time())
+
+    if args.watch is None:
+        sys.stdout.write(once())
+        return EXIT_OK
+    interval = max(0.2, args.watch)
+    while True:  # until Ctrl-C (main() turns it into 130)
+        text = once()
+        stamp = time.strftime("%H:%M:%S")
+        source = args.audit or args.admin or "http://127.0.0.1:15000"
+        sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  callers of {source} (every {interval:g}s, Ctrl-C to stop)\n\n{text}")
+        sys.stdout.flush()
+        time.sleep(interval)
+
+
+def _fetch_callers(admin: str) -> dict[str, object]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = admin if "://" in admin else f"http://{admin}"
+    url = base.rstrip("/") + "/callers"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - an operator-given admin URL
+            data = json.loads(resp.read().decode("utf-8"))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise SidecarError(f"cannot read {url}: {reason} (is the sidecar running? its admin address?)") from None
+    if not isinstance(data, dict):
+        raise SidecarError(f"{url}: not a /callers answer")
+    return data
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    from .auditlog import parse_lines
+    from .suggest import render_annotation, suggest
+
+    if args.collapse < 2:
+        print("error: --collapse must be at least 2", file=sys.stderr)
+        return EXIT_USAGE
+    parsed = parse_lines(_read(args.audit).splitlines())
+    result = suggest(parsed.records, listener=args.listener, many=args.collapse)
+    sys.stdout.write(render_annotation(result, str(args.audit)))
+    if parsed.skipped:
+        print(f"note: {parsed.skipped} lines were not decision records (skipped)", file=sys.stderr)
+    if result.ignored:
+        print(f"note: {result.ignored} decisions of other listeners or without a caller identity (skipped)",
+              file=sys.stderr)  # fmt: skip
+    return EXIT_OK
 
 
 def _version() -> str:

@@ -116,6 +116,7 @@ class InjectSettings:
     wait_ready_seconds: int = 120  # classic mode: how long the postStart hook waits
     excluded_namespaces: frozenset[str] = field(default_factory=lambda: frozenset({"kube-system", "kube-public"}))
     log_level: str = "info"
+    log_format: str = "text"  # or json, for log pipelines that parse lines
 
     @classmethod
     def from_mapping(cls, data: Any, source: str) -> InjectSettings:
@@ -145,6 +146,7 @@ class InjectSettings:
             "waitReadySeconds": ("wait_ready_seconds", int),
             "excludedNamespaces": ("excluded_namespaces", list),
             "logLevel": ("log_level", str),
+            "logFormat": ("log_format", str),
         }
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -186,6 +188,8 @@ class InjectSettings:
         for name in ("startup_failure_threshold", "startup_period_seconds", "wait_ready_seconds"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be >= 1")
+        if self.log_format not in ("text", "json"):
+            out.append("logFormat must be text or json")
         if not self.socket_dir.startswith("/"):
             out.append("socketDir must be an absolute path")
         return out
@@ -439,7 +443,10 @@ def _sidecar_container(
         "name": settings.sidecar_name,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": ["run", "--from-annotations", f"{ANNOTATIONS_DIR}/annotations", "--log-level", settings.log_level],
+        "args": [
+            *("run", "--from-annotations", f"{ANNOTATIONS_DIR}/annotations"),
+            *("--log-level", settings.log_level, "--log-format", settings.log_format),
+        ],
         "env": [
             {"name": ENV_SOCKET, "value": f"unix://{settings.socket_dir}/{settings.socket_name}"},
             {"name": ENV_INBOUND_PORT, "value": str(ann.inbound_port)},

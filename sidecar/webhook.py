@@ -283,8 +283,10 @@ def add_webhook_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default="0.0.0.0:9443", metavar="HOST:PORT", help="default 0.0.0.0:9443")
     p.add_argument("--settings", type=Path, metavar="FILE", help="injector settings YAML (the chart's ConfigMap)")
     p.add_argument("--image", help="sidecar image (overrides the settings file)")
-    p.add_argument("--request-timeout", type=float, default=8.0, metavar="SECONDS")
-    p.add_argument("--reload-interval", type=float, default=2.0, metavar="SECONDS")
+    p.add_argument("--request-timeout", type=float, default=8.0, metavar="SECONDS",
+                   help="deadline for one AdmissionReview (default 8; keep below the webhook's timeoutSeconds)")
+    p.add_argument("--reload-interval", type=float, default=2.0, metavar="SECONDS",
+                   help="how often the cert, key and settings files are checked for changes (default 2)")
 
 
 def load_inject_settings(path: Path | None, image: str | None = None) -> InjectSettings:

@@ -2,8 +2,10 @@
 
     spiffe-spire run --entries FILE [--socket-dir DIR | --socket PATH] [--trust-domain TD]
                      [--svid-ttl 1h] [--jwt-ttl 5m] [--ca-ttl 24h] [--jwt-key-ttl 24h] [--bundle-out PEM]
-                     [--loop uvloop|asyncio]
+                     [--loop uvloop|asyncio] [--log-level LEVEL] [--log-format text|json]
     spiffe-spire check --entries FILE [same overrides]
+
+Logs have spiffe-sidecar's format, level names (any case) and flags (sidecar/logs.py).
 
 Exit codes: 0 ok (run: stopped by SIGTERM/SIGINT), 1 runtime failure, 2 bad usage or bad entries file
 (one problem per line on stderr, nothing started).
@@ -22,6 +24,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from sidecar import logs
 from sidecar.errors import ConfigError, SidecarError
 
 from .entries import SpireConfig, load_config, parse_duration
@@ -39,7 +42,8 @@ def _duration(text: str) -> float:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="spiffe-spire", description="Embedded development SPIRE (not for production).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--version", action="version", version=f"spiffe-spire {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--entries", required=True, help="registration entries YAML file")
     common.add_argument("--trust-domain", help="override the file's trust_domain")
@@ -51,11 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     where = common.add_mutually_exclusive_group()
     where.add_argument("--socket-dir", help="directory of the shared socket api.sock and relative entry sockets")
     where.add_argument("--socket", help="path of the shared Workload API socket")
-    run = sub.add_parser("run", parents=[common], help="serve the Workload API until SIGTERM/SIGINT")
+    run = sub.add_parser("run", parents=[common], help="serve the Workload API until SIGTERM/SIGINT",
+                         description="Serve the SPIFFE Workload API on unix sockets, issuing and rotating SVIDs "
+                         "for the registration entries, until SIGTERM/SIGINT (exit 0).")  # fmt: skip
     run.add_argument("--bundle-out", help="keep the trust domain's CA bundle (PEM) in this file")
-    run.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
-    run.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    sub.add_parser("check", parents=[common], help="validate the entries file and exit")
+    run.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop",
+                     help="event loop (default uvloop; asyncio to debug)")  # fmt: skip
+    logs.add_arguments(run, level_help="log level (default info)")
+    sub.add_parser("check", parents=[common], help="validate the entries file and exit",
+                   description="Validate the registration entries file: every problem as file:line: field: "
+                   "message (exit 2), or one OK line.")  # fmt: skip
     return p
 
 
@@ -128,11 +137,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.entries}: no socket: give --socket-dir DIR or --socket PATH (or socket_dir in the file)",
               file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        level = args.log_level or logs.from_env(os.environ, logs.ENV_LOG_LEVEL, logs.LEVELS) or "info"
+        fmt = args.log_format or logs.from_env(os.environ, logs.ENV_LOG_FORMAT, logs.FORMATS) or "text"
+    except ValueError as e:
+        print(f"spiffe-spire: {e}", file=sys.stderr)
+        return 2
+    logs.setup(level, fmt)
     logging.getLogger("grpclib").setLevel(logging.WARNING)  # per-stream cancel chatter
     try:
         if args.loop == "uvloop":
@@ -143,6 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SidecarError, OSError) as e:
         print(f"spiffe-spire: {e}", file=sys.stderr)
         return 1
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("spiffe-sidecar")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
 
 
 if __name__ == "__main__":

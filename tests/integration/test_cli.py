@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -38,7 +39,8 @@ def test_check_examples(name: str) -> None:
     assert result.returncode == 0, result.stderr
     assert f"{name}: OK" in result.stdout
     assert "default deny" in result.stdout  # the compiled policy is printed
-    assert result.stderr == ""
+    audit = "warning: the policy is in audit mode: denials are logged as would-deny and the requests forwarded\n"
+    assert result.stderr == (audit if name == "reporting.yaml" else "")
 
 
 def test_check_prints_the_compiled_policy_readably() -> None:
@@ -262,3 +264,203 @@ def test_webhook_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+
+# --- the command line a newcomer meets ------------------------------------------------------------------
+
+
+def test_version_flag_and_every_command_and_option_is_described() -> None:
+    result = sidecar("--version")
+    assert result.returncode == 0 and result.stdout.startswith("spiffe-sidecar ")
+    parser = cli._parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub._choices_actions}
+    for name, p in sub.choices.items():
+        assert helps.get(name), f"{name}: no summary in the command list"
+        assert p.description, f"{name}: no description"
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+
+
+def test_log_levels_any_case_and_json_logs(tmp_path: Path) -> None:
+    assert sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "WARNING").returncode == 0
+    assert sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "Debug").returncode == 0
+    bad = sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "loud")
+    assert bad.returncode == 2 and "invalid level 'loud'" in bad.stderr
+    bad = sidecar("version", env={"SPIFFE_SIDECAR_LOG_FORMAT": "xml"})
+    assert bad.returncode == 2 and "SPIFFE_SIDECAR_LOG_FORMAT" in bad.stderr
+
+
+def test_missing_workload_api_socket_is_explained_once_in_json_logs(tmp_path: Path) -> None:
+    import json
+    import signal
+    import time
+
+    sock = tmp_path / "agent" / "spire-agent.sock"
+    (tmp_path / "policy.yaml").write_text((CONFIG / "inventory-policy.yaml").read_text())
+    config = tmp_path / "side.yaml"
+    config.write_text(
+        f'svid_source: {{workload_api: {{socket: "unix://{sock}"}}}}\n'
+        'inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:8080", policy_file: policy.yaml}\n'
+        'admin: {listen: "127.0.0.1:0"}\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    proc = subprocess.Popen([str(SCRIPT), "run", "-c", str(config), "--log-format", "json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        time.sleep(4)  # several reconnect attempts (backoff starts well under a second)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]  # every line is JSON
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    errors = [r for r in records if "stream_error" in r["message"]]
+    assert len(errors) == 1, errors  # said once, not on every retry
+    assert errors[0]["level"] == "warning"
+    assert str(sock) in errors[0]["message"] and "SPIRE agent" in errors[0]["message"]
+    assert "CSI" in errors[0]["message"] and "FileNotFoundError" not in err
+
+
+BROKEN_ANNOTATIONS = """\
+spiffe-sidecar.io/inbound-policy: |
+  ALLOW GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout
+  allow GET /x from spiffe://Example.org/ns/shop/sa/reporting
+  deny * admin/** from *
+spiffe-sidecar.io/polcy-mode: audit
+"""
+
+
+def test_check_file_every_source_kind(tmp_path: Path) -> None:
+    result = sidecar("check", "-f", "helm/examples/demo.yaml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(": OK") == 3 and "Deployment/inventory: OK" in result.stdout
+    assert "checkout-reads-stock: allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout" in result.stdout
+    assert "EVERY REQUEST IS FORWARDED" in result.stderr  # reporting's audit-mode policy has no rules
+
+    (tmp_path / "compact.txt").write_text(f"allow GET /api/stock/* from {CHECKOUT} as reads\n")
+    (tmp_path / "policy.yaml").write_text((CONFIG / "inventory-policy.yaml").read_text())
+    (tmp_path / "annotations").write_text(
+        'spiffe-sidecar.io/inbound-policy="allow GET /api/stock/* from ' + CHECKOUT + '"\nother.io/x="1"'
+    )  # the downward API file the injected sidecar reads
+    for name in ("compact.txt", "policy.yaml", "annotations"):
+        result = sidecar("check", "-f", str(tmp_path / name))
+        assert result.returncode == 0, (name, result.stderr)
+        assert f"{tmp_path / name}: OK" in result.stdout
+
+
+def test_check_file_reports_every_problem_in_one_pass(tmp_path: Path) -> None:
+    path = tmp_path / "annotations.yaml"
+    path.write_text(BROKEN_ANNOTATIONS)
+    result = sidecar("check", "-f", str(path))
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[-1] == "4 problems found", lines
+    text = result.stderr
+    assert "polcy-mode: unknown annotation (did you mean 'policy-mode'?)" in text
+    assert "inbound-policy:1: a rule line starts with allow, deny or audit-deny, got 'ALLOW'" in text
+    assert "got 'ALLOW' (did you mean 'allow'?)" in text
+    assert "inbound-policy:2: rules[0].callers[0]" in text  # the semantic problems come out too
+    assert "inbound-policy:3: rules[1].paths[0]" in text
+
+
+def test_explain_file_picks_the_workload() -> None:
+    args = ["explain", "-f", "helm/examples/demo.yaml", "--caller", CHECKOUT, "--method", "GET", "--path",
+            "/api/stock/42"]  # fmt: skip
+    result = sidecar(*args)
+    assert result.returncode == 2 and "Deployment/inventory" in result.stderr and "choose one of" in result.stderr
+    result = sidecar(*args, "--workload", "Deployment/inventory")
+    assert result.returncode == 0 and "rule: checkout-reads-stock" in result.stdout
+
+
+def _audit_file(tmp_path: Path) -> Path:
+    import json
+
+    def line(peer: str, method: str, path: str, rule: str, decision: str, t: str) -> str:
+        return json.dumps({"time": t, "listener": "inbound", "peer": peer, "method": method, "path": path,
+                           "rule": rule, "decision": decision, "mode": "audit", "reason": "-", "status": 200,
+                           "bytes_in": 0, "bytes_out": 9, "duration_ms": 0.3, "request_id": "x"})  # fmt: skip
+
+    lines = [line(CHECKOUT, "GET", f"/api/stock/{i}", "default-deny", "would-deny", "2026-11-29T10:00:00.000Z")
+             for i in range(12)]  # fmt: skip
+    lines.append(line(REPORTING, "GET", "/reports/daily", "default-deny", "would-deny", "2026-11-29T10:01:00.000Z"))
+    lines.append(line(REPORTING, "POST", "/admin/reset", "no-admin", "deny", "2026-11-29T10:02:00.000Z"))
+    path = tmp_path / "audit.log"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_suggest_policy_prints_an_annotation_that_compiles(tmp_path: Path) -> None:
+    import yaml
+
+    from sidecar.annotations import policy_from_annotations
+
+    result = sidecar("suggest-policy", "--audit", str(_audit_file(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert f"allow GET /api/stock/* from {CHECKOUT} as checkout-get-api" in result.stdout
+    assert f"allow GET /reports/daily from {REPORTING}" in result.stdout
+    assert "# 12 requests, lines 1-12" in result.stdout and "not covered: 1 enforced denials" in result.stdout
+    policy = policy_from_annotations(yaml.safe_load(result.stdout))
+    assert [r.name for r in policy.rules] == ["checkout-get-api", "reporting-get-reports"]
+    (tmp_path / "suggested.yaml").write_text(result.stdout)
+    assert sidecar("check", "-f", str(tmp_path / "suggested.yaml")).returncode == 0
+
+
+def test_callers_from_an_audit_log(tmp_path: Path) -> None:
+    import json
+
+    result = sidecar("callers", "--audit", str(_audit_file(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    header, first, second = result.stdout.splitlines()
+    assert header.split()[:4] == ["CALLER", "REQUESTS", "DENIED", "WOULD-DENY"]
+    assert first.startswith(CHECKOUT) and first.split()[1:4] == ["12", "0", "12"]
+    assert second.startswith(REPORTING) and "no-admin deny: 1" in second
+    data = json.loads(sidecar("callers", "--audit", str(_audit_file(tmp_path)), "--json").stdout)
+    assert data[1]["denied"] == 1 and data[1]["by_rule"][0]["rule"] == "default-deny"
+
+
+async def test_callers_from_a_running_admin_endpoint_and_watch() -> None:
+    import asyncio
+    import signal
+
+    from sidecar.admin import AdminServer
+    from sidecar.config import HostPort
+    from sidecar.metrics import Metrics
+
+    metrics = Metrics()
+    rec = metrics.recorder("inbound")
+    for _ in range(3):
+        rec.record(CHECKOUT, "allow", "checkout-reads-stock", "enforce", "GET", 200)
+    rec.record(REPORTING, "deny", "default-deny", "enforce", "GET", 403)
+    admin = AdminServer(HostPort("127.0.0.1", 0), metrics=metrics, svid_expiry=lambda: None,
+                        listeners_bound=lambda: True, config_view=dict)  # fmt: skip
+    port = await admin.start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "callers", "--admin", f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=env)  # fmt: skip
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err
+        lines = out.decode().splitlines()
+        assert lines[1].startswith(CHECKOUT) and "checkout-reads-stock allow: 3" in lines[1] and "s ago" in lines[1]
+        assert lines[2].startswith(REPORTING) and lines[2].split()[1:3] == ["1", "1"]
+
+        watch = await asyncio.create_subprocess_exec(
+            str(SCRIPT), "callers", "--admin", f"http://127.0.0.1:{port}", "--watch", "0.3",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)  # fmt: skip
+        await asyncio.sleep(1.5)
+        rec.record(CHECKOUT, "allow", "checkout-reads-stock", "enforce", "GET", 200)  # seen by the next refresh
+        await asyncio.sleep(1.0)
+        watch.send_signal(signal.SIGINT)
+        out, _ = await asyncio.wait_for(watch.communicate(), 20)
+        assert watch.returncode == 130
+        screens = out.decode().split("\x1b[H\x1b[2J")
+        assert len(screens) >= 4 and "checkout-reads-stock allow: 4" in screens[-1]
+    finally:
+        await admin.stop()
+    dead = sidecar("callers", "--admin", f"127.0.0.1:{port}")  # nothing listens any more
+    assert dead.returncode == 1 and "is the sidecar running?" in dead.stderr

@@ -139,3 +139,24 @@ def test_run_serves_logs_and_stops_cleanly(sock_dir: Path, loop: str, sig: int) 
     assert "PRIVATE KEY" not in log and "stopping" in log
     assert not (sock_dir / "checkout.sock").exists()
     assert os.stat(bundle).st_mode & 0o777 == 0o644
+
+
+def test_run_logs_in_the_sidecars_format_and_level_names(sock_dir: Path) -> None:
+    import json
+
+    proc = Proc(["run", "--entries", str(EXAMPLE), "--socket-dir", str(sock_dir), "--log-level", "Info",
+                 "--log-format", "json"])  # fmt: skip
+    try:
+        ready = json.loads(proc.wait_line("ready:"))
+        assert ready["level"] == "info" and ready["logger"] == "spire" and ready["time"].endswith("Z")
+    finally:
+        assert proc.stop(signal.SIGTERM) == 0
+    text = Proc(["run", "--entries", str(EXAMPLE), "--socket-dir", str(sock_dir), "--log-level", "DEBUG"])
+    try:
+        line = text.wait_line("ready:")
+        # The same text format as spiffe-sidecar's: `<UTC time>Z LEVEL logger: message`.
+        assert line.split(" ", 3)[1:3] == ["INFO", "spire:"] and line.split(" ", 1)[0].endswith("Z")
+    finally:
+        assert text.stop(signal.SIGTERM) == 0
+    out = subprocess.run([*spire_cmd(), "--version"], capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0 and out.stdout.startswith("spiffe-spire ")

@@ -556,3 +556,16 @@ def test_strip_request_headers_annotation() -> None:
     with pytest.raises(ConfigError) as info:
         parse_pod_annotations(ann(strip_request_headers="X Bad"))
     assert "strip-request-headers" in str(info.value) and "not a header name" in str(info.value)
+
+
+def test_syntax_problems_do_not_hide_the_others() -> None:
+    text = f"ALLOW GET /x from *\nallow GET /y from spiffe://Bad.org/x\nallow GET api from {_CHECKOUT}\n"
+    with pytest.raises(ConfigError) as info:
+        ann_mod.parse_pod_annotations({"spiffe-sidecar.io/inbound-policy": text, "spiffe-sidecar.io/polcy-mode": "x"})
+    problems = [str(p) for p in info.value.problems]
+    assert len(problems) == 4, problems
+    assert "unknown annotation (did you mean 'policy-mode'?)" in problems[0]
+    assert problems[1].startswith("annotation spiffe-sidecar.io/inbound-policy:1: ")
+    assert "got 'ALLOW' (did you mean 'allow'?)" in problems[1]
+    assert problems[2].startswith("annotation spiffe-sidecar.io/inbound-policy:2: rules[0].callers[0]")
+    assert problems[3].startswith("annotation spiffe-sidecar.io/inbound-policy:3: rules[1].paths[0]")
