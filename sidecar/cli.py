@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -176,6 +177,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"spiffe-sidecar {_version()}")
         return EXIT_OK
     if command == "demo":
+        if importlib.util.find_spec("spire") is None:  # the production image leaves the dev SPIRE out
+            print("error: the demo needs the development SPIRE (spiffe-spire), which this installation does not "
+                  "have: run it from a source checkout with `make demo`", file=sys.stderr)  # fmt: skip
+            return EXIT_FAIL
         demo = importlib.import_module("sidecar.demo")  # written separately; imported only when asked for
         result: int = demo.main(list(args.demo_args))
         return result

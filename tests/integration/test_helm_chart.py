@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -339,6 +340,9 @@ def test_dockerfile_matches_chart() -> None:
     text = (ROOT / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert len(froms) == 2 and all(f.startswith("python:3.11-slim") for f in froms)  # multi-stage
+    # One base for both stages, pinned by digest (a tag moves under a rebuild).
+    assert all(re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", f) for f in froms)
+    assert froms[0] == froms[1]
     final = text.split("\nFROM ")[-1]
     assert "pip wheel" not in final and not re.search(r"apt-get|gcc|build-essential", final)
     assert re.search(r"^USER 65532:65532$", final, re.M)
@@ -350,6 +354,60 @@ def test_dockerfile_matches_chart() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{chart["appVersion"]}"' in pyproject
     assert InjectSettings().image == image
+
+
+def test_image_wheel_has_no_dev_spire_no_py_spiffe_no_grpcio(tmp_path: Path) -> None:
+    """Build the wheel from exactly what the Dockerfile copies into its builder stage (setuptools.build_meta,
+    what `pip wheel .` runs) and check what the production image would install."""
+    import zipfile
+
+    text = (ROOT / "Dockerfile").read_text()
+    builder = text.split("\nFROM ")[1]
+    copied = [w for line in re.findall(r"^COPY (.+)$", builder, re.M) for w in line.split()[:-1]]
+    assert "spire" not in copied and "sidecar" in copied
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in copied:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(path, src / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    code = f"from setuptools import build_meta; build_meta.build_wheel({str(out)!r})"
+    build = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300,
+                           check=False)  # fmt: skip
+    assert build.returncode == 0, build.stderr[-2000:]
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        meta = z.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert not [n for n in names if n.startswith("spire/")] and "sidecar/cli.py" in names
+    runtime = [ln.split(":", 1)[1].strip() for ln in meta.splitlines()
+               if ln.startswith("Requires-Dist:") and "extra ==" not in ln]  # fmt: skip
+    names_only = {re.split(r"[<>=\[;! ]", r, maxsplit=1)[0].lower() for r in runtime}
+    assert not names_only & {"spiffe", "grpcio", "grpcio-tools"}, runtime
+    assert "rm -f /usr/local/bin/spiffe-spire" in text  # its console script would point at nothing
+
+
+def test_the_sidecar_runs_without_spire_py_spiffe_or_grpcio(tmp_path: Path) -> None:
+    """What the image runs (check, run, webhook, inject) imports none of the test-only or dev packages."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('spire', 'spiffe', 'grpc', 'grpc_tools'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import sidecar.app, sidecar.webhook, sidecar.inject_cli\n"
+        "from sidecar.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "check", "-f", str(EXAMPLES)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Deployment/inventory: OK" in result.stdout
 
 
 def test_examples_reproduce_the_running_example(rendered: dict[str, list[dict[str, Any]]]) -> None:
