@@ -96,7 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                 "running sidecar's admin endpoint (default) or from an audit log file.")  # fmt: skip
     src = p.add_mutually_exclusive_group()
     src.add_argument("--admin", metavar="URL", default=None,
-                     help="the sidecar's admin address (default http://127.0.0.1:15000; host:port works)")
+                     help="the sidecar's admin address (default http://127.0.0.1:$SPIFFE_SIDECAR_ADMIN_PORT or "
+                     "15000, so `kubectl exec POD -c spiffe-sidecar -- spiffe-sidecar callers` works; host:port too)")
     src.add_argument("--audit", type=Path, metavar="FILE", help="read an audit log file instead")
     p.add_argument("--listener", default="inbound", help="which listener's callers (default inbound; 'all')")
     p.add_argument("--watch", nargs="?", const=2.0, type=float, metavar="SECONDS",
@@ -379,6 +380,7 @@ def _callers(args: argparse.Namespace) -> int:
     from .callers import render_table, rows_from_admin, rows_from_audit, summarise
 
     listener = None if args.listener == "all" else args.listener
+    admin = args.admin or f"http://127.0.0.1:{os.environ.get('SPIFFE_SIDECAR_ADMIN_PORT', '').strip() or 15000}"
 
     def once() -> str:
         if args.audit is not None:
@@ -386,7 +388,7 @@ def _callers(args: argparse.Namespace) -> int:
 
             rows = rows_from_audit(parse_lines(_read(args.audit).splitlines()).records)
         else:
-            rows = rows_from_admin(_fetch_callers(args.admin or "http://127.0.0.1:15000"))
+            rows = rows_from_admin(_fetch_callers(admin))
         summaries = summarise(rows, listener=listener)
         if args.json:
             return json.dumps([
@@ -404,7 +406,7 @@ def _callers(args: argparse.Namespace) -> int:
     while True:  # until Ctrl-C (main() turns it into 130)
         text = once()
         stamp = time.strftime("%H:%M:%S")
-        source = args.audit or args.admin or "http://127.0.0.1:15000"
+        source = args.audit or admin
         sys.stdout.write(f"\x1b[H\x1b[2J{stamp}  callers of {source} (every {interval:g}s, Ctrl-C to stop)\n\n{text}")
         sys.stdout.flush()
         time.sleep(interval)

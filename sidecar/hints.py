@@ -3,7 +3,8 @@ enforces nothing.
 
 `did_you_mean` is for every "must be one of" problem: `action: ALLOW` (Istio's spelling) gets
 "must be 'allow' or 'deny' (did you mean 'allow'?)". sidecar/policy.py should call it where it reports a
-bad `action`, `mode` or rule key.
+bad `action`, `mode` or rule key (`from .hints import did_you_mean` works there: this module imports
+policy.py only for type checking).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import difflib
 import errno
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from .endpoint import TcpEndpoint, UnixEndpoint
-from .policy import AUDIT, Policy
+
+if TYPE_CHECKING:  # policy.py imports this module for did_you_mean: no import cycle at run time
+    from .policy import Policy
 
 __all__ = ["did_you_mean", "policy_warnings", "workload_api_unreachable"]
 
@@ -64,11 +68,11 @@ def workload_api_unreachable(endpoint: UnixEndpoint | TcpEndpoint, exc: OSError)
 def policy_warnings(policy: Policy) -> list[str]:
     """Things about a policy that compile but rarely mean what the author wanted."""
     out: list[str] = []
-    if policy.mode == AUDIT and not policy.rules:
+    if policy.mode == "audit" and not policy.rules:
         out.append(
             "the policy is in audit mode and has no rules: EVERY REQUEST IS FORWARDED (each logged as "
             "would-deny); nothing is enforced"
         )
-    elif policy.mode == AUDIT:
+    elif policy.mode == "audit":
         out.append("the policy is in audit mode: denials are logged as would-deny and the requests forwarded")
     return out
