@@ -17,13 +17,11 @@ import resource
 import signal
 import ssl
 import string
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
 import httptools
 import pytest
-import uvloop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,72 +29,13 @@ from sidecar.config import Limits, Timeouts, load_settings
 from sidecar.errors import ConfigError
 from sidecar.http1 import BadRequest, check_request_headers
 from sidecar.policy import Policy, compile_policy, normalize_target
-from tests.integration.test_app import admin_get, running_sidecar
-from tests.integration.test_app import curl as app_curl
-from tests.integration.test_faults import pem_config
-from tests.integration.test_inbound import (
-    App,
-    Pki,
-    Sidecar,
-    _make_app,
-    curl,
-    raw_exchange,
-    start_sidecar,
-)
+from tests.helpers import App, Pki, Sidecar, curl, raw_exchange, sidecar_with, until
 from tests.pki import bad_leaf
+from tests.processes import FaultyApp, admin_get, curl_as, pem_config, running_sidecar
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.uvloop, pytest.mark.timeout(60)]  # uvloop: the transports the sidecar ships with
 
-TD = "example.org"
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()  # the transports the sidecar ships with
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    from tests.pki import CA
-
-    root = CA.root(TD)
-    inter = root.intermediate()
-    return Pki(
-        root,
-        inter.leaf(f"spiffe://{TD}/ns/shop/sa/inventory", dns=["localhost"]),
-        inter.leaf(f"spiffe://{TD}/ns/shop/sa/checkout"),
-        root.leaf(f"spiffe://{TD}/ns/shop/sa/reporting"),
-        tmp_path_factory.mktemp("pki"),
-    )
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[App]:
-    from aiohttp import web
-
-    state = App(0)
-    runner = web.AppRunner(_make_app(state), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def sidecar_with(pki: Pki, app: App, **kw: Any) -> AsyncIterator[Sidecar]:
-    sc = await start_sidecar(pki, app.port, **kw)
-    try:
-        yield sc
-    finally:
-        await sc.server.drain(1.0)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.05)
+WAIT = 15.0  # for a condition the sidecar reaches after one of its (short) deadlines
 
 
 def handshakes_refused(sc: Sidecar) -> float:
@@ -129,6 +68,8 @@ async def test_slowloris_byte_at_a_time_head_is_cut_off(pki: Pki, app: App) -> N
                 if reader.at_eof() or writer.is_closing():
                     closed = True
                     break
+                # A poll between bytes: no answer within 20 ms is the expected case; the enclosing 30 s
+                # deadline and the `closed` assertion fail the test if the sidecar never cuts it off.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.02):
                         if await reader.read(1) == b"":
@@ -137,21 +78,24 @@ async def test_slowloris_byte_at_a_time_head_is_cut_off(pki: Pki, app: App) -> N
         writer.close()
         assert closed and sent < len(head), (sent, len(head))
         assert app.seen == []
-        await until(lambda: sc.server.open_connections == 0)
+        await until(lambda: sc.server.open_connections == 0, timeout=WAIT)
 
 
 async def test_slow_reader_of_a_large_response_is_cut_off(pki: Pki, app: App) -> None:
     """A client that asks for 10 MB and never reads must not pin a connection (and an upstream connection)
     forever: some deadline has to end it."""
-    t = Timeouts(handshake=2, request_head=2, idle=2, upstream_connect=1, upstream_response=2, drain=1)
+    t = Timeouts(handshake=2, request_head=2, idle=2, upstream_connect=1, upstream_response=2, drain=1,
+                 write_stall=2)  # fmt: skip
     async with sidecar_with(pki, app, timeouts=t) as sc:
         _reader, writer = await asyncio.open_connection(
             "127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout), limit=1024
         )
         writer.write(b"GET /api/big HTTP/1.1\r\nHost: x\r\n\r\n")
         transport = cast(asyncio.Transport, writer.transport)
-        await until(lambda: len(app.seen) == 1)
+        await until(lambda: len(app.seen) == 1, timeout=WAIT)
         transport.pause_reading()  # never read: the kernel buffers fill, then the sidecar's
+        # Not a swallowed hang: the assertions below fail it, after the client socket is aborted (so that a
+        # failure does not leave the sidecar's connection to be cut at teardown).
         with contextlib.suppress(TimeoutError):
             await until(lambda: sc.server.open_connections == 0, timeout=20)  # idle + response + slack
         still_open = sc.server.open_connections
@@ -297,7 +241,7 @@ async def test_more_bad_client_certificates_are_refused(pki: Pki, app: App, kind
         code, _, _ = await curl(pki, sc.port, "/api/stock/1", bad_leaf(pki.root, kind))
         assert code == 0
         assert app.seen == []
-        await until(lambda: handshakes_refused(sc) >= 1)
+        await until(lambda: handshakes_refused(sc) >= 1, timeout=WAIT)
 
 
 @pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
@@ -314,7 +258,7 @@ async def test_old_tls_versions_are_refused(pki: Pki, app: App, version: str) ->
         assert proc.returncode != 0
         assert b"HTTP/1.1" not in out
         assert app.seen == []
-        await until(lambda: handshakes_refused(sc) >= 1)
+        await until(lambda: handshakes_refused(sc) >= 1, timeout=WAIT)
         del err
 
 
@@ -334,8 +278,8 @@ async def test_garbage_instead_of_a_client_hello(pki: Pki, app: App) -> None:
                     got = await reader.read()
                 assert b"HTTP" not in got
             writer.close()
-        await until(lambda: handshakes_refused(sc) >= len(payloads))
-        await until(lambda: sc.server.open_connections == 0)
+        await until(lambda: handshakes_refused(sc) >= len(payloads), timeout=WAIT)
+        await until(lambda: sc.server.open_connections == 0, timeout=WAIT)
         assert app.seen == []
 
 
@@ -550,8 +494,6 @@ def test_admin_binds_loopback_by_default(tmp_path: Path) -> None:
 
 
 async def test_no_key_material_in_logs_metrics_config_or_errors_and_no_core_dumps(tmp_path: Path) -> None:
-    from tests.integration.test_faults import FaultyApp
-
     app = FaultyApp()
     await app.start()
     soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
@@ -564,13 +506,15 @@ async def test_no_key_material_in_logs_metrics_config_or_errors_and_no_core_dump
             limits = Path(f"/proc/{sc.proc.pid}/limits").read_text()
             # Error paths: refused peers, a denied request, a bad policy, a rotated key that does not
             # match its certificate (rejected), a 502.
-            assert (await app_curl(sc, "reporting", "/admin/x"))[0] == 403
+            assert (await curl_as(sc, "reporting", "/admin/x"))[0] == 403
             (sc.dir / "policy.yaml").write_text("rules: [oops")
             other = sc.dir / "checkout.key"
             (sc.dir / "tls.key").write_bytes(other.read_bytes())  # wrong key for tls.crt
             await app.stop()
-            assert (await app_curl(sc, "checkout", "/api/stock/1"))[0] in (502, 200)
-            await asyncio.sleep(1.5)
+            assert (await curl_as(sc, "checkout", "/api/stock/1"))[0] in (502, 200)
+            # Both bad updates were judged (and logged) before the logs are searched for key material.
+            await until(lambda: any("policy reload rejected" in line for line in sc.lines)
+                        and any(re.search(r"svid source \S+: rejected", line) for line in sc.lines), timeout=WAIT)
             bodies = [await admin_get(sc, p) for p in ("/metrics", "/config", "/readyz", "/healthz")]
             sc.proc.send_signal(signal.SIGTERM)
             async with asyncio.timeout(30):

@@ -6,256 +6,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import re
-import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import aiohttp
 import pytest
-import uvloop
 from aiohttp import web
 
-from sidecar.audit import AuditLog
-from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, ListenerMode, Timeouts
-from sidecar.identity import TrustDomain
-from sidecar.inbound import InboundServer, PolicyRef
-from sidecar.metrics import Metrics
-from sidecar.policy import compile_policy
-from sidecar.svid import X509Bundle, X509Context, X509Svid
-from sidecar.tls import TlsContexts
-from tests.pki import CA, Leaf, bad_leaf
+from sidecar.config import Limits, ListenerMode, Timeouts
+from tests.example import CHECKOUT, INVENTORY, REPORTING, TD
+from tests.helpers import (
+    INBOUND_POLICY,
+    App,
+    Pki,
+    Sidecar,
+    curl,
+    raw_exchange,
+    run,
+    serve,
+    session,
+    start_sidecar,
+    until,
+)
+from tests.pki import CA, bad_leaf, utcnow
 
-TD = "example.org"
-CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
-REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
-INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
+pytestmark = pytest.mark.uvloop  # the sidecar runs on uvloop; test the same transports
 
-POLICY = {
-    "rules": [
-        {
-            "name": "checkout-reads-stock",
-            "action": "allow",
-            "methods": ["GET", "HEAD"],
-            "paths": ["/api/stock/*"],
-            "callers": [CHECKOUT],
-        },
-        {
-            "name": "checkout-test-api",
-            "action": "allow",
-            "methods": ["GET", "POST", "PUT", "HEAD"],
-            "paths": ["/api/**", "/ws"],
-            "callers": [CHECKOUT],
-        },
-        {"name": "no-admin", "action": "deny", "paths": ["/admin/**"], "callers": ["*"]},
-    ]
-}
 TCP_POLICY = {"rules": [{"name": "checkout-tcp", "action": "allow", "paths": ["**"], "callers": [CHECKOUT]}]}
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    # The sidecar runs on uvloop; test the same transports.
-    return uvloop.EventLoopPolicy()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# PKI and contexts
-
-
-@dataclass
-class Pki:
-    root: CA
-    server: Leaf
-    checkout: Leaf
-    reporting: Leaf
-    dir: Path
-
-    def context(self, leaf: Leaf | None = None, root: CA | None = None) -> X509Context:
-        leaf = leaf or self.server
-        root = root or self.root
-        svid = X509Svid.from_pem(leaf.chain_pem(), leaf.key_pem())
-        bundle = X509Bundle.from_der(TrustDomain.parse(TD), root.bundle_der())
-        return X509Context((svid,), {bundle.trust_domain: bundle})
-
-    def files(self, name: str, leaf: Leaf) -> tuple[str, str]:
-        cert, key = self.dir / f"{name}.pem", self.dir / f"{name}.key"
-        cert.write_bytes(leaf.chain_pem())
-        key.write_bytes(leaf.key_pem())
-        key.chmod(0o600)
-        return str(cert), str(key)
-
-    @property
-    def ca_file(self) -> str:
-        p = self.dir / "ca.pem"
-        if not p.exists():
-            p.write_bytes(self.root.bundle_pem())
-        return str(p)
-
-    def client_ssl(self, leaf: Leaf | None) -> ssl.SSLContext:
-        c = ssl.create_default_context(cafile=self.ca_file)
-        c.check_hostname = False  # the server is identified by its SPIFFE ID, not a DNS name
-        if leaf is not None:
-            c.load_cert_chain(*self.files(f"c{id(leaf)}", leaf))
-        return c
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = CA.root(TD)
-    inter = root.intermediate()
-    d = tmp_path_factory.mktemp("pki")
-    return Pki(
-        root,
-        inter.leaf(INVENTORY, dns=["localhost"]),
-        inter.leaf(CHECKOUT),
-        root.leaf(REPORTING),
-        d,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The recording app
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: Any  # CIMultiDict: case-insensitive
-    body_len: int
-    body_sha: str
-
-
-@dataclass
-class App:
-    port: int
-    seen: list[Seen] = field(default_factory=list)
-
-
-async def _record(request: web.Request, app: App) -> Seen:
-    h = hashlib.sha256()
-    n = 0
-    async for chunk in request.content.iter_any():
-        h.update(chunk)
-        n += len(chunk)
-        if request.path == "/api/slow-upload":
-            await asyncio.sleep(0.002)
-    seen = Seen(request.method, request.raw_path, request.headers.copy(), n, h.hexdigest())
-    app.seen.append(seen)
-    return seen
-
-
-def _make_app(state: App) -> web.Application:
-    async def any_handler(request: web.Request) -> web.StreamResponse:
-        seen = await _record(request, state)
-        if request.path == "/api/slow":
-            await asyncio.sleep(float(request.query.get("s", "1")))
-        if request.path == "/api/big":
-            resp = web.StreamResponse()
-            resp.content_length = 10 * 1024 * 1024
-            await resp.prepare(request)
-            block = b"x" * 65536
-            for _ in range(160):
-                await resp.write(block)
-            return resp
-        if request.path == "/api/chunked":
-            resp = web.StreamResponse()
-            resp.enable_chunked_encoding()
-            await resp.prepare(request)
-            for i in range(5):
-                await resp.write(b"part%d;" % i)
-            await resp.write_eof()
-            return resp
-        return web.json_response(
-            {"path": seen.path, "xfcc": seen.headers.get("X-Forwarded-Client-Cert"), "len": seen.body_len,
-             "sha": seen.body_sha}
-        )
-
-    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
-        ws = web.WebSocketResponse()
-        await ws.prepare(request)
-        state.seen.append(Seen("WS", request.raw_path, request.headers.copy(), 0, ""))
-        async for msg in ws:
-            if msg.type == aiohttp.WSMsgType.TEXT:
-                await ws.send_str("echo:" + msg.data)
-        return ws
-
-    a = web.Application(client_max_size=64 * 1024 * 1024)
-    a.router.add_get("/ws", ws_handler)
-    a.router.add_route("*", "/{tail:.*}", any_handler)
-    return a
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[App]:
-    state = App(0)
-    runner = web.AppRunner(_make_app(state), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The sidecar under test
-
-
-@dataclass
-class Sidecar:
-    server: InboundServer
-    tls: TlsContexts
-    policy: PolicyRef
-    metrics: Metrics
-    audit_lines: list[dict[str, Any]]
-    port: int
-
-    def metric(self, name: str, **labels: str) -> float:
-        v = self.metrics.registry.get_sample_value(name, labels)
-        return v or 0.0
-
-
-async def start_sidecar(
-    pki: Pki,
-    app_port: int,
-    *,
-    policy: dict[str, Any] = POLICY,
-    mode: ListenerMode = ListenerMode.HTTP,
-    timeouts: Timeouts | None = None,
-    limits: Limits | None = None,
-    strip: tuple[str, ...] | None = None,
-) -> Sidecar:
-    metrics = Metrics()
-    lines: list[dict[str, Any]] = []
-    audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics,
-                     rng=lambda: 0.0)
-    tls = TlsContexts(pki.context())
-    ref = PolicyRef(compile_policy(policy, "test-policy"))
-    settings = InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app_port), mode=mode)
-    if strip is not None:
-        settings = dataclasses.replace(settings, strip_request_headers=strip)
-    server = InboundServer(
-        settings,
-        timeouts=timeouts or Timeouts(handshake=3, request_head=3, idle=5, upstream_connect=1,
-                                      upstream_response=5, drain=5),
-        limits=limits or Limits(),
-        tls=tls,
-        policy=ref,
-        audit=audit,
-        metrics=metrics,
-    )
-    port = await server.start()
-    return Sidecar(server, tls, ref, metrics, lines, port)
 
 
 @pytest.fixture
@@ -263,55 +47,6 @@ async def sidecar(pki: Pki, app: App) -> AsyncIterator[Sidecar]:
     sc = await start_sidecar(pki, app.port)
     yield sc
     await sc.server.drain(1.0)
-
-
-async def run(*argv: str, stdin: bytes = b"", timeout: float = 20.0) -> tuple[int, bytes, bytes]:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate(stdin)
-    assert proc.returncode is not None
-    return proc.returncode, out, err
-
-
-async def curl(pki: Pki, port: int, path: str, leaf: Leaf | None, *extra: str) -> tuple[int, str, str]:
-    """Returns (http status or 0, body, stderr)."""
-    argv = ["/usr/bin/curl", "-sS", "--max-time", "10", "--cacert", pki.ca_file,
-            "--resolve", f"localhost:{port}:127.0.0.1", "-o", "-", "-w", "\n%{http_code}"]
-    if leaf is not None:
-        cert, key = pki.files(f"curl{id(leaf)}", leaf)
-        argv += ["--cert", cert, "--key", key]
-    _rc, out, err = await run(*argv, *extra, f"https://localhost:{port}{path}")
-    text = out.decode()
-    body, _, code = text.rpartition("\n")
-    return (int(code) if code.strip().isdigit() else 0), body, err.decode()
-
-
-class ServerHung(AssertionError):
-    """The server neither closed the connection nor stopped sending within the test's deadline."""
-
-
-async def raw_exchange(pki: Pki, port: int, data: bytes, leaf: Leaf | None = None, *,
-                       timeout: float = 5.0) -> bytes:
-    """Send raw bytes over a client-authenticated TLS connection; read until the server closes.
-
-    A server that keeps the connection open past `timeout` fails the test (`ServerHung`): every caller
-    expects a close (an error response, `Connection: close`, a refused request)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=pki.client_ssl(leaf or pki.checkout))
-    writer.write(data)
-    out = b""
-    try:
-        async with asyncio.timeout(timeout):
-            while chunk := await reader.read(65536):
-                out += chunk
-    except TimeoutError:
-        raise ServerHung(f"the server did not close within {timeout}s; received {out[:300]!r}") from None
-    except (ConnectionError, ssl.SSLError):
-        pass  # a reset or an unclean TLS close is a close
-    finally:
-        writer.close()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,7 +102,7 @@ async def test_client_without_certificate_is_refused(
                            stdin=b"GET /api/stock/1 HTTP/1.1\r\nHost: x\r\n\r\n")
     assert b"HTTP/1.1" not in out
     assert app.seen == []
-    await _until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+    await until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
                                         reason="no_client_certificate") >= 2)
     assert any("no_client_certificate" in r.getMessage() and "127.0.0.1:" in r.getMessage()
                for r in caplog.records)
@@ -395,27 +130,16 @@ async def test_bad_client_certificates_are_refused(
     code, _, _ = await curl(pki, sidecar.port, "/api/stock/1", leaf)
     assert code == 0
     assert app.seen == []
-    await _until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+    await until(lambda: sidecar.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
                                         reason=reason) >= 1)
-
-
-async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # aiohttp client: keep-alive, streaming, chunked, 100-continue, WebSocket
 
 
-def _session(pki: Pki, leaf: Leaf | None = None, limit: int = 1) -> aiohttp.ClientSession:
-    conn = aiohttp.TCPConnector(ssl=pki.client_ssl(leaf or pki.checkout), limit=limit)
-    return aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30))
-
-
 async def test_keep_alive_many_requests_one_connection(pki: Pki, app: App, sidecar: Sidecar) -> None:
-    async with _session(pki) as s:
+    async with session(pki) as s:
         for i in range(20):
             async with s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/{i}") as r:
                 assert r.status == 200
@@ -443,7 +167,7 @@ async def test_streaming_10mb_both_ways_bounded_memory(pki: Pki, app: App, sidec
         for _ in range(size // len(block)):
             yield block
 
-    async with _session(pki) as s:
+    async with session(pki) as s:
         # chunked upload (generator body), app reads slowly
         async with s.post(f"https://127.0.0.1:{sidecar.port}/api/slow-upload", data=gen()) as r:
             assert r.status == 200
@@ -501,18 +225,18 @@ async def test_expect_100_continue(pki: Pki, app: App, sidecar: Sidecar) -> None
 
 
 async def test_websocket_upgrade_is_relayed(pki: Pki, app: App, sidecar: Sidecar) -> None:
-    async with _session(pki) as s, s.ws_connect(f"wss://127.0.0.1:{sidecar.port}/ws") as ws:
+    async with session(pki) as s, s.ws_connect(f"wss://127.0.0.1:{sidecar.port}/ws") as ws:
         for i in range(3):
             await ws.send_str(f"m{i}")
             msg = await ws.receive(timeout=5)
             assert msg.data == f"echo:m{i}"
     assert app.seen[0].method == "WS"
     assert app.seen[0].headers["X-Forwarded-Client-Cert"].endswith(CHECKOUT)
-    async with _session(pki, pki.reporting) as s:
+    async with session(pki, pki.reporting) as s:
         with pytest.raises(aiohttp.WSServerHandshakeError) as ei:
             await s.ws_connect(f"wss://127.0.0.1:{sidecar.port}/ws")
         assert ei.value.status == 403
-    await _until(lambda: any(line["status"] == 101 for line in sidecar.audit_lines))
+    await until(lambda: any(line["status"] == 101 for line in sidecar.audit_lines))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -619,7 +343,7 @@ async def test_connection_limit(pki: Pki, app: App, caplog: pytest.LogCaptureFix
     caplog.set_level(logging.WARNING, logger="spiffe_sidecar.inbound")
     sc = await start_sidecar(pki, app.port, limits=Limits(max_connections=1))
     try:
-        async with _session(pki) as s:
+        async with session(pki) as s:
             async with s.get(f"https://127.0.0.1:{sc.port}/api/stock/1") as r:
                 assert r.status == 200
             code, _, _ = await curl(pki, sc.port, "/api/stock/2", pki.checkout)
@@ -643,7 +367,7 @@ async def test_idle_keep_alive_is_closed(pki: Pki, app: App) -> None:
 
 
 async def _zero(sc: Sidecar) -> bool:
-    await _until(lambda: sc.server.open_connections == 0)
+    await until(lambda: sc.server.open_connections == 0)
     return True
 
 
@@ -673,7 +397,7 @@ async def test_tcp_mode_relays_bytes(pki: Pki) -> None:
         async with asyncio.timeout(5):
             assert await reader.read() == b""
         writer.close()
-        await _until(lambda: len(sc.audit_lines) >= 2)
+        await until(lambda: len(sc.audit_lines) >= 2)
         denied = [line for line in sc.audit_lines if line["decision"] == "deny"]
         assert denied and denied[0]["method"] == "-" and denied[0]["path"] == "-"
         allowed = [line for line in sc.audit_lines if line["decision"] == "allow"]
@@ -685,9 +409,9 @@ async def test_tcp_mode_relays_bytes(pki: Pki) -> None:
 
 async def test_drain_finishes_in_flight_and_refuses_new(pki: Pki, app: App) -> None:
     sc = await start_sidecar(pki, app.port)
-    async with _session(pki) as s:
+    async with session(pki) as s:
         slow = asyncio.create_task(s.get(f"https://127.0.0.1:{sc.port}/api/slow?s=1"))
-        await _until(lambda: len(app.seen) == 1)
+        await until(lambda: len(app.seen) == 1)
         drain = asyncio.create_task(sc.server.drain(10))
         await asyncio.sleep(0.1)
         code, _, _ = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
@@ -702,7 +426,7 @@ async def test_drain_finishes_in_flight_and_refuses_new(pki: Pki, app: App) -> N
 
 
 async def test_audit_mode_forwards_would_deny(pki: Pki, app: App) -> None:
-    sc = await start_sidecar(pki, app.port, policy={**POLICY, "mode": "audit"})
+    sc = await start_sidecar(pki, app.port, policy={**INBOUND_POLICY, "mode": "audit"})
     try:
         code, _, _ = await curl(pki, sc.port, "/api/stock/42", pki.reporting)
         assert code == 200
@@ -727,12 +451,12 @@ async def test_handshake_timeout_and_garbage_are_counted(pki: Pki, app: App) -> 
         async with asyncio.timeout(5):
             assert b"HTTP/1.1" not in await reader.read()
         writer.close()
-        await _until(lambda: sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
+        await until(lambda: sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
                                        reason="handshake_timeout") == 1
                      and sc.metric("spiffe_sidecar_handshake_failures_total", listener="inbound",
                                    reason="tls_error") == 1)
         assert app.seen == []
-        await _until(lambda: sc.server.open_connections == 0)
+        await until(lambda: sc.server.open_connections == 0)
     finally:
         await sc.server.drain(1)
 
@@ -753,7 +477,7 @@ async def test_app_closing_keep_alive_connections_is_survived(pki: Pki) -> None:
     srv = await asyncio.start_server(one_shot, "127.0.0.1", 0)
     sc = await start_sidecar(pki, srv.sockets[0].getsockname()[1])
     try:
-        async with _session(pki) as s:
+        async with session(pki) as s:
             for i in range(10):
                 async with s.get(f"https://127.0.0.1:{sc.port}/api/stock/{i}") as r:
                     assert r.status == 200 and await r.read() == b"ok"
@@ -774,7 +498,7 @@ async def test_peer_that_stops_reading_the_response_is_cut_off(pki: Pki, app: Ap
         )
         writer.write(b"GET /api/big HTTP/1.1\r\nHost: x\r\n\r\n")
         cast(asyncio.Transport, writer.transport).pause_reading()  # never read: 10 MB cannot flow
-        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        await until(lambda: sc.server.open_connections == 0, timeout=20)
         writer.transport.abort()
         assert sc.server.pool.size == sc.server.pool.idle_count == 0
         assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="write") == 1
@@ -782,7 +506,7 @@ async def test_peer_that_stops_reading_the_response_is_cut_off(pki: Pki, app: Ap
         assert line["status"] == 408 and line["path"] == "/api/big"
         assert "stopped reading the response" in line["reason"]
         # A reading client is untouched by the same deadline: 10 MB arrive whole.
-        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/big") as r:
+        async with session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/big") as r:
             assert len(await r.read()) == 10 * 1024 * 1024
     finally:
         await sc.server.drain(1)
@@ -798,7 +522,7 @@ async def test_peer_that_stops_sending_the_request_body_is_cut_off(pki: Pki, app
         head = b"POST /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
         out = await raw_exchange(pki, sc.port, head + b"a" * 1000, timeout=20)
         assert out.startswith(b"HTTP/1.1 408 "), out[:80]
-        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        await until(lambda: sc.server.open_connections == 0, timeout=20)
         assert sc.server.pool.size == sc.server.pool.idle_count == 0
         assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="request_body") == 1
         line = sc.audit_lines[-1]
@@ -838,10 +562,10 @@ async def test_tcp_mode_peer_that_stops_reading_is_cut_off(pki: Pki) -> None:
         )
         assert await reader.read(10)  # the relay runs (and our handshake is complete on both ends)
         cast(asyncio.Transport, writer.transport).pause_reading()
-        await _until(lambda: sc.server.open_connections == 0, timeout=20)
+        await until(lambda: sc.server.open_connections == 0, timeout=20)
         writer.transport.abort()
         assert sc.metric("spiffe_sidecar_peer_stalls_total", listener="inbound", kind="write") == 1
-        await _until(lambda: len(sc.audit_lines) >= 1)
+        await until(lambda: len(sc.audit_lines) >= 1)
         assert sc.audit_lines[-1]["status"] == 408
     finally:
         await sc.server.drain(1)
@@ -853,12 +577,12 @@ async def test_closed_connections_are_freed(pki: Pki, app: App, sidecar: Sidecar
     # ~10 s; memory then grew with the rate of new connections. After close, nothing may keep one alive.
     import gc
 
-    from sidecar.inbound import _HttpConn
+    from sidecar.proxy import HttpConnection as _HttpConn
 
     for i in range(5):
-        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/{i}") as r:
+        async with session(pki) as s, s.get(f"https://127.0.0.1:{sidecar.port}/api/stock/{i}") as r:
             assert r.status == 200
-    await _until(lambda: sidecar.server.open_connections == 0)
+    await until(lambda: sidecar.server.open_connections == 0)
     gc.collect()
     alive = [o for o in gc.get_objects() if isinstance(o, _HttpConn)]
     assert alive == [], f"{len(alive)} closed connections still referenced"
@@ -880,6 +604,8 @@ async def test_one_endless_header_line_gets_431_before_it_ends(pki: Pki, app: Ap
                 writer.write(b"a" * 65536)
                 with contextlib.suppress(ConnectionError):
                     await writer.drain()
+                # A poll between writes: no answer yet is expected here. The enclosing 20 s deadline
+                # fails the test if the 431 never comes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.05):
                         out += await reader.read(65536)
@@ -974,7 +700,7 @@ async def test_unrequested_101_from_the_app_is_a_clean_502(pki: Pki) -> None:
 
 
 async def test_kept_alive_connection_closes_when_the_peer_certificate_expires(pki: Pki, app: App) -> None:
-    short = pki.root.intermediate().leaf(CHECKOUT, not_after=_utcnow() + dt.timedelta(seconds=2))
+    short = pki.root.intermediate().leaf(CHECKOUT, not_after=utcnow() + dt.timedelta(seconds=2))
     sc = await start_sidecar(pki, app.port, timeouts=Timeouts(idle=30))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(short))
@@ -984,7 +710,7 @@ async def test_kept_alive_connection_closes_when_the_peer_certificate_expires(pk
             head = await reader.readuntil(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         async with asyncio.timeout(10):
-            while _utcnow() <= short.cert.not_valid_after_utc:
+            while utcnow() <= short.cert.not_valid_after_utc:
                 await asyncio.sleep(0.2)
         writer.write(req)
         async with asyncio.timeout(5):
@@ -1012,16 +738,18 @@ async def test_tcp_relay_closes_when_idle_or_when_the_peer_certificate_expires(p
         async with asyncio.timeout(10):
             assert await reader.read() == b""  # no bytes either way for timeouts.idle: closed
         writer.close()
-        await _until(lambda: sc.server.open_connections == 0)
+        await until(lambda: sc.server.open_connections == 0)
     finally:
         await sc.server.drain(1)
-    short = pki.root.intermediate().leaf(CHECKOUT, not_after=_utcnow() + dt.timedelta(seconds=1.5))
+    short = pki.root.intermediate().leaf(CHECKOUT, not_after=utcnow() + dt.timedelta(seconds=1.5))
     sc = await start_sidecar(pki, port, policy=TCP_POLICY, mode=ListenerMode.TCP, timeouts=Timeouts(idle=60))
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(short))
         async with asyncio.timeout(10):
             while True:  # keep the relay busy: only the expiry can end it
                 writer.write(b"x")
+                # A poll: the relay staying open for 0.1 s is expected until the certificate expires; the
+                # enclosing 10 s deadline fails the test if it never closes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         if await reader.read() == b"":
@@ -1040,7 +768,7 @@ async def test_silent_sockets_cannot_hold_every_connection_slot(pki: Pki, app: A
     try:
         for _ in range(40):
             socks.append(await asyncio.open_connection("127.0.0.1", sc.port))
-        await _until(lambda: sc.metric("spiffe_sidecar_handshake_limit_hits_total", listener="inbound") >= 30)
+        await until(lambda: sc.metric("spiffe_sidecar_handshake_limit_hits_total", listener="inbound") >= 30)
         assert sc.server.open_connections <= 10
         code, _, err = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
         assert code == 200, err
@@ -1048,11 +776,7 @@ async def test_silent_sockets_cannot_hold_every_connection_slot(pki: Pki, app: A
         for _r, w in socks:
             w.transport.abort()
         await sc.server.drain(1)
-        await _until(lambda: sc.server.open_connections == 0)
-
-
-def _utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
+        await until(lambda: sc.server.open_connections == 0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1119,12 +843,8 @@ async def _stream_app() -> StreamApp:
     for path, handler in (("/api/upload", upload), ("/api/download", download), ("/api/echo", echo),
                           ("/api/stall", stall), ("/api/mute", mute), ("/api/deaf", deaf)):
         a.router.add_route("*", path, handler)
-    runner = web.AppRunner(a, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    state.runner = runner
+    # serve(): its cleanup cancels the silent handlers instead of waiting out their 30 s sleeps.
+    state.runner, state.port = await serve(a)
     return state
 
 
@@ -1144,7 +864,7 @@ async def test_a_long_upload_at_a_steady_rate_outlives_every_deadline(pki: Pki) 
             await asyncio.sleep(0.3)
 
     try:
-        async with _session(pki) as s, s.post(f"https://127.0.0.1:{sc.port}/api/upload", data=body()) as r:
+        async with session(pki) as s, s.post(f"https://127.0.0.1:{sc.port}/api/upload", data=body()) as r:
             assert r.status == 200, await r.text()
             assert (await r.json())["len"] == 20_000
         assert sa.received == [20_000]
@@ -1158,7 +878,7 @@ async def test_a_long_download_at_a_steady_rate_outlives_every_deadline(pki: Pki
     sa = await _stream_app()
     sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
     try:
-        async with _session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/download") as r:
+        async with session(pki) as s, s.get(f"https://127.0.0.1:{sc.port}/api/download") as r:
             assert r.status == 200
             assert len(await r.read()) == 20_000
     finally:
@@ -1270,19 +990,19 @@ async def test_broken_chunked_framing_never_completes_a_request_at_the_app(pki: 
             out = await reader.read()
         writer.close()
         assert out.startswith(b"HTTP/1.1 400 ")
-        await _until(lambda: all(ra.closed))
+        await until(lambda: all(ra.closed))
         assert all(conn == b"" for conn in ra.conns), ra.conns  # nothing of the request reached the app
 
         await raw_exchange(pki, sc.port, warm.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
         reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
         writer.write(head + b"5\r\nhello\r\n")
-        await _until(lambda: any(b"hello" in c for c in ra.conns))
+        await until(lambda: any(b"hello" in c for c in ra.conns))
         writer.write(b"zz\r\nGET /api/next HTTP/1.1\r\nHost: x\r\n\r\n")
         async with asyncio.timeout(5):
             out = await reader.read()
         writer.close()
         assert out.startswith(b"HTTP/1.1 400 ")
-        await _until(lambda: all(ra.closed))
+        await until(lambda: all(ra.closed))
         seen = next(c for c in ra.conns if b"hello" in c)
         assert seen.startswith(b"POST /api/x HTTP/1.1\r\n")
         assert not seen.endswith(b"0\r\n\r\n") and b"/api/next" not in seen  # never completed, never reused
@@ -1318,7 +1038,7 @@ async def test_audit_bytes_in_counts_the_request_head(pki: Pki, app: App, sideca
     head = b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
     out = await raw_exchange(pki, sidecar.port, head + b"hello")
     assert out.startswith(b"HTTP/1.1 200 ")
-    await _until(lambda: bool(sidecar.audit_lines))
+    await until(lambda: bool(sidecar.audit_lines))
     line = sidecar.audit_lines[-1]
     assert line["bytes_in"] == len(head) + 5
     assert line["bytes_out"] == len(out)

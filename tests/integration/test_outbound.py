@@ -13,13 +13,11 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
-import uvloop
-from aiohttp import web
 
 from sidecar.audit import AuditLog
 from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
@@ -31,72 +29,16 @@ from sidecar.outbound import OutboundServer, Route
 from sidecar.policy import compile_policy
 from sidecar.svid import X509Bundle, X509Context, X509Svid
 from sidecar.tls import TlsContexts, verify_peer_connection
+from tests.example import CHECKOUT, INVENTORY, REPORTING, TD, policy_data
+from tests.helpers import App, Pki, until
 from tests.pki import CA, Leaf
 
-TD = "example.org"
-CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
-REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
-INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
-POLICY = {
-    "rules": [
-        {"name": "checkout-reads-stock", "action": "allow", "methods": ["GET"], "paths": ["/api/stock/*"],
-         "callers": [CHECKOUT]},
-        {"name": "checkout-slow", "action": "allow", "methods": ["GET"], "paths": ["/slow"], "callers": [CHECKOUT]},
-    ]
-}  # fmt: skip
+pytestmark = pytest.mark.uvloop  # the sidecar runs on uvloop; test the same transports
+
+POLICY = policy_data(
+    {"name": "checkout-slow", "action": "allow", "methods": ["GET"], "paths": ["/slow"], "callers": [CHECKOUT]}
+)
 TIMEOUTS = Timeouts(handshake=5, request_head=5, idle=10, upstream_connect=2, upstream_response=10, drain=5)
-
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
-
-
-@dataclass
-class Pki:
-    root: CA
-    inventory: Leaf
-    checkout: Leaf
-    reporting: Leaf
-
-    def context(self, leaf: Leaf) -> X509Context:
-        svid = X509Svid.from_pem(leaf.chain_pem(), leaf.key_pem())
-        bundle = X509Bundle.from_der(TrustDomain.parse(TD), self.root.bundle_der())
-        return X509Context((svid,), {bundle.trust_domain: bundle})
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    root = CA.root(TD)
-    inter = root.intermediate()
-    return Pki(root, inter.leaf(INVENTORY), inter.leaf(CHECKOUT), inter.leaf(REPORTING))
-
-
-@dataclass
-class App:
-    port: int = 0
-    seen: list[tuple[str, str]] = field(default_factory=list)  # (path, xfcc)
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[App]:
-    state = App()
-
-    async def handler(request: web.Request) -> web.Response:
-        state.seen.append((request.raw_path, request.headers.get("X-Forwarded-Client-Cert", "")))
-        if request.path == "/slow":
-            await asyncio.sleep(1.0)
-        return web.json_response({"path": request.raw_path, "xfcc": request.headers.get("X-Forwarded-Client-Cert")})
-
-    a = web.Application()
-    a.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(a, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield state
-    await runner.cleanup()
 
 
 @dataclass
@@ -184,9 +126,9 @@ async def test_request_goes_out_over_mtls_with_our_identity(pki: Pki, app: App, 
     try:
         status, body = await get(co.port, "/api/stock/42")
         assert status == 200, body
-        assert app.seen[0][0] == "/api/stock/42"
+        assert app.seen[0].path == "/api/stock/42"
         leaf_sha = hashlib.sha256(pki.checkout.der_list()[0]).hexdigest()
-        assert app.seen[0][1] == f"By={INVENTORY};Hash={leaf_sha};URI={CHECKOUT}"
+        assert app.seen[0].xfcc == f"By={INVENTORY};Hash={leaf_sha};URI={CHECKOUT}"
         line = co.audit_lines[-1]
         assert line["listener"] == "outbound" and line["status"] == 200 and line["peer"] == INVENTORY
         assert co.route().handshakes == 1 and co.route().mismatches == 0
@@ -290,7 +232,7 @@ async def test_rotation_drains_pooled_connections_gracefully(pki: Pki, app: App,
         # A slow request holds a pooled connection while our SVID rotates.
         slow = asyncio.ensure_future(get(co.port, "/slow"))
         for _ in range(100):
-            if any(p == "/slow" for p, _ in app.seen):
+            if any(s.path == "/slow" for s in app.seen):
                 break
             await asyncio.sleep(0.02)
         new_leaf = pki.root.intermediate().leaf(CHECKOUT)
@@ -302,7 +244,7 @@ async def test_rotation_drains_pooled_connections_gracefully(pki: Pki, app: App,
         assert co.route().pool.size == 0  # ... which then closed instead of returning to the pool
         assert (await get(co.port, "/api/stock/2"))[0] == 200
         new_sha = hashlib.sha256(new_leaf.der_list()[0]).hexdigest()
-        assert app.seen[-1][1].endswith(f"Hash={new_sha};URI={CHECKOUT}")  # new connection, new SVID
+        assert app.seen[-1].xfcc.endswith(f"Hash={new_sha};URI={CHECKOUT}")  # new connection, new SVID
         assert co.route().handshakes == 2  # the slow request reused the first; the new request made one
     finally:
         await co.server.drain(1.0)
@@ -329,7 +271,7 @@ async def test_http_proxy_mode_routes_by_host(pki: Pki, app: App, inventory: Inv
         # Origin form with a Host header picks the route too.
         status, _ = await get(co.port, "/api/stock/8", headers={"Host": "Inventory.Shop.Svc:8443"})
         assert status == 200
-        assert [p for p, _ in app.seen] == ["/api/stock/7", "/api/stock/8"]
+        assert [s.path for s in app.seen] == ["/api/stock/7", "/api/stock/8"]
     finally:
         await co.server.drain(1.0)
         await impostor.server.drain(1.0)
@@ -344,7 +286,7 @@ async def test_tcp_mode_relays_bytes_over_verified_mtls(pki: Pki, app: App, inve
             data = await reader.read()
         writer.close()
         assert data.startswith(b"HTTP/1.1 200"), data[:200]
-        assert app.seen[-1][0] == "/api/stock/3"
+        assert app.seen[-1].path == "/api/stock/3"
     finally:
         await co.server.drain(1.0)
 
@@ -525,7 +467,7 @@ async def test_outbound_tcp_relay_closes_when_idle_and_audits_the_connection(pki
             assert data.startswith(b"HTTP/1.1 200")
             assert await reader.read() == b""  # no byte either way for timeouts.idle: closed
         writer.close()
-        await _until(lambda: bool(co.audit_lines))
+        await until(lambda: bool(co.audit_lines))
         line = co.audit_lines[-1]
         assert (line["listener"], line["peer"], line["rule"], line["decision"]) == (
             "outbound", INVENTORY, "inventory", "allow")
@@ -551,7 +493,7 @@ async def test_outbound_tcp_relay_cuts_off_an_app_that_stops_reading(pki: Pki) -
         _reader, writer = await asyncio.open_connection("127.0.0.1", co.port, limit=1024)
         writer.transport.pause_reading()  # the app never reads
         writer.write(b"go")
-        await _until(lambda: bool(co.audit_lines), timeout=20)  # the relay ended: one audit line
+        await until(lambda: bool(co.audit_lines), timeout=20)  # the relay ended: one audit line
         writer.transport.abort()
         assert co.metric("spiffe_sidecar_peer_stalls_total", listener="outbound", kind="write") == 1
         assert co.audit_lines[-1]["status"] == 408 and co.audit_lines[-1]["bytes_out"] > 64 * 1024
@@ -577,6 +519,8 @@ async def test_outbound_tcp_relay_ends_when_the_server_certificate_expires(pki: 
         async with asyncio.timeout(10):
             while True:  # keep the relay busy: only the expiry can end it
                 writer.write(b"x")
+                # A poll: the relay staying open for 0.1 s is expected until the certificate expires; the
+                # enclosing 10 s deadline fails the test if it never closes.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         if await reader.read() == b"":
@@ -587,9 +531,3 @@ async def test_outbound_tcp_relay_ends_when_the_server_certificate_expires(pki: 
         await co.server.drain(1.0)
         await inv.server.drain(1.0)
         srv.close()
-
-
-async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not cond():
-            await asyncio.sleep(0.01)

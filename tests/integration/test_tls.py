@@ -11,7 +11,6 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-import uvloop
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -23,23 +22,11 @@ from sidecar.metrics import Metrics
 from sidecar.outbound import build_routes
 from sidecar.svid import Purpose, X509Bundle, X509Context, X509Svid
 from sidecar.tls import TlsContexts, classify_handshake_error, peer_chain_der, verify_peer_connection
-from tests.integration.test_inbound import (  # app, pki: the inbound tests' fixtures, reused
-    CHECKOUT,
-    INVENTORY,
-    TD,
-    App,
-    Pki,
-    app,  # noqa: F401
-    pki,  # noqa: F401
-    run,
-    start_sidecar,
-)
+from tests.example import CHECKOUT, INVENTORY, TD
+from tests.helpers import App, Pki, run, start_sidecar
 from tests.pki import CA, Leaf, uri_constraints
 
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+pytestmark = pytest.mark.uvloop  # the sidecar runs on uvloop; test the same transports
 
 
 def _ctx(leaf: Leaf, *roots: CA) -> X509Context:
@@ -59,7 +46,7 @@ async def _served_leaf(port: int, client: ssl.SSLContext) -> bytes:
     return bytes(der)
 
 
-def test_contexts_enforce_tls12_and_client_certs(pki: Pki) -> None:  # noqa: F811
+def test_contexts_enforce_tls12_and_client_certs(pki: Pki) -> None:
     tls = TlsContexts(pki.context())
     snap = tls.current
     assert snap.server.minimum_version == ssl.TLSVersion.TLSv1_2
@@ -85,7 +72,7 @@ def test_classify_handshake_errors() -> None:
 
 
 async def test_rotation_new_handshakes_use_new_svid_open_connections_continue(
-    pki: Pki, app: App  # noqa: F811
+    pki: Pki, app: App
 ) -> None:
     sc = await start_sidecar(pki, app.port)
     client = pki.client_ssl(pki.checkout)
@@ -123,7 +110,7 @@ async def test_rotation_new_handshakes_use_new_svid_open_connections_continue(
         await sc.server.drain(1)
 
 
-async def test_no_sni_client_gets_newest_svid(pki: Pki, app: App) -> None:  # noqa: F811
+async def test_no_sni_client_gets_newest_svid(pki: Pki, app: App) -> None:
     sc = await start_sidecar(pki, app.port)
     try:
         new_leaf = pki.root.intermediate().leaf(INVENTORY)
@@ -139,7 +126,7 @@ async def test_no_sni_client_gets_newest_svid(pki: Pki, app: App) -> None:  # no
         await sc.server.drain(1)
 
 
-async def test_rsa_svid_server_and_client(pki: Pki, app: App, tmp_path: Path) -> None:  # noqa: F811
+async def test_rsa_svid_server_and_client(pki: Pki, app: App, tmp_path: Path) -> None:
     rsa_server = pki.root.leaf(INVENTORY, key=rsa.generate_private_key(65537, 2048))  # type: ignore[arg-type]
     rsa_client = pki.root.leaf(CHECKOUT, key=rsa.generate_private_key(65537, 2048))  # type: ignore[arg-type]
     sc = await start_sidecar(pki, app.port)
@@ -154,7 +141,7 @@ async def test_rsa_svid_server_and_client(pki: Pki, app: App, tmp_path: Path) ->
         await sc.server.drain(1)
 
 
-async def test_verify_peer_connection_uses_peer_trust_domain(pki: Pki) -> None:  # noqa: F811
+async def test_verify_peer_connection_uses_peer_trust_domain(pki: Pki) -> None:
     """Plain ssl sockets: the server side sees the client's chain (leaf first) and verifies it."""
     tls = TlsContexts(pki.context())
     got: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
@@ -177,7 +164,7 @@ async def test_verify_peer_connection_uses_peer_trust_domain(pki: Pki) -> None: 
     srv.close()
 
 
-async def test_tls12_session_id_resumption_is_still_spiffe_checked(pki: Pki, app: App) -> None:  # noqa: F811
+async def test_tls12_session_id_resumption_is_still_spiffe_checked(pki: Pki, app: App) -> None:
     # Tickets are off, but OpenSSL's server session cache resumes TLS 1.2 sessions by ID. Each resumed
     # connection is still verified: the peer chain comes with the session, and the app sees the caller.
     import socket

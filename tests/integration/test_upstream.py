@@ -10,16 +10,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import pytest
-import uvloop
 
 from sidecar.tls import TlsContexts
 from sidecar.upstream import UpstreamConnection, UpstreamError, UpstreamPool
-from tests.integration.test_inbound import Pki, pki  # noqa: F401  (pytest fixture)
+from tests.helpers import Pki
 
-
-@pytest.fixture(scope="module")
-def event_loop_policy() -> uvloop.EventLoopPolicy:
-    return uvloop.EventLoopPolicy()
+pytestmark = pytest.mark.uvloop  # the sidecar runs on uvloop; test the same transports
 
 
 class Sink:
@@ -206,7 +202,7 @@ async def test_connect_failure() -> None:
     await pool.close()
 
 
-async def test_tls_upstream_with_verify_hook(pki: Pki) -> None:  # noqa: F811
+async def test_tls_upstream_with_verify_hook(pki: Pki) -> None:
     """The outbound listener's use: mTLS to a peer, its SPIFFE ID checked by the hook."""
     server_tls = TlsContexts(pki.context())
     client_tls = TlsContexts(pki.context(pki.checkout))
