@@ -345,7 +345,7 @@ def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy 
         data, lines = parsed
     else:
         try:
-            doc = parse_yaml(text, source)
+            doc = parse_yaml(text, source, collect=c.problems)  # key problems do not hide the others
         except ConfigError as exc:
             c.problems.extend(exc.problems)
             return None

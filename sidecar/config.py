@@ -228,11 +228,13 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
 
-def parse_yaml(text: str, source: str) -> YamlDocument:
+def parse_yaml(text: str, source: str, *, collect: list[Problem] | None = None) -> YamlDocument:
     """Parse one YAML document keeping line numbers; raise ConfigError (with line) if it is not YAML.
 
     Mapping keys must be strings and unique (PyYAML silently keeps the last duplicate; a duplicated
-    policy key must never silently change what is allowed).
+    policy key must never silently change what is allowed). With `collect`, those key problems are
+    appended there and the document (first occurrence of a duplicate kept) returned, so the caller can
+    report the problems of the content in the same pass; the caller must then refuse the whole.
     """
     try:
         # The reader rejects control characters already in the constructor.
@@ -257,7 +259,9 @@ def parse_yaml(text: str, source: str) -> YamlDocument:
     finally:
         loader.dispose()
     if problems:
-        raise ConfigError(problems)
+        if collect is None:
+            raise ConfigError(problems)
+        collect.extend(problems)
     return YamlDocument(data, lines)
 
 
@@ -518,8 +522,10 @@ def parse_settings(
     overrides Kubernetes sets (SPIFFE_ENDPOINT_SOCKET when no socket is configured, and the
     SPIFFE_SIDECAR_*_PORT variables).
     """
-    doc = parse_yaml(text, source)
+    early: list[Problem] = []
+    doc = parse_yaml(text, source, collect=early)
     c = _Collector(source, doc.lines)
+    c.problems.extend(early)  # duplicate keys: reported with everything else, and the config refused
     top = _mapping(c, doc.data, "", _TOP_KEYS)
     if top is None:
         raise ConfigError(c.problems)
@@ -874,8 +880,15 @@ def _compile(c: _Collector, data: Any, source: str, lines: Mapping[str, int], pr
 
 def load_policy(text: str, source: str) -> Policy:
     """Parse and compile a policy file (YAML); raise ConfigError with every problem and its line."""
-    doc = parse_yaml(text, source)
-    return compile_policy(doc.data, source, doc.lines)
+    early: list[Problem] = []
+    doc = parse_yaml(text, source, collect=early)
+    try:
+        policy = compile_policy(doc.data, source, doc.lines)
+    except ConfigError as exc:
+        raise ConfigError([*early, *exc.problems]) from None
+    if early:
+        raise ConfigError(early)
+    return policy
 
 
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:

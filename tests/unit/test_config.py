@@ -617,3 +617,19 @@ def test_strip_request_headers_default_list_and_replacement() -> None:
     assert s.inbound is not None and s.inbound.strip_request_headers == ()
     found = problems(MINIMAL + '  strip_request_headers: ["X Bad", "ok"]\n')
     assert found == ["side.yaml:7: inbound.strip_request_headers: 'X Bad' is not a header name (RFC 9110 §5.1)"]
+
+
+def test_duplicate_keys_do_not_hide_the_other_problems() -> None:
+    text = (
+        "rules:\n"
+        "  - name: a\n"
+        "    action: allow\n"
+        "    action: deny\n"
+        '    callers: ["spiffe://Bad/x"]\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_policy(text, "p.yaml")
+    assert [p.where for p in info.value.problems] == ["p.yaml:4: rules[0].action", "p.yaml:5: rules[0].callers[0]"]
+    # A config file too: the duplicate and the rest in one report, and nothing is accepted.
+    found = problems(MINIMAL + "admin: {listen: '127.0.0.1:1'}\nadmin: {listen: x}\nlimits: {max_connections: 0}\n")
+    assert any("duplicate key" in p for p in found) and any("max_connections" in p for p in found)
