@@ -191,6 +191,8 @@ async def test_prometheus_scrapes_the_sidecar_and_promtool_accepts_its_metrics(t
                 assert await until(prom, "process_resident_memory_bytes > 0")
                 assert await query(prom, '{__name__=~".+_created"}') == []  # no doubled series
                 series = await query(prom, 'count({job="spiffe-sidecar"})')
+                callers = await query(prom, "sum by (caller, decision, status_class) "
+                                            "(spiffe_sidecar_caller_requests_total)")  # fmt: skip
                 # Every query of the chart's dashboard is valid PromQL for this Prometheus (Grafana's
                 # variables filled in as it would), and the caller/decision panels find data.
                 for expr in dashboard_queries():
@@ -200,7 +202,8 @@ async def test_prometheus_scrapes_the_sidecar_and_promtool_accepts_its_metrics(t
                 print(
                     f"\nprometheus scraped 127.0.0.1:{metrics_port}: {series[0]['value'][1]} series, "
                     f"up=1, allow={allowed[0]['value'][1]}, deny={denied[0]['value'][1]}, "
-                    f"build_info={json.dumps(build[0]['metric'], sort_keys=True)}"
+                    f"build_info={json.dumps(build[0]['metric'], sort_keys=True)}, "
+                    f"by caller: {[(c['metric'], c['value'][1]) for c in callers]}"
                 )
     finally:
         await runner.cleanup()
