@@ -25,7 +25,9 @@ import aiohttp
 import pytest
 
 from tests import promtools
-from tests.integration.test_app import CHECKOUT, INVENTORY, TD, start_app, wait_for_line, write_pki
+from tests.example import CHECKOUT, INVENTORY, TD
+from tests.helpers import start_app
+from tests.processes import wait_for_line, write_pki
 
 pytestmark = pytest.mark.timeout(180)
 
