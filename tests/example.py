@@ -38,6 +38,18 @@ POLICY_WITH_REPORTING = (
 """
 )
 
+# Another good update: checkout may also read orders.
+POLICY_WITH_ORDERS = (
+    POLICY
+    + f"""\
+  - name: checkout-orders
+    action: allow
+    methods: [GET]
+    paths: ["/api/orders/*"]
+    callers: ["{CHECKOUT}"]
+"""
+)
+
 # A bad update (an unknown key): it must be rejected and the last good policy kept.
 BROKEN_POLICY = """\
 rules:

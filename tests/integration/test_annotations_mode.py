@@ -27,14 +27,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.integration.test_app import SCRIPT, App, start_app, wait_for_line
+from tests.example import CHECKOUT, INVENTORY, REPORTING, TD
+from tests.helpers import App, serve
+from tests.processes import SCRIPT, clean_env, collect_lines, wait_for_line
 
 pytestmark = pytest.mark.timeout(120)
-
-TD = "example.org"
-CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
-INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
-REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
 
 ENTRIES = f"""\
 trust_domain: {TD}
@@ -128,11 +125,6 @@ class Pod:
         return self.ctx[who]
 
 
-async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while raw := await stream.readline():
-        lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-
 def _port(line: str, pattern: str) -> int:
     m = re.search(pattern, line)
     assert m is not None, line
@@ -153,8 +145,7 @@ async def running_pod(tmp: Path, app: App, annotations: str) -> AsyncIterator[Po
         podinfo = AtomicDir(tmp / "podinfo")
         podinfo.write(annotations)
         probes = [{"path": "/healthz", "port": app.port, "appPath": "/healthz", "scheme": "HTTP"}]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
-        env.update(
+        env = clean_env(
             {
                 "SPIFFE_ENDPOINT_SOCKET": f"unix://{spire.socket_path_for(INVENTORY)}",
                 "SPIFFE_SIDECAR_INBOUND_PORT": "0",
@@ -172,7 +163,7 @@ async def running_pod(tmp: Path, app: App, annotations: str) -> AsyncIterator[Po
         )  # fmt: skip
         lines: list[str] = []
         assert proc.stderr is not None
-        reader = asyncio.create_task(_collect(proc.stderr, lines))
+        reader = asyncio.create_task(collect_lines(proc.stderr, lines))
         try:
             ready = await wait_for_line(lines, r"ready: inbound 127\.0\.0\.1:\d+", proc)
             admin = await wait_for_line(lines, r"admin listening on 127\.0\.0\.1:\d+", proc)
@@ -191,6 +182,8 @@ async def running_pod(tmp: Path, app: App, annotations: str) -> AsyncIterator[Po
         finally:
             if proc.returncode is None:
                 proc.terminate()
+                # Cleanup: a pod that ignores SIGTERM is killed below; the test that checks the clean exit
+                # asserts returncode 0 afterwards, so a hang still fails it.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(15):
                         await proc.wait()
@@ -227,15 +220,6 @@ async def metric(pod: Pod, name: str, labels: str = "") -> float:
     return 0.0
 
 
-@pytest.fixture
-async def app() -> AsyncIterator[App]:
-    state, runner = await start_app()
-    try:
-        yield state
-    finally:
-        await runner.cleanup()
-
-
 async def test_policy_from_annotations_reloads_live_and_keeps_the_last_good(tmp_path: Path, app: App) -> None:
     async with (
         running_pod(tmp_path, app, annotations_text(POLICY)) as pod,
@@ -245,8 +229,8 @@ async def test_policy_from_annotations_reloads_live_and_keeps_the_last_good(tmp_
         assert await call(session, pod, "checkout", "/api/stock/42") == 200
         assert await call(session, pod, "reporting", "/api/stock/42") == 403
         assert await call(session, pod, "checkout", "/admin/reset") == 403
-        assert ("GET", "/api/stock/42") in [(m, p) for m, p, _ in app.seen]
-        assert not any(p.startswith("/admin") for _, p, _ in app.seen)
+        assert ("GET", "/api/stock/42") in [(s.method, s.path) for s in app.seen]
+        assert not any(s.path.startswith("/admin") for s in app.seen)
 
         # Probe port: the app's probe path is forwarded, readyz mirrors admin, nothing else.
         assert await plain(pod, pod.probe_port, "/spiffe-sidecar/readyz") == (200, "ready\n")
@@ -322,10 +306,8 @@ async def test_strict_bypass_check_holds_readiness(tmp_path: Path) -> None:
 
     exposed = web.Application()
     exposed.router.add_get("/{tail:.*}", ok)
-    runner = web.AppRunner(exposed, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", 0).start()  # the mistake: every interface, so also the pod IP
-    state = App(port=int(runner.addresses[0][1]))
+    runner, port = await serve(exposed, "0.0.0.0")  # the mistake: every interface, so also the pod IP
+    state = App(port=port)
     try:
         text = annotations_text(POLICY, **{"strict-bypass-check": "true"})
         async with running_pod(tmp_path, state, text) as pod:
@@ -343,10 +325,9 @@ async def test_strict_bypass_check_holds_readiness(tmp_path: Path) -> None:
 async def test_bad_annotations_exit_2_with_the_annotation_named(tmp_path: Path) -> None:
     podinfo = AtomicDir(tmp_path / "podinfo")
     podinfo.write(annotations_text(BROKEN_POLICY, **{"inbound-mode": "udp"}))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
     proc = await asyncio.create_subprocess_exec(
         str(SCRIPT), "run", "--from-annotations", str(podinfo.file),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=clean_env(),
     )  # fmt: skip
     async with asyncio.timeout(30):
         _, err = await proc.communicate()

@@ -11,264 +11,67 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from tests.pki import CA
+from tests.example import BROKEN_POLICY, CHECKOUT, INVENTORY, POLICY, POLICY_WITH_REPORTING, REPORTING, TD
+from tests.helpers import App
+from tests.processes import (
+    SCRIPT,
+    SidecarProcess,
+    admin_get,
+    clean_env,
+    collect_lines,
+    curl_as,
+    replace_file,
+    running_sidecar,
+    stop_process,
+    wait_for_line,
+    wait_metric,
+    write_config,
+    write_pki,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
-SCRIPT = Path(sys.executable).parent / "spiffe-sidecar"
-TD = "example.org"
-CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
-REPORTING = f"spiffe://{TD}/ns/shop/sa/reporting"
-INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
 
-POLICY = f"""\
-rules:
-  - name: checkout-reads-stock
-    action: allow
-    methods: [GET]
-    paths: ["/api/stock/*"]
-    callers: ["{CHECKOUT}"]
-  - name: no-admin
-    action: deny
-    paths: ["/admin/**"]
-    callers: ["*"]
-"""
-
-POLICY_WITH_REPORTING = (
-    POLICY
-    + f"""\
-  - name: reporting-reads-stock
-    action: allow
-    methods: [GET]
-    paths: ["/api/stock/*"]
-    callers: ["{REPORTING}"]
-"""
-)
-
-BROKEN_POLICY = """\
-rules:
-  - name: everyone-everything
-    action: allow
-    paths: ["/**"]
-    callers: ["*"]
-    colour: red
-"""
-
-
-@dataclass
-class App:
-    """The workload behind the sidecar: records what reached it."""
-
-    seen: list[tuple[str, str, str]] = field(default_factory=list)  # method, path, xfcc
-    slow_started: asyncio.Event = field(default_factory=asyncio.Event)
-    port: int = 0
-
-
-@dataclass
-class Sidecar:
-    proc: asyncio.subprocess.Process
-    inbound_port: int
-    admin_port: int
-    lines: list[str]
-    dir: Path
-
-    @property
-    def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-
-async def start_app() -> tuple[App, web.AppRunner]:
-    state = App()
-
-    async def handler(request: web.Request) -> web.Response:
-        state.seen.append((request.method, request.path, request.headers.get("x-forwarded-client-cert", "")))
-        if request.path.endswith("/slow"):
-            state.slow_started.set()
-            await asyncio.sleep(2.0)
-        return web.Response(text=f"app saw {request.method} {request.path}\n")
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.port = int(runner.addresses[0][1])
-    return state, runner
-
-
-def write_pki(tmp: Path) -> None:
-    root = CA.root(TD)
-    inventory = root.leaf(INVENTORY, dns=["localhost"])  # DNS SAN only so that curl can verify the server
-    (tmp / "tls.crt").write_bytes(inventory.chain_pem())
-    (tmp / "tls.key").write_bytes(inventory.key_pem())
-    (tmp / "ca.crt").write_bytes(root.bundle_pem())
-    for name, sid in (("checkout", CHECKOUT), ("reporting", REPORTING)):
-        leaf = root.leaf(sid)
-        (tmp / f"{name}.crt").write_bytes(leaf.chain_pem())
-        (tmp / f"{name}.key").write_bytes(leaf.key_pem())
-    (tmp / "tls.key").chmod(0o600)
-
-
-def write_config(tmp: Path, app_port: int) -> Path:
-    (tmp / "policy.yaml").write_text(POLICY)
-    config = tmp / "inventory.yaml"
-    config.write_text(
-        f"""\
-svid_source:
-  pem: {{cert_chain: tls.crt, key: tls.key, bundle: ca.crt, trust_domain: {TD}, poll_interval: 250ms}}
-inbound:
-  listen: "127.0.0.1:0"
-  app: "127.0.0.1:{app_port}"
-  policy_file: policy.yaml
-admin: {{listen: "127.0.0.1:0"}}
-audit: {{path: audit.log}}
-timeouts: {{drain: 10s}}
-log_level: info
-"""
-    )
-    return config
-
-
-async def _collect(stream: asyncio.StreamReader, lines: list[str]) -> None:
-    while raw := await stream.readline():
-        lines.append(raw.decode(errors="replace").rstrip("\n"))
-
-
-async def wait_for_line(lines: list[str], pattern: str, proc: asyncio.subprocess.Process, timeout: float = 30) -> str:
-    regex = re.compile(pattern)
-    async with asyncio.timeout(timeout):
-        while True:
-            for line in lines:
-                if regex.search(line):
-                    return line
-            if proc.returncode is not None:
-                raise AssertionError(f"sidecar exited {proc.returncode}: " + "\n".join(lines))
-            await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def app() -> AsyncIterator[App]:
-    state, runner = await start_app()
-    try:
-        yield state
-    finally:
-        await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
-async def running_sidecar(
-    config: Path, *, loop: str = "uvloop", env: dict[str, str] | None = None, rules: int = 2
-) -> AsyncIterator[Sidecar]:
-    """`spiffe-sidecar run -c config` until ready; killed on exit if still running."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
-    full_env.update(env or {})
-    proc = await asyncio.create_subprocess_exec(
-        str(SCRIPT), "run", "-c", str(config), "--loop", loop,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=full_env, cwd=config.parent,
-    )  # fmt: skip
-    lines: list[str] = []
-    assert proc.stderr is not None
-    reader = asyncio.create_task(_collect(proc.stderr, lines))
-    try:
-        ready = await wait_for_line(lines, r"ready: inbound 127\.0\.0\.1:\d+", proc)
-        admin = await wait_for_line(lines, r"admin listening on 127\.0\.0\.1:\d+", proc)
-        inbound_port = int(re.search(r"ready: inbound 127\.0\.0\.1:(\d+)", ready).group(1))  # type: ignore[union-attr]
-        admin_port = int(re.search(r"admin listening on 127\.0\.0\.1:(\d+)", admin).group(1))  # type: ignore[union-attr]
-        assert INVENTORY in ready and f"{rules} rules" in ready
-        yield Sidecar(proc, inbound_port, admin_port, lines, config.parent)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10):
-                await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+def app_saw(body: str) -> tuple[str, str]:
+    """(method, target) from the recording app's JSON answer, as relayed to curl."""
+    data = json.loads(body)
+    return data["method"], data["path"]
 
 
 @pytest.fixture(params=["uvloop", "asyncio"])  # uvloop is what ships; `--loop asyncio` is the debug path
-async def sidecar(tmp_path: Path, app: App, request: pytest.FixtureRequest) -> AsyncIterator[Sidecar]:
+async def sidecar(tmp_path: Path, app: App, request: pytest.FixtureRequest) -> AsyncIterator[SidecarProcess]:
     write_pki(tmp_path)
     config = write_config(tmp_path, app.port)
     async with running_sidecar(config, loop=request.param) as sc:
         yield sc
 
 
-async def curl(sc: Sidecar, who: str, path: str, method: str = "GET") -> tuple[int, str]:
-    """curl as `who` (checkout|reporting) to the sidecar; returns (HTTP status or 0 on failure, body)."""
-    d = sc.dir
-    proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--max-time", "20", "-X", method,
-        "--resolve", f"localhost:{sc.inbound_port}:127.0.0.1",
-        "--cacert", str(d / "ca.crt"), "--cert", str(d / f"{who}.crt"), "--key", str(d / f"{who}.key"),
-        "-w", "\n%{http_code}", f"https://localhost:{sc.inbound_port}{path}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    body, _, code = out.decode().rpartition("\n")
-    return int(code or 0), body + err.decode()
-
-
-async def admin_get(sc: Sidecar, path: str) -> tuple[int, str]:
-    async with (
-        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session,
-        session.get(sc.admin + path) as resp,
-    ):
-        return resp.status, await resp.text()
-
-
-async def metric(sc: Sidecar, name: str) -> float:
-    _, body = await admin_get(sc, "/metrics")
-    for line in body.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
-
-
-async def wait_metric(sc: Sidecar, name: str, value: float, timeout: float = 20) -> None:
-    async with asyncio.timeout(timeout):
-        while await metric(sc, name) < value:
-            await asyncio.sleep(0.2)
-
-
-def replace_file(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # atomic, like the kubelet's ..data symlink swap
-
-
-async def test_sidecar_end_to_end(sidecar: Sidecar, app: App) -> None:
+async def test_sidecar_end_to_end(sidecar: SidecarProcess, app: App) -> None:
     sc = sidecar
     assert await admin_get(sc, "/healthz") == (200, "ok\n")
     assert await admin_get(sc, "/readyz") == (200, "ready\n")
 
     # Allowed: checkout GET /api/stock/42 reaches the app with our XFCC.
-    status, body = await curl(sc, "checkout", "/api/stock/42")
-    assert (status, body) == (200, "app saw GET /api/stock/42\n"), "\n".join(sc.lines)
-    method, path, xfcc = app.seen[-1]
-    assert (method, path) == ("GET", "/api/stock/42")
-    assert f"URI={CHECKOUT}" in xfcc and f"By={INVENTORY}" in xfcc
+    status, body = await curl_as(sc, "checkout", "/api/stock/42")
+    assert status == 200, body + "\n".join(sc.lines)
+    assert app_saw(body) == ("GET", "/api/stock/42"), "\n".join(sc.lines)
+    got = app.seen[-1]
+    assert (got.method, got.path) == ("GET", "/api/stock/42")
+    assert f"URI={CHECKOUT}" in got.xfcc and f"By={INVENTORY}" in got.xfcc
 
     # Denied: reporting may call nothing; nobody may call /admin/**. The app sees neither.
     seen = len(app.seen)
-    assert (await curl(sc, "reporting", "/api/stock/42"))[0] == 403
-    assert (await curl(sc, "checkout", "/admin/users"))[0] == 403
-    assert (await curl(sc, "checkout", "/api/stock/../../admin/users"))[0] == 403
+    assert (await curl_as(sc, "reporting", "/api/stock/42"))[0] == 403
+    assert (await curl_as(sc, "checkout", "/admin/users"))[0] == 403
+    assert (await curl_as(sc, "checkout", "/api/stock/../../admin/users"))[0] == 403
     assert len(app.seen) == seen
 
     # /config: effective config + policy + public identity facts, never key material.
@@ -283,17 +86,17 @@ async def test_sidecar_end_to_end(sidecar: Sidecar, app: App) -> None:
     # A bad policy update is rejected: the last good policy stays in force.
     replace_file(sc.dir / "policy.yaml", BROKEN_POLICY)
     await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="error"}', 1)
-    assert (await curl(sc, "checkout", "/api/stock/7"))[0] == 200
-    assert (await curl(sc, "reporting", "/api/stock/7"))[0] == 403
-    assert (await curl(sc, "reporting", "/admin/x"))[0] == 403
+    assert (await curl_as(sc, "checkout", "/api/stock/7"))[0] == 200
+    assert (await curl_as(sc, "reporting", "/api/stock/7"))[0] == 403
+    assert (await curl_as(sc, "reporting", "/admin/x"))[0] == 403
     assert any("policy reload rejected" in line for line in sc.lines)
     assert any("rules[0].colour" in line for line in sc.lines)
 
     # A good update takes effect without a restart.
     replace_file(sc.dir / "policy.yaml", POLICY_WITH_REPORTING)
     await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="ok"}', 1)
-    assert (await curl(sc, "reporting", "/api/stock/7"))[0] == 200
-    assert (await curl(sc, "reporting", "/admin/x"))[0] == 403
+    assert (await curl_as(sc, "reporting", "/api/stock/7"))[0] == 200
+    assert (await curl_as(sc, "reporting", "/admin/x"))[0] == 403
 
     # Audit lines: one JSON object per decision, with rule and reason.
     records = [json.loads(line) for line in (sc.dir / "audit.log").read_text().splitlines()]
@@ -303,12 +106,13 @@ async def test_sidecar_end_to_end(sidecar: Sidecar, app: App) -> None:
     assert (CHECKOUT, "/admin/users", "deny", "no-admin") in decisions
 
     # SIGTERM with a request in flight: the request completes, the process exits 0.
-    slow = asyncio.create_task(curl(sc, "checkout", "/api/stock/slow"))
+    slow = asyncio.create_task(curl_as(sc, "checkout", "/api/stock/slow?s=2"))
     async with asyncio.timeout(20):
         await app.slow_started.wait()
     sc.proc.send_signal(signal.SIGTERM)
     status, body = await slow
-    assert (status, body) == (200, "app saw GET /api/stock/slow\n")
+    assert status == 200, body
+    assert app_saw(body) == ("GET", "/api/stock/slow?s=2")
     async with asyncio.timeout(10 + 10):  # timeouts.drain + generous slack
         code = await sc.proc.wait()
     assert code == 0, "\n".join(sc.lines)
@@ -397,7 +201,7 @@ audit: {{path: audit.log}}
         env = {"SPIFFE_ENDPOINT_SOCKET": f"unix://{spire.socket_path_for(INVENTORY)}"}
         async with running_sidecar(config, env=env) as sc:
             assert await admin_get(sc, "/readyz") == (200, "ready\n")
-            assert (await curl(sc, "checkout", "/api/stock/1"))[0] == 200
+            assert (await curl_as(sc, "checkout", "/api/stock/1"))[0] == 200
             first = json.loads((await admin_get(sc, "/config"))[1])["identity"]["svids"][0]["leaf_sha256"]
 
             # Two rotations (TTL 4 s, new SVID at half-life) reach the sidecar over the stream ...
@@ -405,7 +209,7 @@ audit: {{path: audit.log}}
             later = json.loads((await admin_get(sc, "/config"))[1])["identity"]["svids"][0]["leaf_sha256"]
             assert later != first
             # ... and new handshakes use the new SVID.
-            assert (await curl(sc, "checkout", "/api/stock/2"))[0] == 200
+            assert (await curl_as(sc, "checkout", "/api/stock/2"))[0] == 200
             assert await admin_get(sc, "/readyz") == (200, "ready\n")
 
             sc.proc.send_signal(signal.SIGTERM)
@@ -454,27 +258,27 @@ admin: {{listen: "127.0.0.1:0"}}
 audit: {{path: audit.log}}
 """
         )
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
         proc = await asyncio.create_subprocess_exec(
             str(SCRIPT), "run", "-c", str(client_config),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=env, cwd=client_dir,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, env=clean_env(), cwd=client_dir,
         )  # fmt: skip
         lines: list[str] = []
         assert proc.stderr is not None
-        reader = asyncio.create_task(_collect(proc.stderr, lines))
+        reader = asyncio.create_task(collect_lines(proc.stderr, lines))
         try:
             ready = await wait_for_line(lines, r"ready: outbound inventory 127\.0\.0\.1:\d+", proc)
             admin_line = await wait_for_line(lines, r"admin listening on 127\.0\.0\.1:\d+", proc)
             assert CHECKOUT in ready and "policy none" in ready and "inbound" not in ready
             port = int(re.search(r"ready: outbound inventory 127\.0\.0\.1:(\d+)", ready).group(1))  # type: ignore[union-attr]
-            client = Sidecar(proc, 0, int(admin_line.rsplit(":", 1)[1]), lines, client_dir)
+            client = SidecarProcess(proc, 0, int(admin_line.rsplit(":", 1)[1]), lines, client_dir)
             assert await admin_get(client, "/readyz") == (200, "ready\n")
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session,
                 session.get(f"http://127.0.0.1:{port}/api/stock/42") as resp,
             ):
                 assert resp.status == 200, await resp.text()
-            assert app.seen[-1][:2] == ("GET", "/api/stock/42") and f"URI={CHECKOUT}" in app.seen[-1][2]
+            seen = app.seen[-1]
+            assert (seen.method, seen.path) == ("GET", "/api/stock/42") and f"URI={CHECKOUT}" in seen.xfcc
             view = json.loads((await admin_get(client, "/config"))[1])
             assert view["inbound"] is None and view["policy"] is None
             assert view["outbound"][0]["expect"] == INVENTORY
@@ -490,11 +294,7 @@ audit: {{path: audit.log}}
             async with asyncio.timeout(30):
                 assert await proc.wait() == 0, "\n".join(lines)
         finally:
-            if proc.returncode is None:
-                proc.kill()
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(10):
-                    await proc.wait()
+            await stop_process(proc)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader

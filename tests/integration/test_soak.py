@@ -22,17 +22,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_app import CHECKOUT, POLICY, Sidecar, metric, wait_metric
-from tests.integration.test_faults import (
-    GOOD_VARIANT,
+from tests.example import CHECKOUT, POLICY, POLICY_WITH_ORDERS, REPORTING
+from tests.processes import (
     FaultyApp,
+    SidecarProcess,
     Traffic,
-    _swap,
     client_context,
     count_lines,
+    metric,
     open_fds,
+    replace_file,
     spire_and_sidecar,
-    until,
+    wait_metric,
+    wait_until,
     write_client,
 )
 
@@ -53,13 +55,13 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def quiet_sample(sc: Sidecar) -> tuple[int, int]:
+async def quiet_sample(sc: SidecarProcess) -> tuple[int, int]:
     """(RSS KiB, open fds) once no connection is open and pooled upstream connections were evicted."""
 
     async def quiet() -> bool:
         return await metric(sc, 'spiffe_sidecar_open_connections{listener="inbound"}') == 0
 
-    await until(quiet)
+    await wait_until(quiet)
     await asyncio.sleep(5.0)  # > the upstream pool's 4 s idle eviction
     return rss_kib(sc.proc.pid), open_fds(sc.proc.pid)
 
@@ -74,7 +76,7 @@ async def test_soak(tmp_path: Path) -> None:
                 spire,
                 tmp_path,
                 "reporting",
-                "spiffe://example.org/ns/shop/sa/reporting",
+                REPORTING,
                 ttl=SOAK_SECONDS + WARMUP + 600,
             )
 
@@ -106,7 +108,7 @@ async def test_soak(tmp_path: Path) -> None:
             while (elapsed := loop.time() - start) < SOAK_SECONDS:
                 if loop.time() >= next_policy:
                     reloads += 1
-                    _swap(sc.dir / "policy.yaml", (GOOD_VARIANT if reloads % 2 else POLICY).encode())
+                    replace_file(sc.dir / "policy.yaml", (POLICY_WITH_ORDERS if reloads % 2 else POLICY).encode())
                     await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="ok"}', reloads)
                     next_policy += POLICY_EVERY
                 if not outage_done and elapsed >= SOAK_SECONDS / 2:
@@ -119,7 +121,7 @@ async def test_soak(tmp_path: Path) -> None:
                     def reconnected(c: int = connected) -> bool:
                         return count_lines(sc, "svid source workload_api: connected") > c
 
-                    await until(reconnected)
+                    await wait_until(reconnected)
                 await asyncio.sleep(0.25)
             for t in loops:
                 await t.stop()
