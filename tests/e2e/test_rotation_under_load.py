@@ -24,13 +24,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from spiffe import X509Source
 
-from tests.integration.test_app import App, admin_get, running_sidecar, start_app
+from tests.example import CHECKOUT, INVENTORY, POLICY, TD
+from tests.helpers import App, start_app
+from tests.processes import admin_get, running_sidecar
 
 pytestmark = pytest.mark.timeout(120)
 
-TD = "example.org"
-CHECKOUT = f"spiffe://{TD}/ns/shop/sa/checkout"
-INVENTORY = f"spiffe://{TD}/ns/shop/sa/inventory"
 TTL_SECONDS = 3
 RUN_SECONDS = 9.0  # about six rotations of each side
 
@@ -42,19 +41,6 @@ entries:
     socket: checkout.sock
   - spiffe_id: {INVENTORY}
     socket: inventory.sock
-"""
-
-POLICY = f"""\
-rules:
-  - name: checkout-reads-stock
-    action: allow
-    methods: [GET]
-    paths: ["/api/stock/*"]
-    callers: ["{CHECKOUT}"]
-  - name: no-admin
-    action: deny
-    paths: ["/admin/**"]
-    callers: ["*"]
 """
 
 
