@@ -1,30 +1,75 @@
-"""The real console script (`.venv/bin/spiffe-sidecar`) as a user runs it: check, explain, version, errors."""
+"""The command line as a user meets it: check, explain, version, suggest-policy, callers, errors.
+
+Commands that only parse and print run in-process through `sidecar.cli.main` (the `cli` fixture: same
+arguments, environment filtering and working directory as the console script, stdout/stderr captured, the
+exit status from the return value or SystemExit). A few tests run the real console script
+(`.venv/bin/spiffe-sidecar`) as smoke tests of the installed entry point: version, `run` refusing a broken
+config, and the long-running commands (webhook, run, callers --admin, inject).
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
-import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from sidecar import cli
+from tests.example import CHECKOUT, REPORTING
+from tests.processes import SCRIPT, clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "config"
-SCRIPT = Path(sys.executable).parent / "spiffe-sidecar"
-CHECKOUT = "spiffe://example.org/ns/shop/sa/checkout"
-REPORTING = "spiffe://example.org/ns/shop/sa/reporting"
 
 
 def sidecar(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
-    full_env.update(env or {})
+    """The installed console script as a subprocess (smoke tests of the entry point)."""
     return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=full_env, cwd=ROOT, check=False
+        [str(SCRIPT), *args], capture_output=True, text=True, timeout=60, env=clean_env(env), cwd=ROOT, check=False
     )
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., CliResult]
+
+
+@pytest.fixture
+def cli_main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
+    """`sidecar.cli.main(args)` in this process, as `sidecar(*args, env=...)` runs the console script."""
+
+    def run(*args: str, env: dict[str, str] | None = None) -> CliResult:
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level  # main() points the root logger at stderr
+        with monkeypatch.context() as m:
+            for name in os.environ:
+                if name.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT")):
+                    m.delenv(name)
+            for name, value in (env or {}).items():
+                m.setenv(name, value)
+            m.chdir(ROOT)
+            capsys.readouterr()
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exc:  # argparse: usage errors (2), --version and --help (0)
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            finally:
+                root.handlers[:] = handlers
+                root.setLevel(level)
+            out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield run
 
 
 def test_version() -> None:
@@ -34,8 +79,8 @@ def test_version() -> None:
 
 
 @pytest.mark.parametrize("name", ["inventory.yaml", "checkout.yaml", "reporting.yaml"])
-def test_check_examples(name: str) -> None:
-    result = sidecar("check", "-c", str(CONFIG / name), env={"SPIFFE_ENDPOINT_SOCKET": "unix:///run/agent.sock"})
+def test_check_examples(cli_main: Cli, name: str) -> None:
+    result = cli_main("check", "-c", str(CONFIG / name), env={"SPIFFE_ENDPOINT_SOCKET": "unix:///run/agent.sock"})
     assert result.returncode == 0, result.stderr
     assert f"{name}: OK" in result.stdout
     assert "default deny" in result.stdout  # the compiled policy is printed
@@ -43,8 +88,8 @@ def test_check_examples(name: str) -> None:
     assert result.stderr == (audit if name == "reporting.yaml" else "")
 
 
-def test_check_prints_the_compiled_policy_readably() -> None:
-    result = sidecar("check", "-c", str(CONFIG / "inventory.yaml"))
+def test_check_prints_the_compiled_policy_readably(cli_main: Cli) -> None:
+    result = cli_main("check", "-c", str(CONFIG / "inventory.yaml"))
     assert result.returncode == 0, result.stderr
     assert "checkout-reads-stock: allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout" in result.stdout
     assert "no-admin: deny" in result.stdout
@@ -68,10 +113,10 @@ colour: blue
 """
 
 
-def test_check_lists_every_problem_on_its_own_line(tmp_path: Path) -> None:
+def test_check_lists_every_problem_on_its_own_line(cli_main: Cli, tmp_path: Path) -> None:
     config = tmp_path / "broken.yaml"
     config.write_text(BROKEN)
-    result = sidecar("check", "-c", str(config), env={"SPIFFE_SIDECAR_APP_PORT": "eighty"})
+    result = cli_main("check", "-c", str(config), env={"SPIFFE_SIDECAR_APP_PORT": "eighty"})
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.splitlines()
@@ -99,18 +144,18 @@ def test_run_with_a_broken_config_exits_2_before_starting(tmp_path: Path) -> Non
     assert "Traceback" not in result.stderr
 
 
-def test_check_warns_about_a_non_loopback_admin(tmp_path: Path) -> None:
+def test_check_warns_about_a_non_loopback_admin(cli_main: Cli, tmp_path: Path) -> None:
     text = (CONFIG / "inventory.yaml").read_text().replace('listen: "127.0.0.1:15000"', 'listen: "0.0.0.0:15000"')
     config = tmp_path / "inventory.yaml"
     config.write_text(text)
     (tmp_path / "inventory-policy.yaml").write_text((CONFIG / "inventory-policy.yaml").read_text())
-    result = sidecar("check", "-c", str(config))
+    result = cli_main("check", "-c", str(config))
     assert result.returncode == 0
     assert result.stderr.startswith("warning: admin.listen 0.0.0.0:15000 is not a loopback address")
 
 
-def test_check_missing_file_is_one_line() -> None:
-    result = sidecar("check", "-c", "/nonexistent/side.yaml")
+def test_check_missing_file_is_one_line(cli_main: Cli) -> None:
+    result = cli_main("check", "-c", "/nonexistent/side.yaml")
     assert result.returncode == 2
     assert result.stderr.splitlines()[0] == "/nonexistent/side.yaml: cannot read config: No such file or directory"
 
@@ -126,8 +171,8 @@ def test_check_missing_file_is_one_line() -> None:
         (CHECKOUT, "GET", "/api/stock/%34%32?x=1", 0, "allow", "checkout-reads-stock"),
     ],
 )
-def test_explain(caller: str, method: str, path: str, code: int, decision: str, rule: str) -> None:
-    result = sidecar(
+def test_explain(cli_main: Cli, caller: str, method: str, path: str, code: int, decision: str, rule: str) -> None:
+    result = cli_main(
         "explain", "-c", str(CONFIG / "inventory.yaml"), "--caller", caller, "--method", method, "--path", path
     )
     assert result.returncode == code, result.stderr
@@ -137,8 +182,8 @@ def test_explain(caller: str, method: str, path: str, code: int, decision: str, 
     assert lines["reason"]
 
 
-def test_explain_audit_mode_is_would_deny() -> None:
-    result = sidecar(
+def test_explain_audit_mode_is_would_deny(cli_main: Cli) -> None:
+    result = cli_main(
         "explain", "-c", str(CONFIG / "reporting.yaml"), "--caller", "spiffe://other.org/x", "--method", "GET",
         "--path", "/reports/q3",
         env={"SPIFFE_ENDPOINT_SOCKET": "unix:///run/agent.sock"},
@@ -147,8 +192,8 @@ def test_explain_audit_mode_is_would_deny() -> None:
     assert "decision: would-deny" in result.stdout
 
 
-def test_explain_target_the_sidecar_rejects() -> None:
-    result = sidecar(
+def test_explain_target_the_sidecar_rejects(cli_main: Cli) -> None:
+    result = cli_main(
         "explain", "-c", str(CONFIG / "inventory.yaml"), "--caller", CHECKOUT, "--method", "GET",
         "--path", "/api/stock%2F42",
     )  # fmt: skip
@@ -159,16 +204,16 @@ def test_explain_target_the_sidecar_rejects() -> None:
 @pytest.mark.parametrize(
     ("caller", "method"), [("spiffe://Example.org/x", "GET"), ("not-an-id", "GET"), (CHECKOUT, "GE T")]
 )
-def test_explain_bad_input_exits_2(caller: str, method: str) -> None:
-    result = sidecar(
+def test_explain_bad_input_exits_2(cli_main: Cli, caller: str, method: str) -> None:
+    result = cli_main(
         "explain", "-c", str(CONFIG / "inventory.yaml"), "--caller", caller, "--method", method, "--path", "/"
     )
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: --")
 
 
-def test_usage_error_exits_2() -> None:
-    result = sidecar("explain", "-c", str(CONFIG / "inventory.yaml"))
+def test_usage_error_exits_2(cli_main: Cli) -> None:
+    result = cli_main("explain", "-c", str(CONFIG / "inventory.yaml"))
     assert result.returncode == 2
     assert "--caller" in result.stderr
 
@@ -237,7 +282,7 @@ def test_webhook_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
     leaf = CA.root("webhook.test").leaf("spiffe://webhook.test/webhook", dns=["spiffe-sidecar.spiffe-system.svc"])
     (tmp_path / "tls.crt").write_bytes(leaf.chain_pem())
     (tmp_path / "tls.key").write_bytes(leaf.key_pem())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    env = clean_env()
     proc = subprocess.Popen(
         [str(SCRIPT), "webhook", "--cert", str(tmp_path / "tls.crt"), "--key", str(tmp_path / "tls.key"),
          "--listen", "127.0.0.1:0", "--log-level", "debug"],
@@ -269,8 +314,8 @@ def test_webhook_serves_healthz_and_stops_on_sigterm(tmp_path: Path) -> None:
 # --- the command line a newcomer meets ------------------------------------------------------------------
 
 
-def test_version_flag_and_every_command_and_option_is_described() -> None:
-    result = sidecar("--version")
+def test_version_flag_and_every_command_and_option_is_described(cli_main: Cli) -> None:
+    result = cli_main("--version")
     assert result.returncode == 0 and result.stdout.startswith("spiffe-sidecar ")
     parser = cli._parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -284,12 +329,12 @@ def test_version_flag_and_every_command_and_option_is_described() -> None:
             assert action.help, f"{name} {action.option_strings or action.dest}: no help"
 
 
-def test_log_levels_any_case_and_json_logs(tmp_path: Path) -> None:
-    assert sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "WARNING").returncode == 0
-    assert sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "Debug").returncode == 0
-    bad = sidecar("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "loud")
+def test_log_levels_any_case_and_json_logs(cli_main: Cli, tmp_path: Path) -> None:
+    assert cli_main("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "WARNING").returncode == 0
+    assert cli_main("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "Debug").returncode == 0
+    bad = cli_main("check", "-c", str(CONFIG / "inventory.yaml"), "--log-level", "loud")
     assert bad.returncode == 2 and "invalid level 'loud'" in bad.stderr
-    bad = sidecar("version", env={"SPIFFE_SIDECAR_LOG_FORMAT": "xml"})
+    bad = cli_main("version", env={"SPIFFE_SIDECAR_LOG_FORMAT": "xml"})
     assert bad.returncode == 2 and "SPIFFE_SIDECAR_LOG_FORMAT" in bad.stderr
 
 
@@ -306,7 +351,7 @@ def test_missing_workload_api_socket_is_explained_once_in_json_logs(tmp_path: Pa
         'inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:8080", policy_file: policy.yaml}\n'
         'admin: {listen: "127.0.0.1:0"}\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    env = clean_env()
     proc = subprocess.Popen([str(SCRIPT), "run", "-c", str(config), "--log-format", "json"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
@@ -334,8 +379,8 @@ spiffe-sidecar.io/polcy-mode: audit
 """
 
 
-def test_check_file_every_source_kind(tmp_path: Path) -> None:
-    result = sidecar("check", "-f", "helm/examples/demo.yaml")
+def test_check_file_every_source_kind(cli_main: Cli, tmp_path: Path) -> None:
+    result = cli_main("check", "-f", "helm/examples/demo.yaml")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count(": OK") == 3 and "Deployment/inventory: OK" in result.stdout
     assert "checkout-reads-stock: allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout" in result.stdout
@@ -347,15 +392,15 @@ def test_check_file_every_source_kind(tmp_path: Path) -> None:
         'spiffe-sidecar.io/inbound-policy="allow GET /api/stock/* from ' + CHECKOUT + '"\nother.io/x="1"'
     )  # the downward API file the injected sidecar reads
     for name in ("compact.txt", "policy.yaml", "annotations"):
-        result = sidecar("check", "-f", str(tmp_path / name))
+        result = cli_main("check", "-f", str(tmp_path / name))
         assert result.returncode == 0, (name, result.stderr)
         assert f"{tmp_path / name}: OK" in result.stdout
 
 
-def test_check_file_reports_every_problem_in_one_pass(tmp_path: Path) -> None:
+def test_check_file_reports_every_problem_in_one_pass(cli_main: Cli, tmp_path: Path) -> None:
     path = tmp_path / "annotations.yaml"
     path.write_text(BROKEN_ANNOTATIONS)
-    result = sidecar("check", "-f", str(path))
+    result = cli_main("check", "-f", str(path))
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines[-1] == "4 problems found", lines
@@ -367,12 +412,12 @@ def test_check_file_reports_every_problem_in_one_pass(tmp_path: Path) -> None:
     assert "inbound-policy:3: rules[1].paths[0]" in text
 
 
-def test_explain_file_picks_the_workload() -> None:
+def test_explain_file_picks_the_workload(cli_main: Cli) -> None:
     args = ["explain", "-f", "helm/examples/demo.yaml", "--caller", CHECKOUT, "--method", "GET", "--path",
             "/api/stock/42"]  # fmt: skip
-    result = sidecar(*args)
+    result = cli_main(*args)
     assert result.returncode == 2 and "Deployment/inventory" in result.stderr and "choose one of" in result.stderr
-    result = sidecar(*args, "--workload", "Deployment/inventory")
+    result = cli_main(*args, "--workload", "Deployment/inventory")
     assert result.returncode == 0 and "rule: checkout-reads-stock" in result.stdout
 
 
@@ -393,12 +438,12 @@ def _audit_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_suggest_policy_prints_an_annotation_that_compiles(tmp_path: Path) -> None:
+def test_suggest_policy_prints_an_annotation_that_compiles(cli_main: Cli, tmp_path: Path) -> None:
     import yaml
 
     from sidecar.annotations import policy_from_annotations
 
-    result = sidecar("suggest-policy", "--audit", str(_audit_file(tmp_path)))
+    result = cli_main("suggest-policy", "--audit", str(_audit_file(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert f"allow GET /api/stock/* from {CHECKOUT} as checkout-get-api" in result.stdout
     assert f"allow GET /reports/daily from {REPORTING}" in result.stdout
@@ -406,19 +451,19 @@ def test_suggest_policy_prints_an_annotation_that_compiles(tmp_path: Path) -> No
     policy = policy_from_annotations(yaml.safe_load(result.stdout))
     assert [r.name for r in policy.rules] == ["checkout-get-api", "reporting-get-reports"]
     (tmp_path / "suggested.yaml").write_text(result.stdout)
-    assert sidecar("check", "-f", str(tmp_path / "suggested.yaml")).returncode == 0
+    assert cli_main("check", "-f", str(tmp_path / "suggested.yaml")).returncode == 0
 
 
-def test_callers_from_an_audit_log(tmp_path: Path) -> None:
+def test_callers_from_an_audit_log(cli_main: Cli, tmp_path: Path) -> None:
     import json
 
-    result = sidecar("callers", "--audit", str(_audit_file(tmp_path)))
+    result = cli_main("callers", "--audit", str(_audit_file(tmp_path)))
     assert result.returncode == 0, result.stderr
     header, first, second = result.stdout.splitlines()
     assert header.split()[:4] == ["CALLER", "REQUESTS", "DENIED", "WOULD-DENY"]
     assert first.startswith(CHECKOUT) and first.split()[1:4] == ["12", "0", "12"]
     assert second.startswith(REPORTING) and "no-admin deny: 1" in second
-    data = json.loads(sidecar("callers", "--audit", str(_audit_file(tmp_path)), "--json").stdout)
+    data = json.loads(cli_main("callers", "--audit", str(_audit_file(tmp_path)), "--json").stdout)
     assert data[1]["denied"] == 1 and data[1]["by_rule"][0]["rule"] == "default-deny"
 
 
@@ -438,7 +483,7 @@ async def test_callers_from_a_running_admin_endpoint_and_watch() -> None:
     admin = AdminServer(HostPort("127.0.0.1", 0), metrics=metrics, svid_expiry=lambda: None,
                         listeners_bound=lambda: True, config_view=dict)  # fmt: skip
     port = await admin.start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPIFFE_SIDECAR_", "SPIFFE_ENDPOINT"))}
+    env = clean_env()
     try:
         proc = await asyncio.create_subprocess_exec(
             str(SCRIPT), "callers", "--admin", f"127.0.0.1:{port}", stdout=asyncio.subprocess.PIPE,
