@@ -26,9 +26,11 @@ from sidecar.config import HostPort, ListenerMode, WorkloadApiSettings
 from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId
 from sidecar.policy import authorize
+from tests import example
+from tests.example import POLICY
 
-CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
-REPORTING = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
+CHECKOUT = SpiffeId.parse(example.CHECKOUT)
+REPORTING = SpiffeId.parse(example.REPORTING)
 
 COMPACT = """\
 # the running example
@@ -37,18 +39,7 @@ allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout as checkout
 deny * /admin/** from * as no-admin
 """
 
-YAML_FORM = """\
-rules:
-  - name: checkout-reads-stock
-    action: allow
-    methods: [GET]
-    paths: ["/api/stock/*"]
-    callers: ["spiffe://example.org/ns/shop/sa/checkout"]
-  - name: no-admin
-    action: deny
-    paths: ["/admin/**"]
-    callers: ["*"]
-"""
+YAML_FORM = POLICY  # the running example as a policy file
 
 
 def ann(**kw: str) -> dict[str, str]:

@@ -19,8 +19,9 @@ from sidecar.audit import AuditLog, open_writer
 from sidecar.config import AuditSettings
 from sidecar.identity import SpiffeId
 from sidecar.metrics import Metrics
+from tests import example
 
-CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+CHECKOUT = SpiffeId.parse(example.CHECKOUT)
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from sidecar.admin import callers_view
 from sidecar.auditlog import parse_lines
 from sidecar.callers import render_table, rows_from_admin, rows_from_audit, summarise
 from sidecar.metrics import Metrics
+from tests import example
 
-C = "spiffe://example.org/ns/shop/sa/checkout"
-R = "spiffe://example.org/ns/shop/sa/reporting"
+C = example.CHECKOUT
+R = example.REPORTING
 
 
 def test_admin_rows_from_the_recorder_summed_per_caller() -> None:

@@ -26,21 +26,9 @@ from sidecar.config import (
     warnings,
 )
 from sidecar.errors import ConfigError
+from tests.example import POLICY
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "config"
-
-POLICY = """\
-rules:
-  - name: checkout-reads-stock
-    action: allow
-    methods: [GET]
-    paths: ["/api/stock/*"]
-    callers: ["spiffe://example.org/ns/shop/sa/checkout"]
-  - name: no-admin
-    action: deny
-    paths: ["/admin/**"]
-    callers: ["*"]
-"""
 
 MINIMAL = """\
 svid_source:

@@ -33,9 +33,10 @@ from sidecar.http1 import (
 )
 from sidecar.identity import SpiffeId
 from sidecar.policy import BadRequest as PolicyBadRequest
+from tests import example
 
-OWN = SpiffeId.parse("spiffe://example.org/ns/shop/sa/inventory")
-PEER = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+OWN = SpiffeId.parse(example.INVENTORY)
+PEER = SpiffeId.parse(example.CHECKOUT)
 HASH = "ab" * 32
 
 

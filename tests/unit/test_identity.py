@@ -11,6 +11,7 @@ from spiffe import SpiffeId as PySpiffeId
 
 from sidecar.errors import IdentityError
 from sidecar.identity import CallerPattern, PatternKind, SpiffeId, TrustDomain
+from tests import example
 
 VALID = [
     "spiffe://trustdomain",  # 1: path is optional
@@ -174,8 +175,8 @@ def test_generated_ids_round_trip(td: str, segs: list[str]) -> None:
 
 # --- caller patterns ---------------------------------------------------------------------------------
 
-CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
-REPORTING = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
+CHECKOUT = SpiffeId.parse(example.CHECKOUT)
+REPORTING = SpiffeId.parse(example.REPORTING)
 OTHER_NS = SpiffeId.parse("spiffe://example.org/ns/billing/sa/checkout")
 FOREIGN = SpiffeId.parse("spiffe://other.org/ns/shop/sa/checkout")
 

@@ -28,10 +28,12 @@ from sidecar.policy import (
     explain,
     normalize_target,
 )
+from tests.example import CHECKOUT as CHECKOUT_ID
+from tests.example import REPORTING as REPORTING_ID
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
-REPORTING = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
+CHECKOUT = SpiffeId.parse(CHECKOUT_ID)
+REPORTING = SpiffeId.parse(REPORTING_ID)
 OTHER_TD = SpiffeId.parse("spiffe://other.org/ns/shop/sa/checkout")
 
 
