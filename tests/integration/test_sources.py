@@ -549,6 +549,9 @@ async def _first(task: asyncio.Task[None], waiting: Any) -> SourceEvent:
     if task.done():
         waiter.cancel()
         raise AssertionError(f"the PEM source stopped: {task.exception()!r}")
+    if not waiter.done():  # asyncio.wait does not raise on its timeout: a source that went silent fails here
+        waiter.cancel()
+        raise AssertionError(f"no source event within {WAIT}s")
     return await waiter
 
 
