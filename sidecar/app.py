@@ -290,7 +290,7 @@ async def run(
             metrics=metrics,
         )
     outbound = _make_outbound(settings, tls, audit, metrics)
-    listeners: list[InboundServer] = [*outbound] if inbound is None else [inbound, *outbound]
+    listeners: list[InboundServer | OutboundServer] = [*outbound] if inbound is None else [inbound, *outbound]
     bypass = None
     if pod is not None and pod.pod_ip is not None:
         check = BypassCheck(pod.pod_ip, pod.app_port, strict=pod.strict_bypass_check)

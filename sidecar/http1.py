@@ -113,6 +113,8 @@ UPGRADE_PROTOCOLS: Final = frozenset({b"websocket"})
 _DROP: Final = HOP_BY_HOP | {b"content-length", XFCC}
 # What a request loses by default: the above plus the routing-override fields.
 REQUEST_DROP: Final = _DROP | {h.encode("ascii") for h in ROUTING_OVERRIDE_HEADERS}
+# What a response loses before we re-add our own framing.
+_RESPONSE_DROP: Final = _DROP
 
 
 def request_drop(extra: Sequence[str]) -> frozenset[bytes]:
@@ -133,27 +135,153 @@ def check_method(method: bytes) -> None:
         raise BadRequest("CONNECT is not relayed (RFC 9112 §3.2.3)")
 
 
-def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestFraming:
-    """Validate a parsed request head strictly; return its framing or raise `BadRequest`.
+class RequestHead:
+    """A validated request head, without its request line: the framing, the Host value and the end-to-end
+    fields to forward (`fields`: `name: value\\r\\n` lines, the `drop` set and the fields named in
+    Connection left out). Immutable: `RequestHeads` shares one between identical heads."""
 
-    `version` is httptools' `get_http_version()` ("1.1" or "1.0").
-    """
-    http10 = version == "1.0"
+    __slots__ = ("fields", "fields_size", "framing", "host", "http10")
+
+    def __init__(
+        self, framing: RequestFraming, host: bytes | None, fields: bytes, fields_size: int, http10: bool
+    ) -> None:
+        self.framing = framing
+        self.host = host
+        self.fields = fields
+        self.fields_size = fields_size  # the fields as received, with their CRLFs (OWS not counted)
+        self.http10 = http10
+
+    def size(self, method: bytes, target: bytes) -> int:
+        """Bytes of the whole head: `method SP target SP HTTP/1.x CRLF`, the fields, the final CRLF."""
+        return len(method) + len(target) + 14 + self.fields_size
+
+
+# The framing of the common request: no body, keep-alive (HTTP/1.1) or not (HTTP/1.0 default).
+_PLAIN_11: Final = RequestFraming(BodyFraming.NONE, None, False, None, True)
+_PLAIN_10: Final = RequestFraming(BodyFraming.NONE, None, False, None, False)
+# Names whose presence needs the careful path of `parse_request_head`.
+_FRAMING_NAMES: Final = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade"}
+)
+_NAMES_RE: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+(?:\n[!#$%&'*+\-.^_`|~0-9a-z]+)*")
+# Over `b"\n".join(values)`: a control other than HTAB (the separator, LF, is counted separately), or a
+# value starting with a blank (only an obs-fold continuation keeps one: RFC 9112 §5.2).
+_BAD_VALUES_RE: Final = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]|(?:^|\n)[ \t]")
+_FIELD: Final = b"%s: %s\r\n"
+
+
+def _field_error(names: Sequence[bytes], values: Sequence[bytes]) -> BadRequest:
+    """The first bad field, named (the slow path of a head that failed the joined checks)."""
+    for name, value in zip(names, values, strict=True):
+        if _TOKEN_RE.fullmatch(name) is None:
+            return BadRequest(f"invalid header name {name[:40]!r}")
+        if b"\n" in value or _BAD_VALUE_RE.search(value) is not None:
+            return BadRequest(f"control character in the value of header {name.decode()!r}")
+        if value[:1] in (b" ", b"\t"):
+            return BadRequest(f"obsolete line folding in header {name.decode()!r}")
+    return BadRequest("invalid header field")  # pragma: no cover - the joined checks and this loop agree
+
+
+def parse_request_head(
+    method: bytes,
+    target: bytes,
+    names: Sequence[bytes],
+    values: Sequence[bytes],
+    *,
+    http10: bool = False,
+    drop: frozenset[bytes] = REQUEST_DROP,
+) -> RequestHead:
+    """Validate a request head (the rules in the module docstring) and prepare what is forwarded, in one
+    pass; raise `BadRequest`. `names`/`values` are the fields as the parser gave them, in order; the
+    method and target are not looked at here (`check_method`, `policy.normalize_target`).
+
+    The common head (no body, no Connection/Expect/Upgrade, nothing to drop) costs a few C-level calls:
+    the names and values are checked joined, not one by one."""
+    n = len(names)
+    lnames = [name.lower() for name in names]
+    joined = b"\n".join(lnames)
+    if n:
+        vjoined = b"\n".join(values)
+        if (
+            _NAMES_RE.fullmatch(joined) is None
+            or vjoined.count(b"\n") != n - 1
+            or _BAD_VALUES_RE.search(vjoined) is not None
+        ):
+            raise _field_error(names, values)
+    hosts = lnames.count(b"host")
+    host: bytes | None = None
+    if hosts:
+        if hosts > 1:
+            raise BadRequest("more than one Host (RFC 9112 §3.2)")
+        host = values[lnames.index(b"host")].rstrip()
+        if _HOST_RE.fullmatch(host) is None:
+            raise BadRequest("Host is not a valid host[:port] (RFC 9110 §7.2, RFC 3986 §3.2.2)")
+    elif not http10:
+        raise BadRequest("missing Host (RFC 9112 §3.2)")
+    connection: list[bytes] = []
+    if _FRAMING_NAMES.isdisjoint(lnames):
+        framing = _PLAIN_10 if http10 else _PLAIN_11
+    else:
+        framing, connection = _request_framing(lnames, values, http10)
+    # `name: value CRLF` per field; `joined` holds the names and n - 1 separators.
+    size = len(joined) + sum(map(len, values)) + 3 * n + (1 if n else 0)
+    if not connection and drop.isdisjoint(lnames) and b"_" not in joined:
+        fields = b"".join(map(_FIELD.__mod__, zip(names, map(bytes.rstrip, values), strict=True)))
+    else:
+        if connection:
+            drop = drop.union(connection)
+        # `_`: the same CGI variable as its `-` spelling (module docstring), so never forwarded.
+        fields = b"".join(
+            [_FIELD % (names[i], values[i].rstrip()) for i, ln in enumerate(lnames)
+             if ln not in drop and b"_" not in ln]
+        )  # fmt: skip
+    return RequestHead(framing, host, fields, size, http10)
+
+
+# Heads cached per raw bytes: their number, and the longest raw head cached.
+_HEAD_CACHE_MAX: Final = 512
+_HEAD_CACHE_BYTES: Final = 4096
+
+
+class RequestHeads:
+    """`parse_request_head` for one listener (its `drop` set), remembering the result per raw field block.
+
+    The result is a pure function of the field bytes (and `drop`, fixed here), so a client that sends the
+    same fields again (keep-alive traffic almost always does) costs one dict lookup: `raw` is the block as
+    it arrived, from the first field to the CRLF before the empty line, when the reader saw it whole."""
+
+    __slots__ = ("_cache", "drop")
+
+    def __init__(self, drop: frozenset[bytes]) -> None:
+        self.drop = drop
+        self._cache: dict[tuple[bytes, bool], RequestHead] = {}
+
+    def parse(
+        self, method: bytes, target: bytes, names: Sequence[bytes], values: Sequence[bytes], http10: bool,
+        raw: bytes | None,
+    ) -> RequestHead:  # fmt: skip
+        if raw is None or len(raw) > _HEAD_CACHE_BYTES:
+            return parse_request_head(method, target, names, values, http10=http10, drop=self.drop)
+        key = (raw, http10)
+        head = self._cache.get(key)
+        if head is None:
+            head = parse_request_head(method, target, names, values, http10=http10, drop=self.drop)
+            if len(self._cache) >= _HEAD_CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = head
+        return head
+
+
+def _request_framing(
+    lnames: Sequence[bytes], values: Sequence[bytes], http10: bool
+) -> tuple[RequestFraming, list[bytes]]:
+    """The careful path: Content-Length, Transfer-Encoding, Connection, Expect, Upgrade (RFC 9112 §6)."""
     content_length: bytes | None = None
     transfer_encoding: bytes | None = None
-    hosts = 0
     expect_continue = False
     upgrade: bytes | None = None
     connection: list[bytes] = []
-    for name, value in headers:
-        if _TOKEN_RE.fullmatch(name) is None:
-            raise BadRequest(f"invalid header name {name[:40]!r}")
-        if _BAD_VALUE_RE.search(value) is not None:
-            raise BadRequest(f"control character in the value of header {name.decode()!r}")
-        if value[:1] in (b" ", b"\t"):
-            # A leading blank survives only from an obs-fold continuation (RFC 9112 §5.2): refuse it.
-            raise BadRequest(f"obsolete line folding in header {name.decode()!r}")
-        lname = name.lower()
+    for lname, value in zip(lnames, values, strict=True):
         if lname == b"content-length":
             if content_length is not None:
                 raise BadRequest("more than one Content-Length")
@@ -166,12 +294,6 @@ def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestF
             transfer_encoding = value.strip(_OWS)
             if transfer_encoding.lower() != b"chunked":
                 raise BadRequest("Transfer-Encoding other than a single 'chunked'")
-        elif lname == b"host":
-            hosts += 1
-            if hosts > 1:
-                raise BadRequest("more than one Host (RFC 9112 §3.2)")
-            if _HOST_RE.fullmatch(value.strip(_OWS)) is None:
-                raise BadRequest("Host is not a valid host[:port] (RFC 9110 §7.2, RFC 3986 §3.2.2)")
         elif lname == b"connection":
             connection.extend(_tokens(value))
         elif lname == b"expect":
@@ -191,8 +313,6 @@ def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestF
             raise BadRequest("both Content-Length and Transfer-Encoding (RFC 9112 §6.1)")
         if http10:
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1)")
-    if hosts == 0 and not http10:
-        raise BadRequest("missing Host (RFC 9112 §3.2)")
     if upgrade is not None and (b"upgrade" not in connection or http10 or upgrade.lower() not in UPGRADE_PROTOCOLS):
         # Not a request to switch (RFC 9110 §7.8: Upgrade must be named in Connection), or a protocol we
         # do not relay: after `h2c` one connection carries many requests the policy would never see.
@@ -205,7 +325,21 @@ def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestF
     else:
         body, length = BodyFraming.NONE, None
     keep_alive = b"keep-alive" in connection if http10 else b"close" not in connection
-    return RequestFraming(body, length, expect_continue, upgrade, keep_alive)
+    # Dropped on the way: the fields Connection names, and Expect (RFC 9110 §10.1.1: we answer the
+    # expectation ourselves once the request is authorised; the app would send its own 100).
+    return RequestFraming(body, length, expect_continue, upgrade, keep_alive), (
+        [*connection, b"expect"] if expect_continue else connection
+    )
+
+
+def check_request_headers(headers: Headers, *, version: str = "1.1") -> RequestFraming:
+    """Validate a parsed request head strictly; return its framing or raise `BadRequest`.
+
+    `version` is httptools' `get_http_version()` ("1.1" or "1.0"). (`parse_request_head` with pairs.)
+    """
+    names = [n for n, _ in headers]
+    values = [v for _, v in headers]
+    return parse_request_head(b"GET", b"/", names, values, http10=version == "1.0").framing
 
 
 def xfcc_value(own_id: SpiffeId, peer_leaf_sha256_hex: str, peer_id: SpiffeId) -> bytes:
@@ -220,7 +354,6 @@ def xfcc_value(own_id: SpiffeId, peer_leaf_sha256_hex: str, peer_id: SpiffeId) -
 
 
 _CRLF: Final = b"\r\n"
-_SEP: Final = b": "
 _REQ_TAIL: Final = b" HTTP/1.1\r\n"
 _XFCC_PREFIX: Final = b"x-forwarded-client-cert: "
 _TE_CHUNKED: Final = b"transfer-encoding: chunked\r\n"
@@ -228,35 +361,42 @@ _CL_PREFIX: Final = b"content-length: "
 _CONN_UPGRADE: Final = b"connection: upgrade\r\nupgrade: "
 _CONN_CLOSE: Final = b"connection: close\r\n"
 _HOST_PREFIX: Final = b"host: "
+CHUNK_END: Final = b"0\r\n\r\n"
 
 
-def _drop_set(headers: Headers, base: frozenset[bytes]) -> frozenset[bytes]:
-    """`base` plus every field named in Connection (RFC 9110 §7.6.1)."""
-    named: list[bytes] = []
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.extend(_tokens(value))
-    return base.union(named) if named else base
+def chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1); `data` must not be empty (that is `CHUNK_END`)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _append_fields(
-    parts: list[bytes], headers: Headers, *, request: bool = False, drop: frozenset[bytes] = _DROP
-) -> bool:
-    """Append the end-to-end fields of `headers`; return whether a Host field was among them.
+def request_head(
+    method: bytes,
+    target: bytes,
+    head: RequestHead,
+    *,
+    identity: bytes,
+    host_fallback: bytes | None,
+) -> bytes:
+    """The HTTP/1.1 head sent upstream: the normalised `target`, the forwarded fields, `identity` (a whole
+    `x-forwarded-client-cert: ...\\r\\n` line, or b"") and our own framing."""
+    f = head.framing
+    parts = [method, b" ", target, _REQ_TAIL, head.fields]
+    if head.host is None and host_fallback is not None:
+        parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
+    parts.append(identity)
+    if f.content_length is not None:
+        parts += (_CL_PREFIX, b"%d" % f.content_length, _CRLF)
+    elif f.body is BodyFraming.CHUNKED:
+        parts.append(_TE_CHUNKED)
+    if f.upgrade is not None:
+        parts += (_CONN_UPGRADE, f.upgrade, _CRLF)
+    parts.append(_CRLF)
+    return b"".join(parts)
 
-    For requests, a name containing `_` is dropped: it is the same CGI variable as its `-` spelling
-    (`X_Forwarded_Client_Cert` = `X-Forwarded-Client-Cert`), so it could shadow a field we own or drop.
-    """
-    drop = _drop_set(headers, drop)
-    host = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname in drop or (request and b"_" in lname):
-            continue
-        if lname == b"host":
-            host = True
-        parts += (name, _SEP, value.strip(_OWS), _CRLF)
-    return host
+
+def identity_line(xfcc: bytes) -> bytes:
+    """The `x-forwarded-client-cert` line for `request_head` (built once per connection)."""
+    return _XFCC_PREFIX + xfcc + _CRLF
 
 
 def build_request_head(
@@ -272,21 +412,190 @@ def build_request_head(
     drop: frozenset[bytes] = REQUEST_DROP,
 ) -> bytes:
     """The HTTP/1.1 head sent to the app: `target` is the normalised one (`Target.forward`); fields in
-    `drop` (default `REQUEST_DROP`; see `request_drop`) and those named in Connection are left out."""
+    `drop` (default `REQUEST_DROP`; see `request_drop`) and those named in Connection are left out.
+    (The framing is given, not checked: `parse_request_head` + `request_head` is the checked form.)"""
     if chunked and content_length is not None:
         raise ValueError("a request body is either chunked or has a Content-Length, not both")
-    parts: list[bytes] = [method, b" ", target, _REQ_TAIL]
-    if not _append_fields(parts, headers, request=True, drop=drop) and host_fallback is not None:
-        parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
-    parts += (_XFCC_PREFIX, xfcc, _CRLF)
-    if content_length is not None:
-        parts += (_CL_PREFIX, b"%d" % content_length, _CRLF)
+    names = [n for n, _ in headers]
+    lnames = [n.lower() for n in names]
+    values = [v for _, v in headers]
+    connection = [t for ln, v in zip(lnames, values, strict=True) if ln == b"connection" for t in _tokens(v)]
+    drop = drop.union(connection) if connection else drop
+    fields = b"".join(
+        [_FIELD % (names[i], values[i].strip(_OWS)) for i, ln in enumerate(lnames) if ln not in drop and b"_" not in ln]
+    )
+    body = BodyFraming.CHUNKED if chunked else (BodyFraming.NONE if content_length is None else
+                                                 BodyFraming.CONTENT_LENGTH)
+    head = RequestHead(RequestFraming(body, content_length, False, upgrade, True),
+                       b"x" if b"host" in lnames else None, fields, 0, False)
+    return request_head(method, target, head, identity=identity_line(xfcc), host_fallback=host_fallback)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses
+
+
+class ResponseFraming(enum.Enum):
+    NONE = "none"  # no body: HEAD, 1xx, 204, 304 (RFC 9112 §6.3 rules 1-2)
+    CONTENT_LENGTH = "content_length"
+    CHUNKED = "chunked"
+    CLOSE = "close"  # delimited by the connection closing (RFC 9112 §6.3 rule 8)
+
+
+class BadResponse(SidecarError):
+    """A response head from the next hop we refuse to relay (502); `reason` is for the metrics label."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class ResponseHead:
+    """A response head checked and rewritten for the downstream peer.
+
+    `head`: what the peer gets (our framing, hop-by-hop fields dropped); `framing` is how the *app's* body
+    is delimited; `chunked_down` whether we send the peer a chunked body (the app's chunked body is
+    re-chunked chunk by chunk; a close-delimited one is re-framed as chunked for HTTP/1.1 peers);
+    `keep_alive` whether the downstream connection may carry another request after this response."""
+
+    __slots__ = ("chunked_down", "content_length", "framing", "head", "keep_alive", "status")
+
+    def __init__(
+        self, status: int, framing: ResponseFraming, content_length: int | None, head: bytes, chunked_down: bool,
+        keep_alive: bool,
+    ) -> None:
+        self.status = status
+        self.framing = framing
+        self.content_length = content_length
+        self.head = head
+        self.chunked_down = chunked_down
+        self.keep_alive = keep_alive
+
+
+_RESPONSE_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+def parse_response_head(
+    status: int,
+    reason: bytes,
+    names: Sequence[bytes],
+    values: Sequence[bytes],
+    *,
+    head_request: bool,
+    keep_alive: bool,
+    http10_peer: bool,
+) -> ResponseHead:
+    """Check the app's (or, outbound, the remote workload's) final response head and build the one sent
+    downstream; raise `BadResponse` for framing that cannot be relayed safely (RFC 9112 §6.3 rule 5: an
+    invalid or conflicting Content-Length is an unrecoverable error for a proxy: 502).
+
+    `keep_alive` is what the request side allows (the client's Connection, our draining, whether the whole
+    request was read); the result is False too when the body can only end with the connection."""
+    n = len(names)
+    lnames = [name.lower() for name in names]
+    joined = b"\n".join(lnames)
+    if n:
+        vjoined = b"\n".join(values)
+        if (
+            _NAMES_RE.fullmatch(joined) is None
+            or vjoined.count(b"\n") != n - 1
+            or _BAD_VALUES_RE.search(vjoined) is not None
+        ):
+            raise BadResponse("protocol")
+    no_body = head_request or status in (204, 304)
+    connection: list[bytes] = []
+    content_length: int | None = None
+    chunked = False
+    if not _RESPONSE_FRAMING_NAMES.isdisjoint(lnames):
+        cl_text: bytes | None = None
+        for lname, value in zip(lnames, values, strict=True):
+            if lname == b"content-length":
+                v = value.strip(_OWS)
+                if _DIGITS_RE.fullmatch(v) is None or (cl_text is not None and v != cl_text):
+                    raise BadResponse("protocol")
+                cl_text = v
+            elif lname == b"transfer-encoding":
+                codings = _tokens(value)
+                if chunked or not codings or codings[-1] != b"chunked":
+                    raise BadResponse("protocol")  # RFC 9112 §6.3 rule 4 would be close-delimited: refuse
+                chunked = True
+            elif lname == b"connection":
+                connection.extend(_tokens(value))
+        if chunked and cl_text is not None:
+            raise BadResponse("protocol")  # RFC 9112 §6.1: a smuggling signal, never relayed
+        if cl_text is not None:
+            content_length = int(cl_text)
+    if no_body:
+        framing = ResponseFraming.NONE
     elif chunked:
-        parts.append(_TE_CHUNKED)
-    if upgrade is not None:
-        parts += (_CONN_UPGRADE, upgrade, _CRLF)
+        framing = ResponseFraming.CHUNKED
+    elif content_length is not None:
+        framing = ResponseFraming.CONTENT_LENGTH
+    else:
+        framing = ResponseFraming.CLOSE
+    # A close-delimited body is re-framed as chunked for HTTP/1.1 peers, so keep-alive survives.
+    chunked_down = (framing is ResponseFraming.CHUNKED) or (framing is ResponseFraming.CLOSE and not http10_peer)
+    keep_alive = keep_alive and (framing is not ResponseFraming.CLOSE or chunked_down)
+    parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+    if not connection and _RESPONSE_DROP.isdisjoint(lnames):
+        parts.append(b"".join(map(_FIELD.__mod__, zip(names, map(bytes.rstrip, values), strict=True))))
+    else:
+        drop = _RESPONSE_DROP.union(connection) if connection else _RESPONSE_DROP
+        parts += [_FIELD % (names[i], values[i].rstrip()) for i, ln in enumerate(lnames) if ln not in drop]
+    if status != 204:
+        if content_length is not None and (not no_body or head_request):
+            parts += (_CL_PREFIX, b"%d" % content_length, _CRLF)
+        elif chunked_down and not no_body:
+            parts.append(_TE_CHUNKED)
+    if not keep_alive:
+        parts.append(_CONN_CLOSE)
     parts.append(_CRLF)
-    return b"".join(parts)
+    return ResponseHead(status, framing, content_length, b"".join(parts), chunked_down and not no_body, keep_alive)
+
+
+class ResponseHeads:
+    """`parse_response_head` remembering its result per raw head (status line and fields, as received)
+    and per request-side flags: the result is a pure function of them (see `RequestHeads`)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[bytes, bool, bool, bool], ResponseHead] = {}
+
+    def parse(
+        self, status: int, reason: bytes, names: Sequence[bytes], values: Sequence[bytes], raw: bytes | None, *,
+        head_request: bool, keep_alive: bool, http10_peer: bool,
+    ) -> ResponseHead:  # fmt: skip
+        if raw is None or len(raw) > _HEAD_CACHE_BYTES:
+            return parse_response_head(status, reason, names, values, head_request=head_request,
+                                       keep_alive=keep_alive, http10_peer=http10_peer)  # fmt: skip
+        key = (raw, head_request, keep_alive, http10_peer)
+        head = self._cache.get(key)
+        if head is None:
+            head = parse_response_head(status, reason, names, values, head_request=head_request,
+                                       keep_alive=keep_alive, http10_peer=http10_peer)  # fmt: skip
+            if len(self._cache) >= _HEAD_CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = head
+        return head
+
+
+def interim_head(status: int, reason: bytes, names: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    """A 1xx head relayed as is, hop-by-hop fields dropped (RFC 9110 §15.2)."""
+    lnames = [name.lower() for name in names]
+    connection = [t for ln, v in zip(lnames, values, strict=True) if ln == b"connection" for t in _tokens(v)]
+    drop = _RESPONSE_DROP.union(connection)
+    fields = [_FIELD % (names[i], values[i].rstrip()) for i, ln in enumerate(lnames) if ln not in drop]
+    return b"".join([b"HTTP/1.1 %d " % status, reason, _CRLF, *fields, _CRLF])
+
+
+def switching_head(reason: bytes, names: Sequence[bytes], values: Sequence[bytes], upgrade: bytes) -> bytes:
+    """A 101 head for an upgrade we relay: hop-by-hop fields dropped, `connection: upgrade` re-added."""
+    lnames = [name.lower() for name in names]
+    connection = [t for ln, v in zip(lnames, values, strict=True) if ln == b"connection" for t in _tokens(v)]
+    drop = _RESPONSE_DROP.union(connection)
+    fields = [_FIELD % (names[i], values[i].rstrip()) for i, ln in enumerate(lnames) if ln not in drop]
+    return b"".join([b"HTTP/1.1 101 ", reason, _CRLF, *fields, _CONN_UPGRADE, upgrade, _CRLF, _CRLF])
 
 
 def build_response_head(
@@ -299,25 +608,31 @@ def build_response_head(
     content_length: int | None,
     upgrade: bytes | None = None,
 ) -> bytes:
-    """The head sent back to the peer for the app's response.
-
-    1xx and 204 never carry framing (RFC 9110 §8.6, RFC 9112 §6.1); a 101 carries `upgrade`.
-    """
+    """The head sent back to the peer for the app's response, framing given (1xx and 204 never carry
+    framing, RFC 9110 §8.6, RFC 9112 §6.1; a 101 carries `upgrade`). `parse_response_head` is the
+    checked form the data plane uses."""
     if chunked and content_length is not None:
         raise ValueError("a response body is either chunked or has a Content-Length, not both")
-    parts: list[bytes] = [b"HTTP/1.1 %d " % status, reason, _CRLF]
-    _append_fields(parts, headers)
+    names = [n for n, _ in headers]
+    values = [v for _, v in headers]
     if status == 101:
         if upgrade is not None:
-            parts += (_CONN_UPGRADE, upgrade, _CRLF)
-    elif status >= 200:
-        if status != 204:
-            if content_length is not None:
-                parts += (_CL_PREFIX, b"%d" % content_length, _CRLF)
-            elif chunked:
-                parts.append(_TE_CHUNKED)
-        if not keep_alive:
-            parts.append(_CONN_CLOSE)
+            return switching_head(reason, names, values, upgrade)
+        return interim_head(101, reason, names, values)
+    if status < 200:
+        return interim_head(status, reason, names, values)
+    lnames = [n.lower() for n in names]
+    connection = [t for ln, v in zip(lnames, values, strict=True) if ln == b"connection" for t in _tokens(v)]
+    drop = _RESPONSE_DROP.union(connection)
+    parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
+    parts += [_FIELD % (names[i], values[i].strip(_OWS)) for i, ln in enumerate(lnames) if ln not in drop]
+    if status != 204:
+        if content_length is not None:
+            parts += (_CL_PREFIX, b"%d" % content_length, _CRLF)
+        elif chunked:
+            parts.append(_TE_CHUNKED)
+    if not keep_alive:
+        parts.append(_CONN_CLOSE)
     parts.append(_CRLF)
     return b"".join(parts)
 

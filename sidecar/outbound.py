@@ -3,19 +3,25 @@ to the target with its own X.509-SVID and checks the server's SPIFFE ID before s
 
 Shape:
 
-* `OutboundServer` reuses the inbound listener's machinery (accept loop, limits, drain, the httptools
-  request/response relaying of `inbound._HttpConn` / `inbound._Exchange`) through small subclasses: the
-  downstream side is plain TCP from the app (no handshake, no policy), the upstream side is a `Route`.
+* `OutboundServer` is a composition of the shared data plane (`sidecar.proxy`, `sidecar.relay`,
+  `sidecar.listener`), as inbound is:
+
+      outbound = Listener(AppGate, HttpConnection(RouteAuthorizer, Route, Observer))   # mode http
+               | Listener(AppGate, TcpRelay(RouteAuthorizer, Route, Observer))         # mode tcp
+
+  The downstream side is plain TCP from the app (no handshake); the authorizer picks the route (the
+  single one of a fixed port, or by the request's authority or Host on the proxy port); the route is the
+  dialer, and its expected server ID is checked on every new connection before a byte is sent.
 * A `Route` owns a bounded `UpstreamPool` of kept-alive mTLS connections to its target. Each new
   connection takes the newest client snapshot (rotation = reference swap), resolves the target's DNS name
   afresh (Kubernetes service names), and runs `verify_server` right after the handshake: the chain
   against the bundle of the server ID's own trust domain (X509-SVID §5.2) in the snapshot that handshake
   used, then the route's `expect` pattern. A mismatch never carries a byte of the request: the app gets a
   502 naming both IDs, the line is logged and counted.
-* Metrics and audit: every outbound listener reports `listener="outbound"` (also for errors raised in the
-  relay code shared with inbound.py); the route is the `route` label of the outbound_* series and the
-  audit line's `rule`; the audit line's `peer` is the server SPIFFE ID verified on the connection the
-  request used (on a refused server, the ID it presented, with decision `deny`).
+* Metrics and audit: every outbound listener reports `listener="outbound"`; the route is the `route`
+  label of the outbound_* series and the audit line's `rule`; the audit line's `peer` is the server SPIFFE
+  ID verified on the connection the request used (on a refused server, the ID it presented, with
+  decision `deny`).
 * Rotation of our SVID or of the bundles: `retire()` bumps the pools' generation; idle connections close
   at once, leased ones finish their current exchange and close on release, new requests use new
   connections (which present the new SVID and verify against the new bundles).
@@ -39,26 +45,29 @@ under uvloop), which the pool already pays once per slot, not per request (tests
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import datetime as dt
 import json
 import logging
-import socket
 import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Final, cast
+from typing import Final
 
 from .config import HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
 from .errors import SidecarError, SvidError
+from .http1 import RequestHeads, request_drop
 from .identity import SpiffeId
-from .inbound import _T_RESPONSE, AuditSink, InboundServer, PolicyRef, _BaseConn, _Exchange, _HttpConn, _LazyTimer
+from .listener import AppGate, Listener, Peer
 from .metrics import Metrics
-from .policy import Decision, compile_policy
+from .observer import AuditSink, Observer, RateLimitedLog
+from .policy import Decision, Target, normalize_target
+from .proxy import DialFailure, Grant, HttpConnection, HttpContext
+from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot, verify_peer_connection
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
+from .upstream import UpstreamSink as _Sink
 
 __all__ = ["OutboundServer", "Route", "ServerIdMismatch", "build_routes"]
 
@@ -116,6 +125,8 @@ class Route:
         self.down_backoff = timeouts.target_down_backoff if down_backoff is None else down_backoff
         self.down_until = 0.0
         self.handshakes = 0  # completed TLS handshakes (each is one new pooled connection)
+        self.authority = str(to.target).encode("ascii")  # Host for a request without one (HTTP/1.0)
+        self._log = RateLimitedLog(clock)
         self.mismatches = 0
         # Audit decisions (`rule` is the route name): forwarded, or refused on the server's identity.
         self.decision = Decision(True, True, name, f"outbound route {name} -> {to.target}", "enforce")
@@ -217,6 +228,47 @@ class Route:
             "target": str(self.target),
         })  # fmt: skip
 
+    # -- the data plane's Dialer ---------------------------------------------------------------------------
+
+    def acquire_idle(self, sink: _Sink) -> UpstreamConnection | None:
+        return self.pool.acquire_idle(sink)
+
+    async def acquire(self, sink: _Sink) -> UpstreamConnection:
+        return await self.pool.acquire(sink)
+
+    def release(self, up: UpstreamConnection, *, reusable: bool) -> None:
+        self.pool.release(up, reusable=reusable)
+
+    def unavailable(self) -> bytes | None:
+        return self.down_response() if self.is_down() else None
+
+    def failure(self, exc: UpstreamError) -> DialFailure:
+        """The answer for a failed lease; a connect failure marks the route down for the backoff."""
+        decision: Decision | None = None
+        peer = "-"
+        if exc.kind == "connect":
+            self.mark_down()
+            self._log(logging.WARNING, "outbound %s: %s", self.name, exc)
+        elif exc.kind == "verify":
+            # The pool raises UpstreamError from the verify hook's exception (kept as __context__).
+            cause = exc.__context__
+            if isinstance(cause, ServerIdMismatch):
+                peer = str(cause.got)
+                decision = self.refused_id
+            else:
+                decision = self.refused_cert
+        status = 503 if exc.kind == "no_svid" else 502
+        return DialFailure(self.failure_response(exc), status, decision, peer)
+
+    def exhausted(self) -> bytes:
+        return _fixed_json(503, "Service Unavailable", {"error": "outbound pool exhausted"})
+
+    def connected(self) -> None:
+        self.mark_up()
+
+    def peer_of(self, up: UpstreamConnection) -> tuple[str, float]:
+        return self.server_of(up)
+
 
 def build_routes(
     targets: Sequence[tuple[str, OutboundTarget]],
@@ -231,10 +283,46 @@ def build_routes(
     }
 
 
-_NO_ROUTE = Decision(False, True, "no-route", "no outbound route for this Host", "enforce")
+_NO_ROUTE: Final = Decision(False, True, "no-route", "no outbound route for this Host", "enforce")
 
 
-class OutboundServer(InboundServer):
+class RouteAuthorizer:
+    """Outbound authorization: the route for the request (its decision and its pool), and the target
+    normalised as inbound does. With `single`, every request goes to that route; otherwise the authority
+    of an absolute-form target (what an app honouring HTTP_PROXY sends) or the Host picks it."""
+
+    def __init__(self, routes: Mapping[str, Route], single: Route | None) -> None:
+        self.routes = dict(routes)
+        self.single = single
+        self._grants = {key: Grant(r.decision, r) for key, r in self.routes.items()}
+
+    def route_for(self, host: bytes | None) -> Route | None:
+        if self.single is not None:
+            return self.single
+        if host is None:
+            return None
+        return self.routes.get(_host_only(host))
+
+    def target(self, raw: bytes) -> tuple[Target, bytes | None]:
+        authority, origin = _split_absolute(raw)
+        return normalize_target(origin), authority
+
+    def check(self, peer: Peer, method: bytes, target: Target, authority: bytes | None) -> Grant:
+        if self.single is not None:
+            return self._grants[self.single.name]
+        route = self.route_for(authority)
+        if route is None:
+            shown = (authority or b"").decode("ascii", "replace")
+            body = _fixed_json(502, "Bad Gateway", {"error": "no outbound route for this host", "host": shown})
+            return Grant(_NO_ROUTE, None, body, "no_route")
+        return self._grants[route.name]
+
+    def check_connection(self, peer: Peer) -> Grant:
+        assert self.single is not None
+        return self._grants[self.single.name]
+
+
+class OutboundServer:
     """A plain listener on loopback for the app. With `by_host=False` every request goes to the single
     route; with `by_host=True` (the HTTP proxy port) the request's authority or Host picks the route."""
 
@@ -260,69 +348,57 @@ class OutboundServer(InboundServer):
         if mode is ListenerMode.TCP and (by_host or len(routes) != 1):
             raise ValueError("a tcp outbound listener has exactly one fixed route")
         first = next(iter(routes.values()))
-        super().__init__(
-            # The app's own requests keep every end-to-end field: the receiving sidecar strips what its
-            # policy says (routing overrides included).
-            InboundSettings(listen=listen, app=first.target, mode=mode, strip_request_headers=()),
-            timeouts=timeouts,
-            limits=limits,
-            tls=tls,
-            policy=PolicyRef(compile_policy({"rules": []}, "<outbound>")),
-            audit=audit,
-            metrics=metrics,
-            clock=clock,
-        )
         self.name = name
+        self.settings = InboundSettings(listen=listen, app=first.target, mode=mode, strip_request_headers=())
+        self.timeouts = timeouts
+        self.tls = tls
         self.routes = dict(routes)
         self.by_host = by_host
-        self.single = None if by_host else first
+        self.observer = observer = Observer(LISTENER, audit, metrics, clock=clock)
+        self.authorizer = RouteAuthorizer(self.routes, None if by_host else first)
+        gate = AppGate(tls)
+        factory: Callable[[TlsSnapshot, str], HttpConnection | TcpRelay]
+        self.listener = listener = Listener(
+            listen, gate=gate, factory=lambda snap, addr: factory(snap, addr), timeouts=timeouts, limits=limits,
+            observer=observer,
+        )  # fmt: skip
+        if mode is ListenerMode.TCP:
+            rctx = RelayContext(
+                listener, gate, self.authorizer, observer, idle=timeouts.idle, write_stall=timeouts.write_stall,
+                connect=timeouts.upstream_connect * 2, upstream_peer=True, clock=clock,
+            )  # fmt: skip
+            factory = lambda snap, addr: TcpRelay(rctx, snap, addr)  # noqa: E731
+        else:
+            # The app's own requests keep every end-to-end field: the receiving sidecar strips what its
+            # policy says (routing overrides included).
+            hctx = HttpContext(
+                listener, gate, self.authorizer, observer, timeouts, limits, RequestHeads(request_drop(())),
+                upstream_peer=True, clock=clock,
+            )  # fmt: skip
+            factory = lambda snap, addr: HttpConnection(hctx, snap, addr)  # noqa: E731
 
     def route_for(self, host: bytes | None) -> Route | None:
-        if self.single is not None:
-            return self.single
-        if host is None:
-            return None
-        name = _host_only(host)
-        return self.routes.get(name)
+        return self.authorizer.route_for(host)
 
     def retire(self) -> int:
         """Our SVID or the bundles changed: drain pooled connections gracefully (see module docstring)."""
         return sum(r.pool.retire() for r in self.routes.values())
 
-    def count_request(self, decision: Decision) -> None:
-        pass  # `requests` counts authorization decisions of the inbound policy; outbound has none
+    async def start(self) -> int:
+        return await self.listener.start()
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        return self.listener.bound
+
+    @property
+    def open_connections(self) -> int:
+        return self.listener.open_connections
 
     async def drain(self, deadline: float) -> None:
-        await super().drain(deadline)
+        await self.listener.drain(deadline)
         for r in self.routes.values():
             await r.pool.close()
-
-    async def _handshake(self, client: socket.socket, addr: str) -> None:
-        # Plain TCP from the app on loopback: there is no handshake on this side.
-        loop = asyncio.get_running_loop()
-        try:
-            self.tls.current  # noqa: B018 - the connection objects need it; refuse here with the reason
-        except SvidError as exc:
-            client.close()
-            self._refuse(addr, exc.reason, exc.detail)
-            self._conn_closed()
-            return
-        factory: Callable[[], _BaseConn]
-        if self.settings.mode is ListenerMode.TCP:
-            factory = lambda: _OutTcpConn(self, addr)  # noqa: E731
-        else:
-            factory = lambda: _OutHttpConn(self, addr)  # noqa: E731
-        try:
-            async with asyncio.timeout(self.timeouts.handshake):
-                await loop.connect_accepted_socket(factory, client)
-        except asyncio.CancelledError:
-            client.close()
-            self._conn_closed()
-            raise
-        except Exception as exc:
-            client.close()
-            self._refuse(addr, "accept", type(exc).__name__)
-            self._conn_closed()
 
 
 def _host_only(host: bytes) -> str:
@@ -351,305 +427,3 @@ def _split_absolute(raw: bytes) -> tuple[bytes | None, bytes]:
     if not target.startswith(b"/"):
         target = b"/" + target
     return authority, target
-
-
-class _OutHttpConn(_HttpConn):
-    """A plain HTTP connection from the app; requests are relayed by `_OutExchange`s."""
-
-    def __init__(self, server: OutboundServer, addr: str) -> None:
-        super().__init__(server, server.tls.current, addr)
-        self.out = server
-        self.authority: bytes | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.peer_id_str = "-"
-        transport.set_write_buffer_limits(high=_BUFFER_HIGH)
-        self.server._conns.add(self)
-        self.verified()
-
-    def make_xfcc(self) -> bytes:
-        # Only the receiving sidecar knows who called it (from the handshake); it strips whatever XFCC
-        # arrives and adds its own. Ours just names the originating workload.
-        return f"By={self.snap.own_id}".encode("ascii")
-
-    def lost(self) -> None:
-        # The base class skips this for unverified peers; an app connection has no TLS peer at all.
-        self._release_exchanges()
-
-    def on_headers_complete(self) -> None:
-        authority, target = _split_absolute(b"".join(self._url))
-        self._url = [target]
-        self.authority = authority
-        super().on_headers_complete()
-
-
-class _OutExchange(_Exchange):
-    """One request from the app: pick the route, lease a verified mTLS connection, relay."""
-
-    __slots__ = ("route", "server_id")
-
-    def __init__(self, conn: _HttpConn, method: bytes, headers: list[tuple[bytes, bytes]], t0: float) -> None:
-        super().__init__(conn, method, headers, t0)
-        self.route: Route | None = None
-        # The audit line's `peer`: the server SPIFFE ID verified on the connection this request used (or,
-        # on a mismatch, the one presented); "-" when no server was reached.
-        self.server_id = "-"
-
-    def start(self) -> None:
-        if self.started:
-            return
-        if self.error is not None or self.framing is None:
-            super().start()  # the fixed 4xx path of the inbound side
-            return
-        self.started = True
-        conn = cast(_OutHttpConn, self.conn)
-        server = conn.out
-        self.keep_alive = self.framing.keep_alive
-        host = conn.authority
-        if host is None:
-            host = next((v for n, v in self.headers if n.lower() == b"host"), None)
-        route = server.route_for(host)
-        if route is None:
-            self.decision = _NO_ROUTE
-            server.metrics.upstream_errors.labels(listener=server.label, kind="no_route").inc()
-            self.respond_fixed(
-                _fixed_json(502, "Bad Gateway", {"error": "no outbound route for this host",
-                                                 "host": (host or b"").decode("ascii", "replace")}),
-                b"502",
-            )  # fmt: skip
-            self.finish(keep_alive=False)
-            return
-        self.route = route
-        self.decision = route.decision
-        if route.is_down():
-            server.metrics.upstream_errors.labels(listener=server.label, kind="down").inc()
-            self.respond_fixed(route.down_response(), b"503")
-            self.finish(keep_alive=False)
-            return
-        up = route.pool.acquire_idle(self)
-        if up is not None:
-            self.attach(up)
-        else:
-            self.task = asyncio.get_running_loop().create_task(self.forward())
-
-    async def forward(self) -> None:
-        route = self.route
-        assert route is not None
-        server = self.conn.server
-        t = server.timeouts
-        try:
-            async with asyncio.timeout(t.upstream_connect + t.upstream_response):
-                up = await route.pool.acquire(self)
-        except UpstreamError as exc:
-            server.metrics.upstream_errors.labels(listener=server.label, kind=exc.kind).inc()
-            if exc.kind == "connect":
-                route.mark_down()
-                server._refusal_log(logging.WARNING, "outbound %s: %s", route.name, exc)
-            elif exc.kind == "verify":
-                # The pool raises UpstreamError from the verify hook's exception (kept as __context__).
-                cause = exc.__context__
-                if isinstance(cause, ServerIdMismatch):
-                    self.server_id = str(cause.got)
-                    self.decision = route.refused_id
-                else:
-                    self.decision = route.refused_cert
-            self.fail(route.failure_response(exc), b"502")
-            return
-        except TimeoutError:  # every pooled connection stayed busy
-            server.metrics.upstream_errors.labels(listener=server.label, kind="pool_exhausted").inc()
-            self.fail(_fixed_json(503, "Service Unavailable", {"error": "outbound pool exhausted"}), b"503")
-            return
-        route.mark_up()
-        if self.finished or self.conn.closed:
-            route.pool.release(up, reusable=False)
-            return
-        self.attach(up)
-
-    def attach(self, up: UpstreamConnection) -> None:
-        assert self.route is not None
-        self.server_id = self.route.server_id_of(up)
-        super().attach(up)
-
-    def finish(self, *, keep_alive: bool, notify: bool = True) -> None:
-        # The base class audits `conn.peer_id_str`: here the server of this very exchange (an app
-        # connection's requests may go to different routes and pooled connections).
-        self.conn.peer_id_str = self.server_id
-        super().finish(keep_alive=keep_alive, notify=notify)
-
-    def release_upstream(self, reusable: bool) -> None:
-        up = self.upstream
-        if up is not None:
-            self.upstream = None
-            assert self.route is not None
-            self.route.pool.release(up, reusable=reusable)
-        self.conn._cancel_timer(_T_RESPONSE)
-
-
-_OutHttpConn.exchange_class = _OutExchange
-
-
-class _OutTcpConn(_BaseConn):
-    """TCP mode: one verified mTLS connection per app connection, then bytes both ways, under the same
-    deadlines as the inbound TCP relay: `timeouts.idle` without a byte either way, `timeouts.write_stall`
-    for an app that stops reading, and the server certificate's expiry (X509-SVID §5.2 holds for the life
-    of the connection). One audit line per connection."""
-
-    def __init__(self, server: OutboundServer, addr: str) -> None:
-        super().__init__(server, server.tls.current, addr)
-        self.out = server
-        self.up: UpstreamConnection | None = None
-        self.pending: list[bytes] = []
-        self.task: asyncio.Task[None] | None = None
-        self.started = server.clock()
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.status = 0  # audited; 408 when cut off for not reading
-        self.server_id = "-"
-        route = server.single
-        assert route is not None
-        self.route = route
-        self.decision = route.decision
-        self.idle: _LazyTimer | None = None
-        self._write_stall: _LazyTimer | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.peer_id_str = "-"
-        transport.set_write_buffer_limits(high=_BUFFER_HIGH)
-        self.server._conns.add(self)
-        route = self.route
-        self.idle = _LazyTimer(asyncio.get_running_loop(), self._on_idle)
-        self.idle.set(self.out.timeouts.idle)
-        if route.is_down():
-            self.out.metrics.upstream_errors.labels(listener=self.out.label, kind="down").inc()
-            self.close()
-            return
-        transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(self._connect(route))
-
-    async def _connect(self, route: Route) -> None:
-        try:
-            async with asyncio.timeout(self.out.timeouts.upstream_connect * 2):
-                up = await route.pool.acquire(self)
-        except (UpstreamError, TimeoutError) as exc:
-            kind = exc.kind if isinstance(exc, UpstreamError) else "timeout"
-            self.out.metrics.upstream_errors.labels(listener=self.out.label, kind=kind).inc()
-            if kind == "connect":
-                route.mark_down()
-            elif kind == "verify":
-                cause = exc.__context__
-                if isinstance(cause, ServerIdMismatch):
-                    self.server_id = str(cause.got)
-                    self.decision = route.refused_id
-                else:
-                    self.decision = route.refused_cert
-            self.close()
-            return
-        route.mark_up()
-        if self.closed:
-            route.pool.release(up, reusable=False)
-            return
-        self.up = up
-        self.server_id, self.peer_expires = route.server_of(up)
-        self.arm_server_expiry()
-        if self.pending:
-            up.write(b"".join(self.pending))
-            self.pending.clear()
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def arm_server_expiry(self) -> None:
-        delay = max(0.0, self.peer_expires - time.time())
-        self._expiry_handle = asyncio.get_running_loop().call_later(delay, self._on_server_expired)
-
-    def _on_server_expired(self) -> None:
-        self._expiry_handle = None
-        if self.closed:
-            return
-        self.out._refuse(self.addr, "expired", f"server {self.server_id}: certificate expired on an open relay")
-        up = self.up
-        if up is not None:
-            up.abort()
-        self.abort()
-
-    def _on_idle(self) -> None:
-        self.close()  # lost() closes the upstream side
-
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        if self.idle is not None:
-            self.idle.set(self.out.timeouts.idle)
-        up = self.up
-        if up is not None and up.alive:
-            up.write(data)
-        else:
-            self.pending.append(data)
-
-    def eof_received(self) -> bool | None:
-        return False
-
-    def pause_writing(self) -> None:
-        if self.up is not None:
-            self.up.pause_reading()
-        t = self._write_stall  # the app must take bytes again within write_stall (as inbound)
-        if t is None:
-            t = self._write_stall = _LazyTimer(asyncio.get_running_loop(), self._on_write_stall)
-        t.set(self.out.timeouts.write_stall)
-
-    def resume_writing(self) -> None:
-        if self._write_stall is not None:
-            self._write_stall.clear()
-        if self.up is not None:
-            self.up.resume_reading()
-
-    def _on_write_stall(self) -> None:
-        self.out.metrics.peer_stalls.labels(listener=self.out.label, kind="write").inc()
-        self.status = 408
-        up = self.up
-        if up is not None:
-            up.abort()
-        self.abort()
-
-    def lost(self) -> None:
-        for t in (self.idle, self._write_stall):
-            if t is not None:
-                t.cancel()
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-        up, self.up = self.up, None
-        if up is not None:
-            self.route.pool.release(up, reusable=False)
-        self.out.audit.decision(
-            listener=self.out.label,
-            peer=self.server_id,
-            method="-",
-            path="-",
-            decision=self.decision,
-            status=self.status,
-            bytes_in=self.bytes_in,
-            bytes_out=self.bytes_out,
-            duration=self.out.clock() - self.started,
-        )
-
-    # UpstreamSink
-    def upstream_data(self, data: bytes) -> None:
-        self.bytes_out += len(data)
-        if self.idle is not None:
-            self.idle.set(self.out.timeouts.idle)
-        if self.transport is not None and not self.closed:
-            self.transport.write(data)
-
-    def upstream_eof(self) -> None:
-        self.close()
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        self.close()
-
-    def upstream_pause_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.pause_reading()
-
-    def upstream_resume_writing(self) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()

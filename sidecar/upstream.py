@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Protocol, cast
 
 from .errors import SidecarError
+from .h1reader import ResponseReader
 
 __all__ = ["UpstreamConnection", "UpstreamError", "UpstreamPool", "UpstreamSink"]
 
@@ -49,7 +50,7 @@ class UpstreamSink(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the upstream; owned by its pool, leased to one sink at a time."""
 
-    __slots__ = ("_cork", "_idle_deadline", "_pool", "_sink", "alive", "generation", "reused", "transport")
+    __slots__ = ("_cork", "_idle_deadline", "_pool", "_sink", "alive", "generation", "reader", "reused", "transport")
 
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
@@ -63,6 +64,8 @@ class UpstreamConnection(asyncio.Protocol):
         # by `uncork()`; a connection closed before that sends none of them (e.g. a request whose chunked
         # framing broke in the same read never reaches the app).
         self._cork: list[bytes] | None = None
+        # The HTTP response reader of this connection, kept across exchanges (made by the first one).
+        self.reader: ResponseReader | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,8 +1,8 @@
 """Per-request Python cost of the inbound HTTP path with the sockets and TLS taken out.
 
-Drives sidecar.inbound's connection protocol directly: request bytes into `data_received`, the app's
+Drives the inbound listener's connection protocol (sidecar.proxy.HttpConnection) directly: request bytes into `data_received`, the app's
 response into the leased upstream connection's `data_received`, with recording stand-in transports. What it
-measures is the glue (httptools callbacks, header checks, normalisation, authorize, head rewrite, metrics,
+measures is the glue (the request/response readers, header checks, normalisation, authorize, head rewrite, metrics,
 audit line, pool lease/release, timers); what it leaves out is the kernel and OpenSSL. Deterministic
 enough for before/after comparisons on a noisy shared machine (take the min of repeats).
 
@@ -62,14 +62,16 @@ class _Transport:
 
 
 def build(audit_path: str = os.devnull) -> tuple[Any, Any, _Transport]:
-    """An InboundServer with one verified downstream connection and one pooled upstream connection."""
+    """An InboundServer with one admitted downstream connection and one pooled upstream connection."""
     from sidecar.audit import AuditLog, open_writer
     from sidecar.config import AuditSettings, HostPort, InboundSettings, Limits, Timeouts
+    from sidecar.http1 import identity_line, xfcc_value
     from sidecar.identity import SpiffeId, TrustDomain
-    from sidecar.inbound import InboundServer, PolicyRef, _HttpConn
+    from sidecar.inbound import InboundServer, PolicyRef
+    from sidecar.listener import Peer
     from sidecar.metrics import Metrics
     from sidecar.policy import compile_policy
-    from sidecar.svid import PeerIdentity, X509Bundle, X509Context, X509Svid
+    from sidecar.svid import X509Bundle, X509Context, X509Svid
     from sidecar.tls import TlsContexts
     from sidecar.upstream import UpstreamConnection
     from tests.pki import CA
@@ -92,13 +94,12 @@ def build(audit_path: str = os.devnull) -> tuple[Any, Any, _Transport]:
         timeouts=Timeouts(), limits=Limits(), tls=TlsContexts(ctx), policy=PolicyRef(policy),
         audit=audit, metrics=metrics,
     )
-    conn = _HttpConn(server, server.tls.current, "127.0.0.1:5555")
+    snap = server.tls.current
+    conn = server.listener.factory(snap, "127.0.0.1:5555")
     down = _Transport()
-    conn.transport = down
-    peer = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
-    conn.peer = PeerIdentity(peer, "ab" * 32, dt.datetime(2100, 1, 1, tzinfo=dt.UTC))
-    conn.peer_id_str = str(peer)
-    conn.verified()
+    peer_id = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
+    xfcc = xfcc_value(snap.own_id, "ab" * 32, peer_id)
+    conn.serve(down, Peer(peer_id, identity_line(xfcc), 4102444800.0, snap.generation))
     up = UpstreamConnection(server.pool)
     up.connection_made(_Transport())  # type: ignore[arg-type]
     server.pool._total += 1
