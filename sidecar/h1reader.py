@@ -99,6 +99,11 @@ class RequestReader:
         """Read nothing past the current message (the caller closes after it, or switches protocols)."""
         self.stopped = True
 
+    @property
+    def at_message_start(self) -> bool:
+        """No byte of the next request has been fed yet, and requests are still read."""
+        return self._in_head and self._room == self._head_room and not self.stopped
+
     def feed(self, data: bytes) -> None:
         while data and not self.stopped:
             if self._in_head:
@@ -261,6 +266,11 @@ class ResponseReader:
         self._fresh = False
         self._messages = 0  # heads completed (interim ones included): their room starts afresh
         self.broken = False  # the parser's state is unusable for another response
+
+    @property
+    def at_message_start(self) -> bool:
+        """No byte of the next response has been fed yet (the parser waits for a status line)."""
+        return self._in_head and self._room == self.head_room and not self.broken
 
     def expect(self, sink: ResponseSink, *, head_request: bool) -> None:
         self.sink = sink

@@ -271,6 +271,10 @@ class RequestHeads:
             self._cache[key] = head
         return head
 
+    def known(self, raw: bytes, http10: bool) -> RequestHead | None:
+        """The result for a field block the full path already accepted, else None (the fast path)."""
+        return self._cache.get((raw, http10))
+
 
 def _request_framing(
     lnames: Sequence[bytes], values: Sequence[bytes], http10: bool
@@ -456,20 +460,22 @@ class ResponseHead:
     `head`: what the peer gets (our framing, hop-by-hop fields dropped); `framing` is how the *app's* body
     is delimited; `chunked_down` whether we send the peer a chunked body (the app's chunked body is
     re-chunked chunk by chunk; a close-delimited one is re-framed as chunked for HTTP/1.1 peers);
-    `keep_alive` whether the downstream connection may carry another request after this response."""
+    `keep_alive` whether the downstream connection may carry another request after this response;
+    `upstream_keep_alive` whether the app's connection may (its version and Connection, RFC 9112 §9.3)."""
 
-    __slots__ = ("chunked_down", "content_length", "framing", "head", "keep_alive", "status")
+    __slots__ = ("chunked_down", "content_length", "framing", "head", "keep_alive", "status", "upstream_keep_alive")
 
     def __init__(
         self, status: int, framing: ResponseFraming, content_length: int | None, head: bytes, chunked_down: bool,
-        keep_alive: bool,
-    ) -> None:
+        keep_alive: bool, upstream_keep_alive: bool = True,
+    ) -> None:  # fmt: skip
         self.status = status
         self.framing = framing
         self.content_length = content_length
         self.head = head
         self.chunked_down = chunked_down
         self.keep_alive = keep_alive
+        self.upstream_keep_alive = upstream_keep_alive
 
 
 _RESPONSE_FRAMING_NAMES: Final = frozenset({b"content-length", b"transfer-encoding", b"connection"})
@@ -484,6 +490,7 @@ def parse_response_head(
     head_request: bool,
     keep_alive: bool,
     http10_peer: bool,
+    http10_upstream: bool = False,
 ) -> ResponseHead:
     """Check the app's (or, outbound, the remote workload's) final response head and build the one sent
     downstream; raise `BadResponse` for framing that cannot be relayed safely (RFC 9112 §6.3 rule 5: an
@@ -550,7 +557,11 @@ def parse_response_head(
     if not keep_alive:
         parts.append(_CONN_CLOSE)
     parts.append(_CRLF)
-    return ResponseHead(status, framing, content_length, b"".join(parts), chunked_down and not no_body, keep_alive)
+    upstream_keep_alive = b"keep-alive" in connection if http10_upstream else b"close" not in connection
+    return ResponseHead(
+        status, framing, content_length, b"".join(parts), chunked_down and not no_body, keep_alive,
+        upstream_keep_alive and framing is not ResponseFraming.CLOSE,
+    )  # fmt: skip
 
 
 class ResponseHeads:
@@ -573,11 +584,17 @@ class ResponseHeads:
         head = self._cache.get(key)
         if head is None:
             head = parse_response_head(status, reason, names, values, head_request=head_request,
-                                       keep_alive=keep_alive, http10_peer=http10_peer)  # fmt: skip
+                                       keep_alive=keep_alive, http10_peer=http10_peer,
+                                       http10_upstream=raw.startswith(b"HTTP/1.0"))  # fmt: skip
             if len(self._cache) >= _HEAD_CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = head
         return head
+
+    def known(self, raw: bytes, head_request: bool, keep_alive: bool, http10_peer: bool) -> ResponseHead | None:
+        """The result for a head the full path (the C parser and `parse_response_head`) already accepted,
+        else None: the data plane's fast path for a response that arrives whole."""
+        return self._cache.get((raw, head_request, keep_alive, http10_peer))
 
 
 def interim_head(status: int, reason: bytes, names: Sequence[bytes], values: Sequence[bytes]) -> bytes:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from typing import Final, NamedTuple, Protocol
@@ -80,6 +81,13 @@ _P_PENDING: Final = 1  # request body buffered while no upstream connection is l
 _P_UPSTREAM: Final = 2  # the upstream transport's write buffer is full
 _P_PIPELINE: Final = 4  # a pipelined request waits behind the active one
 _P_STOP: Final = 8  # no more requests will be read on this connection
+
+# A request line the fast path takes (else the C parser decides): a token method, an origin-form target of
+# unreserved, sub-delims, ":", "@", "/", "?" and "%" only, HTTP/1.0 or 1.1 (RFC 9112 §3, RFC 3986 §3.3).
+_REQUEST_LINE_RE: Final = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])"
+)
+_NO_FIELDS: Final[list[bytes]] = []
 
 # Kinds of the connection's one lazy deadline.
 _T_HEAD: Final = 1
@@ -253,7 +261,8 @@ class HttpConnection(asyncio.Protocol):
         if ex is not None and ex.upstream is not None and ex.upstream.cork():
             self._corked.append(ex.upstream)
         try:
-            reader.feed(data)
+            if ex is not None or self.queue or not reader.at_message_start or not self._whole_request(data):
+                reader.feed(data)
         finally:
             self._feeding = False
             corked = self._corked
@@ -261,6 +270,37 @@ class HttpConnection(asyncio.Protocol):
                 for up in corked:
                     up.uncork()
                 corked.clear()
+
+    def _whole_request(self, data: bytes) -> bool:
+        """The fast path: one whole request in one read, its field block one the full path (the C parser
+        and `parse_request_head`) already accepted byte for byte, its request line in a conservative
+        subset of RFC 9112 §3 (a token method, an origin-form target of RFC 3986 characters, HTTP/1.x),
+        its body (Content-Length only) complete, nothing after it. The request is handled exactly as if
+        the reader had reported it; the parser, still at the start of a message, is not fed."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        line = data.find(b"\r\n")
+        m = _REQUEST_LINE_RE.fullmatch(data, 0, line)
+        if m is None or line > self.ctx.limits.max_request_line_bytes:
+            return False
+        http10 = m.group(3) == b"0"
+        raw = data[line + 2 : end + 2]
+        head = self.ctx.request_heads.known(raw, http10)
+        if head is None:
+            return False
+        framing = head.framing
+        body = len(data) - end - 4
+        if framing.body is BodyFraming.NONE:
+            if body:
+                return False
+        elif framing.body is not BodyFraming.CONTENT_LENGTH or body != framing.content_length:
+            return False
+        self.request_head(m.group(1), m.group(2), _NO_FIELDS, _NO_FIELDS, http10, raw)
+        if body and self.parsing is not None:
+            self.request_body(data[end + 4 :])
+        self.request_end()
+        return True
 
     def eof_received(self) -> bool | None:
         # TLS close_notify from the peer: it sends no more. TLS transports cannot stay half-open, so the
@@ -858,12 +898,51 @@ class Exchange:
             conn.write(data)
             return
         reader = self.reader
-        if reader is None or self.state.over:
+        st = self.state
+        if reader is None or st.over:
             return
         self.resp_any = True
+        if reader.at_message_start and st.req is Req.DONE and self._whole_response(data):
+            return
         # The app's inactivity deadline moves with every byte it sends (a float store).
         conn.set_deadline(conn.ctx.timeouts.upstream_response, _T_APP)
         reader.feed(data)
+
+    def _whole_response(self, data: bytes) -> bool:
+        """The fast path: a whole response in one read whose head the full path (the C parser and
+        `parse_response_head`) already accepted byte for byte, with nothing after its body. Its checked
+        result is reused and the parser, still at the start of a message, is not fed. Anything else
+        (a new head, a chunked or partial body, more bytes) takes the full path."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            return False
+        conn = self.conn
+        head = self.head
+        assert head is not None
+        keep_alive = self.keep_alive and not conn.draining
+        rh = conn.ctx.response_heads.known(data[: end + 2], self.method == b"HEAD", keep_alive, head.http10)
+        if rh is None:
+            return False
+        body = len(data) - end - 4
+        framing = rh.framing
+        if framing is ResponseFraming.NONE:
+            if body:
+                return False
+            self.state.response(RespEvent.HEAD_END)
+            out = rh.head
+        elif framing is ResponseFraming.CONTENT_LENGTH and body == rh.content_length:
+            self.state.response(RespEvent.HEAD)
+            self.state.response(RespEvent.END)
+            out = rh.head + data[end + 4 :] if body else rh.head
+        else:
+            return False
+        self.status = rh.status
+        self.keep_alive = rh.keep_alive
+        self.bytes_out += len(out)
+        conn.write(out)
+        self.release_upstream(rh.upstream_keep_alive)
+        self.finish(keep_alive=rh.keep_alive)
+        return True
 
     def upstream_eof(self) -> None:
         self.upstream_closed()
@@ -1067,8 +1146,12 @@ class Exchange:
         up = self.upstream
         if up is not None:
             self.upstream = None
-            if self.reader is not None and not reusable:
-                self._drop_reader()
+            reader = self.reader
+            if reader is not None:
+                if reusable:
+                    reader.sink = None  # the pooled connection must not keep this exchange alive
+                else:
+                    self._drop_reader()
             dialer = self.dialer
             assert dialer is not None
             dialer.release(up, reusable=reusable)
