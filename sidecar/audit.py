@@ -25,12 +25,11 @@ __all__ = ["AuditLog", "DecisionLike", "open_writer"]
 
 
 class DecisionLike(Protocol):
-    """What the audit log reads from a policy Decision (sidecar.policy.Decision has these fields)."""
+    """What the audit log reads from a policy Decision (sidecar.policy.Decision has these fields).
+    `verdict` and `mode` are the words printed (policy.Verdict and policy.Mode values)."""
 
     @property
-    def allowed(self) -> bool: ...
-    @property
-    def enforced(self) -> bool: ...
+    def verdict(self) -> str: ...
     @property
     def rule(self) -> str: ...
     @property
@@ -113,13 +112,12 @@ class AuditLog:
     ) -> None:
         """Log one decision. `peer` is a SpiffeId (or None when no identity was established)."""
         now = self._clock()
-        if decision.allowed:
-            verdict = "allow"
+        verdict = decision.verdict
+        if verdict == "allow":
             # Sampling: sample_allows == 1.0 never consults the rng (rng() < 1.0 always holds anyway).
             if self._sample < 1.0 and self._rng() >= self._sample:
                 return
         else:
-            verdict = "deny" if decision.enforced else "would-deny"
             if not self._take_token(now):
                 self._dropped += 1
                 self._metrics.audit_dropped.inc()

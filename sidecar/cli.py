@@ -30,7 +30,7 @@ from .config import Settings, load_settings, warnings
 from .errors import ConfigError, IdentityError, Problem, SidecarError
 from .hints import policy_warnings
 from .identity import SpiffeId
-from .policy import AUDIT, Policy
+from .policy import AUDIT, Policy, Verdict
 
 __all__ = ["main"]
 
@@ -353,13 +353,8 @@ def _explain(policy: Policy, caller: str, method: str, raw_path: str) -> int:
         print("decision: reject (400 bad request: the sidecar never forwards this target)")
         print(f"reason: {exc}")
         return EXIT_FAIL
-    if decision.allowed:
-        verdict = "allow"
-    elif decision.enforced:
-        verdict = "deny"
-    else:
-        verdict = "would-deny (audit mode: logged, still forwarded)"
-    print(f"decision: {verdict}")
+    note = " (audit mode: logged, still forwarded)" if decision.verdict is Verdict.WOULD_DENY else ""
+    print(f"decision: {decision.verdict}{note}")
     print(f"rule: {decision.rule}")
     print(f"mode: {decision.mode}")
     print(f"reason: {decision.reason}")

@@ -24,7 +24,7 @@ from .identity import SpiffeId
 from .listener import Listener, Peer, TlsGate
 from .metrics import Metrics
 from .observer import AuditSink, Observer
-from .policy import Decision, Policy, Target, authorize, authorize_connection, normalize_target
+from .policy import Decision, Policy, RequestAttrs, Target, authorize, authorize_connection, normalize_target
 from .proxy import DialFailure, Grant, HttpConnection, HttpContext
 from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot
@@ -91,7 +91,7 @@ class PolicyAuthorizer:
         self._dialer = dialer
         self._targets: dict[bytes, Target] = {}
         self._policy: Policy | None = None
-        self._grants: dict[tuple[SpiffeId | None, bytes, str], Grant] = {}
+        self._grants: dict[tuple[SpiffeId | None, bytes, str, bytes | None], Grant] = {}
 
     def target(self, raw: bytes) -> tuple[Target, bytes | None]:
         t = self._targets.get(raw)
@@ -108,11 +108,12 @@ class PolicyAuthorizer:
         if policy is not self._policy:
             self._grants.clear()  # decided under the old policy: never reused
             self._policy = policy
-        key = (peer.spiffe_id, method, target.path)
+        key = (peer.spiffe_id, method, target.path, authority)  # every input of the decision
         grant = self._grants.get(key)
         if grant is None:
             assert peer.spiffe_id is not None
-            decision = authorize(policy, peer.spiffe_id, method.decode("ascii"), target.path)
+            decision = authorize(policy, RequestAttrs(peer.spiffe_id, method.decode("ascii"), target.path,
+                                                      (authority or b"").decode("ascii")))
             grant = Grant(decision, self._dialer if decision.forward else None)
             if len(self._grants) >= _CACHE_MAX:
                 self._grants.clear()

@@ -62,7 +62,7 @@ from .identity import SpiffeId
 from .listener import AppGate, Listener, Peer
 from .metrics import Metrics
 from .observer import AuditSink, Observer, RateLimitedLog
-from .policy import Decision, Target, normalize_target
+from .policy import Decision, Mode, Target, Verdict, normalize_target
 from .proxy import DialFailure, Grant, HttpConnection, HttpContext
 from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot, verify_peer_connection
@@ -129,9 +129,10 @@ class Route:
         self._log = RateLimitedLog(clock)
         self.mismatches = 0
         # Audit decisions (`rule` is the route name): forwarded, or refused on the server's identity.
-        self.decision = Decision(True, True, name, f"outbound route {name} -> {to.target}", "enforce")
-        self.refused_id = Decision(False, True, name, f"server SPIFFE ID does not match {to.expect.text}", "enforce")
-        self.refused_cert = Decision(False, True, name, "server certificate failed the SPIFFE check", "enforce")
+        self.decision = Decision(Verdict.ALLOW, name, f"outbound route {name} -> {to.target}", Mode.ENFORCE)
+        mismatch = f"server SPIFFE ID does not match {to.expect.text}"
+        self.refused_id = Decision(Verdict.DENY, name, mismatch, Mode.ENFORCE)
+        self.refused_cert = Decision(Verdict.DENY, name, "server certificate failed the SPIFFE check", Mode.ENFORCE)
         # Client snapshots handed to new connections, newest last; and the verified server ID of each
         # live connection (keyed by its SSLObject, gone with it).
         self._snapshots: collections.deque[TlsSnapshot] = collections.deque(maxlen=_SNAPSHOTS_KEPT)
@@ -283,7 +284,7 @@ def build_routes(
     }
 
 
-_NO_ROUTE: Final = Decision(False, True, "no-route", "no outbound route for this Host", "enforce")
+_NO_ROUTE: Final = Decision(Verdict.DENY, "no-route", "no outbound route for this Host", Mode.ENFORCE)
 
 
 class RouteAuthorizer:

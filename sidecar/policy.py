@@ -48,13 +48,15 @@ forwarded as sent but do not take part in matching: `/admin;jsessionid=1/users` 
 from __future__ import annotations
 
 import bisect
+import enum
 import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from .errors import ConfigError, IdentityError, Problem
+from .hints import did_you_mean
 from .http1 import BadRequest
 from .identity import CallerPattern, PatternKind, SpiffeId
 
@@ -62,11 +64,16 @@ __all__ = [
     "AUDIT",
     "DEFAULT_DENY",
     "ENFORCE",
+    "Action",
     "BadRequest",
     "Decision",
+    "Mode",
     "Policy",
+    "Protocol",
+    "RequestAttrs",
     "Rule",
     "Target",
+    "Verdict",
     "authorize",
     "authorize_connection",
     "compile_policy",
@@ -74,34 +81,79 @@ __all__ = [
     "normalize_target",
 ]
 
-ENFORCE: Final = "enforce"
-AUDIT: Final = "audit"
+class Action(enum.StrEnum):
+    """What a rule does when it matches."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Mode(enum.StrEnum):
+    """Whether a deny is enforced or only reported (a dry run)."""
+
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class Verdict(enum.StrEnum):
+    """The outcome of one decision. These values, with `Mode`'s, are the words the audit log, the
+    metrics and `explain` print: no other place spells a decision."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    WOULD_DENY = "would-deny"  # a deny in audit mode: reported and forwarded
+
+
+class Protocol(enum.StrEnum):
+    """The protocol a request arrived with (a request attribute rules may come to depend on)."""
+
+    HTTP1 = "http/1.1"
+    H2 = "h2"
+    GRPC = "grpc"
+    TCP = "tcp"
+
+
+ENFORCE: Final = Mode.ENFORCE
+AUDIT: Final = Mode.AUDIT
 DEFAULT_DENY: Final = "default-deny"
+
+
+class RequestAttrs(NamedTuple):
+    """What a request is decided on: the authenticated peer (the X.509-SVID's SPIFFE ID), the method,
+    the normalised path (`Target.path`), the authority, the protocol, and the subject of a validated
+    JWT-SVID when the request carried one."""
+
+    peer: SpiffeId
+    method: str
+    path: str
+    authority: str = ""
+    protocol: Protocol = Protocol.HTTP1
+    jwt_subject: SpiffeId | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """A policy verdict. `allowed` is the verdict; `enforced` is False when the deciding rule or the
-    whole policy is in audit mode; `rule` is a rule name or `default-deny`; `reason` is for the audit log
-    (never sent to the peer)."""
+    """A policy verdict: the `verdict`, the deciding `rule` (a rule name or `default-deny`), the
+    `reason` (for the audit log, never sent to the peer) and the `mode` the deciding rule ran in."""
 
-    allowed: bool
-    enforced: bool
+    verdict: Verdict
     rule: str
     reason: str
-    mode: str
+    mode: Mode
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOW
+
+    @property
+    def enforced(self) -> bool:
+        """False when the deciding rule or the whole policy is in audit mode."""
+        return self.mode is Mode.ENFORCE
 
     @property
     def forward(self) -> bool:
         """Whether the request (or connection) goes to the app."""
-        return self.allowed or not self.enforced
-
-    @property
-    def verdict(self) -> str:
-        """`allow`, `deny` or `would-deny` (a deny in audit mode: forwarded)."""
-        if self.allowed:
-            return "allow"
-        return "deny" if self.enforced else "would-deny"
+        return self.verdict is not Verdict.DENY
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -386,8 +438,8 @@ class PathPattern:
 class Rule:
     name: str
     index: int
-    action: str  # "allow" | "deny"
-    mode: str  # "enforce" | "audit"
+    action: Action
+    mode: Mode
     methods: frozenset[str] | None  # None: every method
     paths: tuple[PathPattern, ...]
     callers: tuple[CallerPattern, ...]
@@ -421,7 +473,7 @@ class Policy:
     """A compiled policy. Immutable after `compile_policy`; swap whole policies to reload."""
 
     source: str
-    mode: str
+    mode: Mode
     rules: tuple[Rule, ...]
     _root: _Node = field(repr=False, compare=False)
     _decisions: tuple[Decision, ...] = field(repr=False, compare=False)
@@ -450,15 +502,15 @@ class Policy:
 
 
 def _default_deny(policy: Policy, peer: SpiffeId, what: str) -> Decision:
-    enforced = policy.mode == ENFORCE
     reason = f"caller {peer} matches no allow rule for {what}"
-    if not enforced:
-        reason += " (audit mode: forwarded)"
-    return Decision(False, enforced, DEFAULT_DENY, reason, policy.mode)
+    if policy.mode is Mode.ENFORCE:
+        return Decision(Verdict.DENY, DEFAULT_DENY, reason, Mode.ENFORCE)
+    return Decision(Verdict.WOULD_DENY, DEFAULT_DENY, reason + " (audit mode: forwarded)", Mode.AUDIT)
 
 
-def authorize(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
-    """Decide one request. `path` MUST come from `normalize_target` (`Target.path`)."""
+def authorize(policy: Policy, attrs: RequestAttrs) -> Decision:
+    """Decide one request. `attrs.path` MUST come from `normalize_target` (`Target.path`)."""
+    peer, method, path = attrs.peer, attrs.method, attrs.path
     best = _Best()
     nodes: list[_Node] = [policy._root]
     for seg in path[1:].split("/"):
@@ -497,7 +549,7 @@ def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
         raw = path.encode("ascii")
     except UnicodeEncodeError:
         raise BadRequest("non-ASCII byte in the request path") from None
-    return authorize(policy, peer, method, normalize_target(raw).path)
+    return authorize(policy, RequestAttrs(peer, method, normalize_target(raw).path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -600,12 +652,11 @@ def _string_list(value: Any, key: str, where: str, problems: _Problems, *, allow
 
 def _rule_decision(name: str, action: str, mode: str, policy_mode: str) -> Decision:
     audit = mode == AUDIT or policy_mode == AUDIT
-    shown_mode = AUDIT if audit else ENFORCE
-    if action == "allow":
-        return Decision(True, not audit, name, f"allowed by rule '{name}'", shown_mode)
+    if action == Action.ALLOW:
+        return Decision(Verdict.ALLOW, name, f"allowed by rule '{name}'", Mode.AUDIT if audit else Mode.ENFORCE)
     if audit:
-        return Decision(False, False, name, f"would be denied by rule '{name}' (audit mode: forwarded)", AUDIT)
-    return Decision(False, True, name, f"denied by rule '{name}'", ENFORCE)
+        return Decision(Verdict.WOULD_DENY, name, f"would be denied by rule '{name}' (audit mode: forwarded)", AUDIT)
+    return Decision(Verdict.DENY, name, f"denied by rule '{name}'", ENFORCE)
 
 
 def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = None, *, prefix: str = "") -> Policy:
@@ -620,10 +671,11 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
         raise ConfigError(problems.items)
     for key in data:
         if key not in _POLICY_KEYS:
-            problems.add(str(key), f"unknown key {key!r} (expected one of: mode, rules)")
+            hint = did_you_mean(key, _POLICY_KEYS)
+            problems.add(str(key), f"unknown key {key!r}{hint} (expected one of: mode, rules)")
     policy_mode = data.get("mode", ENFORCE)
     if policy_mode not in (ENFORCE, AUDIT):
-        problems.add("mode", "must be 'enforce' or 'audit'")
+        problems.add("mode", "must be 'enforce' or 'audit'" + did_you_mean(policy_mode, (ENFORCE, AUDIT)))
         policy_mode = ENFORCE
     raw_rules = data.get("rules", [])
     if raw_rules is None:
@@ -656,7 +708,7 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
             else:
                 node.exact = node.exact or _Bucket()
                 node.exact.add(rule)
-    return Policy(source, policy_mode, tuple(rules), root, tuple(r.decision for r in rules))
+    return Policy(source, Mode(policy_mode), tuple(rules), root, tuple(r.decision for r in rules))
 
 
 def _compile_rule(
@@ -670,7 +722,8 @@ def _compile_rule(
         if key not in _RULE_KEYS:
             problems.add(
                 f"{where}.{key}",
-                f"unknown key {key!r} (expected one of: {', '.join(sorted(_RULE_KEYS))})",
+                f"unknown key {key!r}{did_you_mean(key, _RULE_KEYS)} "
+                f"(expected one of: {', '.join(sorted(_RULE_KEYS))})",
             )
     name = raw.get("name")
     if name is None:
@@ -687,10 +740,10 @@ def _compile_rule(
     if action is None:
         problems.add(where, "'action' is required (allow or deny)")
     elif action not in ("allow", "deny"):
-        problems.add(f"{where}.action", "must be 'allow' or 'deny'")
+        problems.add(f"{where}.action", "must be 'allow' or 'deny'" + did_you_mean(action, ("allow", "deny")))
     mode = raw.get("mode", ENFORCE)
     if mode not in (ENFORCE, AUDIT):
-        problems.add(f"{where}.mode", "must be 'enforce' or 'audit'")
+        problems.add(f"{where}.mode", "must be 'enforce' or 'audit'" + did_you_mean(mode, (ENFORCE, AUDIT)))
     elif mode == AUDIT and action == "allow":
         problems.add(
             f"{where}.mode",
@@ -740,8 +793,8 @@ def _compile_rule(
     return Rule(
         name,
         index,
-        action,
-        mode,
+        Action(action),
+        Mode(mode),
         methods,
         tuple(paths),
         tuple(callers),

@@ -1,7 +1,8 @@
 """Per-request Python cost of the inbound HTTP path with the sockets and TLS taken out.
 
-Drives the inbound listener's connection protocol (sidecar.proxy.HttpConnection) directly: request bytes into `data_received`, the app's
-response into the leased upstream connection's `data_received`, with recording stand-in transports. What it
+Drives the inbound listener's connection protocol (sidecar.proxy.HttpConnection) directly: request bytes
+into `data_received`, the app's response into the leased upstream connection's `data_received`, with
+recording stand-in transports. What it
 measures is the glue (the request/response readers, header checks, normalisation, authorize, head rewrite, metrics,
 audit line, pool lease/release, timers); what it leaves out is the kernel and OpenSSL. Deterministic
 enough for before/after comparisons on a noisy shared machine (take the min of repeats).
@@ -11,7 +12,6 @@ usage: python benchmarks/micro/inbound_glue.py [ROOT]   (ROOT: a tree containing
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import sys
 import time

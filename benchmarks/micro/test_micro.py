@@ -23,7 +23,7 @@ from sidecar.http1 import build_request_head, check_request_headers, xfcc_value
 from sidecar.identity import SpiffeId, TrustDomain
 from sidecar.jwtsvid import JwtBundle, JwtValidationCache, bearer_token, validate
 from sidecar.metrics import Metrics
-from sidecar.policy import Policy, authorize, compile_policy, normalize_target
+from sidecar.policy import Policy, RequestAttrs, authorize, compile_policy, normalize_target
 
 CHECKOUT = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
 INVENTORY = SpiffeId.parse("spiffe://example.org/ns/shop/sa/inventory")
@@ -68,7 +68,7 @@ def test_normalize_target(benchmark: Any, raw: bytes) -> None:
 )
 def test_authorize(benchmark: Any, rules: int, method: str, path: str, allowed: bool) -> None:
     policy = policy_with(rules)
-    decision = benchmark(authorize, policy, CHECKOUT, method, path)
+    decision = benchmark(authorize, policy, RequestAttrs(CHECKOUT, method, path))
     assert decision.allowed is allowed
 
 
@@ -92,7 +92,7 @@ def test_spiffe_id_parse(benchmark: Any, text: str) -> None:
 
 
 def test_audit_line(benchmark: Any) -> None:
-    decision = authorize(policy_with(10), CHECKOUT, "GET", "/api/stock/42")
+    decision = authorize(policy_with(10), RequestAttrs(CHECKOUT, "GET", "/api/stock/42"))
     lines: list[str] = []
     log = AuditLog(AuditSettings(), write=lambda line: None, metrics=Metrics(), rng=lambda: 0.0)
 

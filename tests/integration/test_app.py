@@ -126,7 +126,7 @@ async def test_policy_watcher_keeps_the_last_good_policy(tmp_path: Path) -> None
     from sidecar.identity import SpiffeId
     from sidecar.inbound import PolicyRef
     from sidecar.metrics import Metrics
-    from sidecar.policy import authorize
+    from sidecar.policy import RequestAttrs, authorize
 
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
@@ -144,16 +144,16 @@ async def test_policy_watcher_keeps_the_last_good_policy(tmp_path: Path) -> None
     assert await watcher.check_once() is False
     assert await watcher.check_once() is None  # the same bad content is judged once
     assert reloads("error") == 1 and reloads("ok") == 0
-    assert not authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+    assert not authorize(ref.policy, RequestAttrs(reporting, "GET", "/api/stock/1")).allowed
     path.unlink()  # mid-swap: no file for a moment
     assert await watcher.check_once() is None
     replace_file(path, POLICY_WITH_REPORTING)
     assert await watcher.check_once() is True
-    assert authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+    assert authorize(ref.policy, RequestAttrs(reporting, "GET", "/api/stock/1")).allowed
     assert reloads("ok") == 1
     path.write_bytes(b"\xff\xfe not utf-8")
     assert await watcher.check_once() is False
-    assert authorize(ref.policy, reporting, "GET", "/api/stock/1").allowed
+    assert authorize(ref.policy, RequestAttrs(reporting, "GET", "/api/stock/1")).allowed
 
 
 SPIRE_ENTRIES = f"""\

@@ -27,7 +27,7 @@ from sidecar.identity import SpiffeId
 from sidecar.inject import InjectSettings
 from sidecar.inject_cli import inject_documents
 from sidecar.metrics import Metrics
-from sidecar.policy import authorize
+from sidecar.policy import RequestAttrs, authorize
 from tests import promtools
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -420,10 +420,10 @@ def test_examples_reproduce_the_running_example(rendered: dict[str, list[dict[st
     inv = ann["inventory"].policy
     checkout = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
     reporting = SpiffeId.parse("spiffe://example.org/ns/shop/sa/reporting")
-    assert authorize(inv, checkout, "GET", "/api/stock/42").allowed
-    assert not authorize(inv, checkout, "GET", "/admin/users").forward
-    assert not authorize(inv, reporting, "GET", "/api/stock/42").forward
-    assert not authorize(inv, reporting, "GET", "/").forward
+    assert authorize(inv, RequestAttrs(checkout, "GET", "/api/stock/42")).allowed
+    assert not authorize(inv, RequestAttrs(checkout, "GET", "/admin/users")).forward
+    assert not authorize(inv, RequestAttrs(reporting, "GET", "/api/stock/42")).forward
+    assert not authorize(inv, RequestAttrs(reporting, "GET", "/")).forward
     (out,) = ann["checkout"].outbound
     assert out.expect.text == "spiffe://example.org/ns/shop/sa/inventory"
     for d in deps.values():

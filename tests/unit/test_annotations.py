@@ -25,7 +25,7 @@ from sidecar.annotations import (
 from sidecar.config import HostPort, ListenerMode, WorkloadApiSettings
 from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId
-from sidecar.policy import authorize
+from sidecar.policy import RequestAttrs, authorize
 from tests import example
 from tests.example import POLICY
 
@@ -57,11 +57,11 @@ def problems(exc: pytest.ExceptionInfo[ConfigError]) -> list[str]:
 @pytest.mark.parametrize("text", [COMPACT, YAML_FORM], ids=["compact", "yaml"])
 def test_running_example_in_both_forms(text: str) -> None:
     policy = policy_from_annotations(ann(inbound_policy=text))
-    assert authorize(policy, CHECKOUT, "GET", "/api/stock/42").allowed
-    assert not authorize(policy, CHECKOUT, "POST", "/api/stock/42").allowed
-    d = authorize(policy, CHECKOUT, "GET", "/admin")
+    assert authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/42")).allowed
+    assert not authorize(policy, RequestAttrs(CHECKOUT, "POST", "/api/stock/42")).allowed
+    d = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/admin"))
     assert not d.allowed and d.rule == "no-admin"
-    d = authorize(policy, REPORTING, "GET", "/api/stock/42")
+    d = authorize(policy, RequestAttrs(REPORTING, "GET", "/api/stock/42"))
     assert not d.allowed and d.rule == "default-deny"
     assert [r.name for r in policy.rules] == ["checkout-reads-stock", "no-admin"]
 
@@ -83,7 +83,7 @@ def test_compact_details() -> None:
     assert [p.text for p in first.paths] == ["/a/*", "/b/**"]
     assert [c.text for c in first.callers] == ["spiffe://example.org/ns/shop/**", "spiffe://example.org/ns/x/sa/y"]
     assert second.name == "line-2" and second.action == "deny" and second.mode == "audit" and second.methods is None
-    d = authorize(policy, CHECKOUT, "GET", "/b/secret")
+    d = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/b/secret"))
     assert d.forward and not d.enforced
 
 
@@ -97,7 +97,7 @@ def test_yaml_bare_list_and_policy_mode() -> None:
 def test_no_policy_denies_everything() -> None:
     a = parse_pod_annotations({})
     assert not a.has_policy and a.policy.rules == ()
-    assert not authorize(a.policy, CHECKOUT, "GET", "/").forward
+    assert not authorize(a.policy, RequestAttrs(CHECKOUT, "GET", "/")).forward
     assert a.inbound_port == DEFAULT_INBOUND_PORT and a.inbound_mode is ListenerMode.HTTP
     assert a.inject is None and a.native_sidecar is None and not a.strict_bypass_check
 
@@ -464,7 +464,7 @@ def test_annotations_mode_builds_settings_and_runtime() -> None:
     assert (pod.pod_ip, pod.app_port, pod.strict_bypass_check) == ("10.1.2.3", 8080, True)
     peer = SpiffeId.parse(_CHECKOUT)
     assert settings.inbound.policy is not None
-    assert authorize(settings.inbound.policy, peer, "GET", "/api/x").allowed
+    assert authorize(settings.inbound.policy, RequestAttrs(peer, "GET", "/api/x")).allowed
 
 
 def test_annotations_mode_defaults_from_annotations_when_env_is_absent() -> None:

@@ -26,16 +26,15 @@ CHECKOUT = SpiffeId.parse(example.CHECKOUT)
 
 @dataclass(frozen=True)
 class D:
-    allowed: bool
-    enforced: bool = True
+    verdict: str
     rule: str = "checkout-reads-stock"
     reason: str = "because"
     mode: str = "enforce"
 
 
-ALLOW = D(True)
-DENY = D(False, rule="default-deny", reason="no allow rule")
-WOULD_DENY = D(False, enforced=False, rule="default-deny", mode="audit")
+ALLOW = D("allow")
+DENY = D("deny", rule="default-deny", reason="no allow rule")
+WOULD_DENY = D("would-deny", rule="default-deny", mode="audit")
 
 
 class Clock:
@@ -70,7 +69,7 @@ def emit(log: AuditLog, decision: D, path: str = "/api/stock/42") -> None:
         method="GET",
         path=path,
         decision=decision,
-        status=200 if decision.allowed or not decision.enforced else 403,
+        status=403 if decision.verdict == "deny" else 200,
         bytes_in=12,
         bytes_out=345,
         duration=0.0012345,

@@ -10,7 +10,7 @@ from sidecar.auditlog import parse_lines
 from sidecar.config import AuditSettings
 from sidecar.identity import SpiffeId
 from sidecar.metrics import Metrics
-from sidecar.policy import authorize, compile_policy
+from sidecar.policy import RequestAttrs, authorize, compile_policy
 
 POLICY = compile_policy(
     {"rules": [{"name": "checkout-reads-stock", "action": "allow", "methods": ["GET"], "paths": ["/api/stock/*"],
@@ -26,8 +26,8 @@ def test_round_trip_with_the_writer() -> None:
     checkout = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
     for peer, path, status in ((checkout, "/api/stock/42", 200), (checkout, "/admin", 403), (None, "-", 0)):
         log.decision(listener="inbound", peer=peer, method="GET", path=path,
-                     decision=authorize(POLICY, checkout, "GET", path), status=status, bytes_in=0, bytes_out=5,
-                     duration=0.001)  # fmt: skip
+                     decision=authorize(POLICY, RequestAttrs(checkout, "GET", path)), status=status, bytes_in=0,
+                     bytes_out=5, duration=0.001)  # fmt: skip
     parsed = parse_lines("".join(lines).splitlines())
     assert parsed.skipped == 0
     first, second, third = parsed.records

@@ -22,6 +22,8 @@ from sidecar.policy import (
     BadRequest,
     Decision,
     Policy,
+    RequestAttrs,
+    Verdict,
     authorize,
     authorize_connection,
     compile_policy,
@@ -112,20 +114,20 @@ def test_inventory_transcript(
         return
     target = normalize_target(raw)
     assert target.forward == forward
-    d = authorize(policy, peer, method, target.path)
+    d = authorize(policy, RequestAttrs(peer, method, target.path))
     assert (d.verdict, d.rule) == (verdict, rule)
     assert d.mode == ENFORCE and d.enforced
 
 
 def test_default_deny_reason_names_caller_and_request() -> None:
-    d = authorize(load_inventory(), REPORTING, "GET", "/api/stock/42")
+    d = authorize(load_inventory(), RequestAttrs(REPORTING, "GET", "/api/stock/42"))
     assert d.reason == ("caller spiffe://example.org/ns/shop/sa/reporting matches no allow rule for GET /api/stock/42")
 
 
 def test_rule_decisions_are_precomputed() -> None:
     policy = load_inventory()
-    a = authorize(policy, CHECKOUT, "GET", "/api/stock/1")
-    b = authorize(policy, CHECKOUT, "GET", "/api/stock/2")
+    a = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/1"))
+    b = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/2"))
     assert a is b
 
 
@@ -338,11 +340,11 @@ def test_nothing_under_admin_is_ever_allowed(raw: bytes, method: str) -> None:
         return
     under_admin = t.path == "/admin" or t.path.startswith("/admin/")
     under_api = t.path == "/api" or t.path.startswith("/api/")
-    d = authorize(API_ONLY, CHECKOUT, method, t.path)
+    d = authorize(API_ONLY, RequestAttrs(CHECKOUT, method, t.path))
     assert d.forward == under_api
     if under_admin:
         assert not d.forward
-        d = authorize(ADMIN_DENY, CHECKOUT, method, t.path)
+        d = authorize(ADMIN_DENY, RequestAttrs(CHECKOUT, method, t.path))
         assert not d.forward and d.rule == "no-admin"
 
 
@@ -356,8 +358,8 @@ def test_audit_mode_changes_only_whether_not_what(raw: bytes, peer: SpiffeId, me
         t = normalize_target(raw)
     except BadRequest:
         return  # a 400 is a 400 in both modes (normalisation does not depend on the policy)
-    de = authorize(enforce, peer, method, t.path)
-    da = authorize(audit, peer, method, t.path)
+    de = authorize(enforce, RequestAttrs(peer, method, t.path))
+    da = authorize(audit, RequestAttrs(peer, method, t.path))
     assert (de.allowed, de.rule) == (da.allowed, da.rule)
     assert da.forward and da.mode == AUDIT and not da.enforced
     assert de.forward == de.allowed
@@ -475,7 +477,7 @@ _paths = st.builds(
 def test_trie_agrees_with_naive(data: dict[str, Any], requests: list[tuple[SpiffeId, str, str]]) -> None:
     policy = compile_policy(data, "random")
     for peer, method, path in requests:
-        d = authorize(policy, peer, method, path)
+        d = authorize(policy, RequestAttrs(peer, method, path))
         assert (d.allowed, d.enforced, d.rule) == naive(data, peer, method, path), (peer, method, path)
         assert d.forward == (d.allowed or not d.enforced)
     for peer in PEERS:
@@ -520,7 +522,7 @@ BIG_PEERS = [*PEERS, *(SpiffeId.parse(f"spiffe://example.org/ns/n{i}/sa/s") for 
 )
 def test_thousand_rule_policy_agrees_with_naive(peer: SpiffeId, method: str, segs: list[str]) -> None:
     path = "/" + "/".join(segs)
-    d = authorize(BIG_POLICY, peer, method, path)
+    d = authorize(BIG_POLICY, RequestAttrs(peer, method, path))
     assert (d.allowed, d.enforced, d.rule) == naive(BIG, peer, method, path)
 
 
@@ -541,8 +543,8 @@ def test_thousand_rules_same_path_many_callers() -> None:
     policy = compile_policy(data, "many")
     for i in (0, 1, 500, 999):
         peer = SpiffeId.parse(f"spiffe://example.org/ns/n{i}/sa/s")
-        assert authorize(policy, peer, "GET", "/api/stock/1").rule == f"r{i}"
-    assert authorize(policy, CHECKOUT, "GET", "/api/stock/1").rule == DEFAULT_DENY
+        assert authorize(policy, RequestAttrs(peer, "GET", "/api/stock/1")).rule == f"r{i}"
+    assert authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/1")).rule == DEFAULT_DENY
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -559,7 +561,7 @@ def test_audit_deny_rule_with_allow_is_would_deny_and_forwarded() -> None:
         },
         "p",
     )
-    d = authorize(policy, REPORTING, "GET", "/api/x")
+    d = authorize(policy, RequestAttrs(REPORTING, "GET", "/api/x"))
     assert (d.allowed, d.enforced, d.rule, d.mode, d.verdict, d.forward) == (
         False,
         False,
@@ -569,30 +571,30 @@ def test_audit_deny_rule_with_allow_is_would_deny_and_forwarded() -> None:
         True,
     )
     # No allow: the default deny still applies (an audit rule never grants).
-    d = authorize(policy, REPORTING, "POST", "/api/x")
+    d = authorize(policy, RequestAttrs(REPORTING, "POST", "/api/x"))
     assert (d.rule, d.forward) == (DEFAULT_DENY, False)
     # Other callers: the allow decides.
-    d = authorize(policy, CHECKOUT, "GET", "/api/x")
+    d = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/x"))
     assert (d.rule, d.verdict, d.enforced) == ("reads", "allow", True)
 
 
 def test_whole_policy_audit() -> None:
     data = yaml.safe_load((ROOT / "config" / "inventory-policy.yaml").read_text())
     policy = compile_policy({**data, "mode": "audit"}, "p")
-    d = authorize(policy, REPORTING, "GET", "/api/stock/1")
+    d = authorize(policy, RequestAttrs(REPORTING, "GET", "/api/stock/1"))
     assert (d.rule, d.verdict, d.forward, d.mode) == (DEFAULT_DENY, "would-deny", True, AUDIT)
     assert "audit" in d.reason
-    d = authorize(policy, CHECKOUT, "GET", "/admin")
+    d = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/admin"))
     assert (d.rule, d.verdict, d.forward) == ("no-admin", "would-deny", True)
-    d = authorize(policy, CHECKOUT, "GET", "/api/stock/1")
+    d = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/1"))
     assert (d.verdict, d.forward, d.enforced, d.mode) == ("allow", True, False, AUDIT)
 
 
 def test_decision_forward_property() -> None:
-    assert Decision(True, True, "r", "", ENFORCE).forward
-    assert Decision(True, False, "r", "", AUDIT).forward
-    assert Decision(False, False, "r", "", AUDIT).forward
-    assert not Decision(False, True, "r", "", ENFORCE).forward
+    assert Decision(Verdict.ALLOW, "r", "", ENFORCE).forward
+    assert Decision(Verdict.ALLOW, "r", "", AUDIT).forward
+    assert Decision(Verdict.WOULD_DENY, "r", "", AUDIT).forward
+    assert not Decision(Verdict.DENY, "r", "", ENFORCE).forward
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -731,7 +733,7 @@ def test_empty_policy_denies_everything() -> None:
     empties: list[dict[str, Any]] = [{}, {"rules": []}, {"rules": None, "mode": "enforce"}]
     for data in empties:
         policy = compile_policy(data, "empty")
-        assert authorize(policy, CHECKOUT, "GET", "/").rule == DEFAULT_DENY
+        assert authorize(policy, RequestAttrs(CHECKOUT, "GET", "/")).rule == DEFAULT_DENY
         assert "every request is denied" in policy.describe()[-1]
 
 
@@ -807,7 +809,7 @@ def test_path_parameters_do_not_walk_around_a_deny(raw: bytes) -> None:
     )
     target = normalize_target(raw)
     assert target.forward == raw  # forwarded as sent
-    assert authorize(policy, CHECKOUT, "GET", target.path).rule == "no-admin"
+    assert authorize(policy, RequestAttrs(CHECKOUT, "GET", target.path)).rule == "no-admin"
 
 
 def test_a_deny_on_get_also_denies_head() -> None:
@@ -820,5 +822,5 @@ def test_a_deny_on_get_also_denies_head() -> None:
         },
         "t",
     )
-    assert authorize(policy, CHECKOUT, "HEAD", "/secret").rule == "no-secret"
-    assert authorize(policy, CHECKOUT, "POST", "/secret").rule == "all"
+    assert authorize(policy, RequestAttrs(CHECKOUT, "HEAD", "/secret")).rule == "no-secret"
+    assert authorize(policy, RequestAttrs(CHECKOUT, "POST", "/secret")).rule == "all"

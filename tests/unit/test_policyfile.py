@@ -10,7 +10,7 @@ import yaml
 
 from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId
-from sidecar.policy import authorize
+from sidecar.policy import RequestAttrs, authorize
 from sidecar.policyfile import load_policies
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ COMPACT = f"allow GET /api/stock/* from {CHECKOUT} as reads\n"
 
 def _allows(text: str) -> bool:
     (w,) = load_policies(text, "f")
-    return authorize(w.policy, SpiffeId.parse(CHECKOUT), "GET", "/api/stock/1").allowed
+    return authorize(w.policy, RequestAttrs(SpiffeId.parse(CHECKOUT), "GET", "/api/stock/1")).allowed
 
 
 def test_every_kind_of_input() -> None:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sidecar.annotations import PREFIX, policy_from_annotations
 from sidecar.auditlog import AuditRecord, parse_lines
 from sidecar.identity import SpiffeId
-from sidecar.policy import Policy, authorize, authorize_connection
+from sidecar.policy import Policy, RequestAttrs, authorize, authorize_connection
 from sidecar.suggest import render_annotation, suggest
 
 CALLERS = [f"spiffe://example.org/ns/shop/sa/{n}" for n in ("checkout", "reporting", "billing", "ops")]
@@ -37,7 +37,7 @@ def allowed(policy: Policy, rec: AuditRecord) -> bool:
     peer = SpiffeId.parse(rec.peer)
     if rec.method == "-":
         return authorize_connection(policy, peer).allowed
-    return authorize(policy, peer, rec.method, rec.path).allowed
+    return authorize(policy, RequestAttrs(peer, rec.method, rec.path)).allowed
 
 
 segment = st.one_of(
@@ -74,7 +74,7 @@ def test_suggestion_allows_everything_seen_and_nothing_from_strangers(
         if rec.decision in ("allow", "would-deny"):
             assert allowed(policy, rec), (rec, text)
     for method, path in probes:
-        assert not authorize(policy, STRANGER, method, path).allowed, text
+        assert not authorize(policy, RequestAttrs(STRANGER, method, path)).allowed, text
         assert not authorize_connection(policy, STRANGER).allowed
     seen_callers = {r.peer for r in parsed if r.decision != "deny"}
     assert {c for r in policy.rules for c in (x.text for x in r.callers)} <= seen_callers
@@ -96,7 +96,9 @@ def test_generalises_ids_collapses_many_siblings_and_subtrees() -> None:
         f"allow POST /api/orders from {c} as checkout-post-api",
     ]
     assert "# 32 requests, lines 1-32" in text and "not covered: 1 enforced denials" in text
-    assert not authorize(policy, SpiffeId.parse(r), "DELETE", "/admin/reset").allowed  # denied stays denied
+    assert not authorize(
+        policy, RequestAttrs(SpiffeId.parse(r), "DELETE", "/admin/reset")
+    ).allowed  # denied stays denied
     assert {r.name for r in rules.values()} <= {"checkout-get-api", "checkout-post-api", "reporting-get-reports"}
 
 
@@ -109,7 +111,7 @@ def test_callers_with_the_same_traffic_share_a_rule_and_tcp_lines_cover_the_call
     shared = [r for r in policy.rules if len(r.callers) == 2]
     assert [r.name for r in shared] == ["shared-get-healthz"]
     assert authorize_connection(policy, SpiffeId.parse(t)).allowed
-    assert not authorize(policy, SpiffeId.parse(a), "GET", "/x").allowed
+    assert not authorize(policy, RequestAttrs(SpiffeId.parse(a), "GET", "/x")).allowed
 
 
 def test_empty_log_suggests_nothing_and_still_compiles() -> None:
