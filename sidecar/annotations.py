@@ -50,7 +50,8 @@ from typing import Any, Final
 import yaml
 
 from . import config as _config
-from .config import HostPort, ListenerMode, is_loopback, parse_host_port, parse_yaml
+from .addr import HostPort, is_loopback, parse_host_port
+from .config import ListenerMode, parse_yaml
 from .endpoint import parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .hints import did_you_mean

@@ -11,7 +11,6 @@ config/inventory.yaml. `parse_settings` is pure (file reads and the environment 
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -21,6 +20,10 @@ from typing import Any, Final
 
 import yaml
 
+from .addr import HostPort as HostPort
+from .addr import is_loopback as is_loopback
+from .addr import parse_host_port as parse_host_port
+from .addr import parse_port
 from .endpoint import TcpEndpoint, UnixEndpoint, parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .http1 import ROUTING_OVERRIDE_HEADERS
@@ -31,15 +34,6 @@ from .policy import Policy, compile_policy
 class ListenerMode(enum.Enum):
     HTTP = "http"
     TCP = "tcp"
-
-
-@dataclass(frozen=True, slots=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,47 +315,6 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-def parse_host_port(value: Any, *, allow_zero_port: bool) -> HostPort:
-    """`host:port` or `[v6]:port` -> HostPort. Raises ValueError."""
-    if not isinstance(value, str):
-        raise ValueError(f'expected "host:port", got {value!r}')
-    if value.startswith("["):
-        host, sep, rest = value[1:].partition("]")
-        if not sep or not rest.startswith(":"):
-            raise ValueError(f'expected "[v6-address]:port", got {value!r}')
-        port_text = rest[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f'expected "host:port", got {value!r}')
-        if ":" in host:
-            raise ValueError(f'write IPv6 addresses in brackets: "[{host}]:{port_text}"')
-    return HostPort(host, _port(port_text, allow_zero=allow_zero_port))
-
-
-def _port(text: str, *, allow_zero: bool) -> int:
-    low = 0 if allow_zero else 1
-    if not text.isascii() or not text.isdigit():
-        raise ValueError(f"port must be a number {low}-65535, got {text!r}")
-    port = int(text)
-    if not low <= port <= 65535:
-        raise ValueError(f"port must be {low}-65535, got {port}")
-    return port
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _mapping(c: _Collector, value: Any, path: str, keys: frozenset[str]) -> dict[str, Any] | None:
     if value is None:
         return {}
@@ -464,7 +417,7 @@ def _env_port(c: _Collector, environ: Mapping[str, str], name: str, *, allow_zer
     if raw is None or raw == "":
         return None
     try:
-        return _port(raw.strip(), allow_zero=allow_zero)
+        return parse_port(raw.strip(), allow_zero=allow_zero)
     except ValueError as exc:
         c.problems.append(Problem(f"env {name}", str(exc)))
         return None
