@@ -17,6 +17,7 @@ import resource
 import signal
 import ssl
 import string
+import time
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,7 +30,8 @@ from sidecar.config import Limits, Timeouts, load_settings
 from sidecar.errors import ConfigError
 from sidecar.http1 import BadRequest, check_request_headers
 from sidecar.policy import Policy, compile_policy, normalize_target
-from tests.helpers import App, Pki, Sidecar, curl, raw_exchange, sidecar_with, until
+from tests.example import CHECKOUT, INVENTORY, REPORTING, policy_data
+from tests.helpers import CHECKOUT_TEST_API, App, Pki, Sidecar, curl, raw_exchange, sidecar_with, until
 from tests.pki import bad_leaf
 from tests.processes import FaultyApp, admin_get, curl_as, pem_config, running_sidecar
 
@@ -532,3 +534,219 @@ async def test_no_key_material_in_logs_metrics_config_or_errors_and_no_core_dump
     finally:
         resource.setrlimit(resource.RLIMIT_CORE, (soft, hard))
         await app.stop()
+
+
+# --- review of the rebuilt data plane ---------------------------------------------------------------------
+# Each test states what the old data plane (cec59bc) did; an xfail(strict=True) one fails on the current code
+# and names the bug.
+
+
+class _ByteApp:
+    """The app at byte level: what it received is kept raw and as parsed by httptools, the way a typical
+    server parses it, and every request is answered `answer` as soon as its head is complete, without
+    reading the body first (Go, aiohttp and Node handlers may answer a GET without reading its body; the
+    server then takes the body per its own framing)."""
+
+    def __init__(self, answer: bytes = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") -> None:
+        self.answer = answer
+        self.raw = b""
+        self.requests: list[tuple[bytes, bytes, dict[bytes, bytes]]] = []  # method, target, fields (lower)
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> _ByteApp:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    @property
+    def app(self) -> App:
+        return App(port=self.port)
+
+    def seen(self, target: bytes) -> list[dict[bytes, bytes]]:
+        return [fields for _m, t, fields in self.requests if t == target]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        app = self
+        head: dict[str, Any] = {}
+
+        class Callbacks:
+            def on_message_begin(self) -> None:
+                head.update(url=b"", fields={})
+
+            def on_url(self, url: bytes) -> None:
+                head["url"] += url
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                head["fields"][name.lower()] = value
+
+            def on_headers_complete(self) -> None:
+                app.requests.append((parser.get_method(), head["url"], head["fields"]))
+                writer.write(app.answer)
+
+        parser = httptools.HttpRequestParser(Callbacks())
+        with contextlib.suppress(httptools.HttpParserError, ConnectionError):
+            while data := await reader.read(65536):
+                self.raw += data
+                parser.feed_data(data)
+        writer.close()
+
+
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    async with asyncio.timeout(5):
+        return await reader.readuntil(b"\r\n\r\nok")
+
+
+async def _until_closed(reader: asyncio.StreamReader, seconds: float = 3.0) -> bytes:
+    """What the sidecar sends until it closes, or all it sent within `seconds` if it keeps the connection."""
+    out = b""
+    with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                out += chunk
+    return out
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a head split across reads is keyed in RequestHeads by the wrong "
+                   "bytes; its body is forwarded under another head's framing (smuggling, forged XFCC)")
+async def test_review_a_head_split_across_reads_never_takes_another_heads_framing(pki: Pki) -> None:
+    """The caller's request B starts in one read (after a complete request A) and ends in the next, which
+    begins with B's method name inside a field value. The reader takes the field block of B as "the bytes
+    after the first CRLF of that read" and looks it up in the RequestHeads cache: it finds A's (bodiless)
+    head, so B's body, a complete request with a forged XFCC, reaches the app as a request of its own.
+    The old data plane forwarded B with `content-length` and that body."""
+    smuggled = (
+        b"DELETE /admin/users HTTP/1.1\r\nHost: y\r\n"
+        b"x-forwarded-client-cert: By=" + INVENTORY.encode() + b";URI=spiffe://example.org/ns/shop/sa/admin\r\n\r\n"
+    )
+    a = b"GET /api/a HTTP/1.1\r\nHost: y\r\n\r\n"  # caches the field block "Host: y\r\n" (no body)
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(a)
+        await _response(reader)
+        writer.write(a + b"POST /api/b HTTP/1.1\r\nContent-Length: %d\r\nX-A: " % len(smuggled))
+        await _response(reader)  # A answered: the next read is B's rest, on its own
+        writer.write(b"POST\r\nHost: y\r\n\r\n" + smuggled)
+        await _response(reader)
+        await asyncio.sleep(0.3)
+        writer.close()
+    assert [(m, t) for m, t, _ in byte_app.requests] == [(b"GET", b"/api/a")] * 2 + [(b"POST", b"/api/b")]
+    assert byte_app.seen(b"/api/b")[0][b"content-length"] == b"%d" % len(smuggled)
+    assert [line["path"] for line in sc.audit_lines] == ["/api/a", "/api/a", "/api/b"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a head split across reads poisons the listener's RequestHeads "
+                   "cache: other callers' requests get its fields and framing")
+async def test_review_a_split_head_never_changes_another_callers_request(pki: Pki) -> None:
+    """Same split as above, but the field block after the split is not cached yet: it is cached with the
+    fields and framing of the whole head, and every later request with that field block, from any caller,
+    is forwarded with the attacker's fields (here `x-injected` and `content-length: 5`)."""
+    reporting_api: dict[str, object] = {"name": "reporting-api", "action": "allow", "methods": ["GET"],
+                                        "paths": ["/api/**"], "callers": [REPORTING]}  # fmt: skip
+    policy = policy_data(CHECKOUT_TEST_API, reporting_api)
+    victim = b"GET /api/stock/1 HTTP/1.1\r\nHost: y\r\nUser-Agent: victim/1.0\r\n\r\n"
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app, policy=policy) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"GET /api/a HTTP/1.1\r\nHost: y\r\n\r\n"
+                     b"GET /api/p HTTP/1.1\r\nX-Injected: attacker\r\nContent-Length: 5\r\nX-A: ")
+        await _response(reader)
+        writer.write(b"GET\r\nHost: y\r\nUser-Agent: victim/1.0\r\n\r\n12345")
+        await _response(reader)
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.reporting))
+        writer.write(victim)
+        await _response(reader)
+        writer.close()
+    fields = byte_app.seen(b"/api/stock/1")[0]
+    assert b"x-injected" not in fields and b"content-length" not in fields, fields
+    assert fields[b"x-forwarded-client-cert"].endswith(REPORTING.encode())
+
+
+ANY_METHOD_BUT_DELETE = {"rules": [
+    {"name": "no-delete", "action": "deny", "methods": ["DELETE"], "paths": ["/api/**"], "callers": [CHECKOUT]},
+    {"name": "checkout-api", "action": "allow", "paths": ["/api/**"], "callers": [CHECKOUT]},
+]}  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="bug: the fast path's request-line regex takes methods llhttp refuses "
+                   "(lower case, unknown): forwarded, and `delete` walks around a DELETE deny rule")
+@pytest.mark.parametrize("method", [b"delete", b"connect", b"FOO"])
+async def test_review_the_fast_path_refuses_methods_the_parser_refuses(pki: Pki, method: bytes) -> None:
+    """A whole request in one read whose field block is cached takes `_whole_request`; its method is only
+    checked against RFC 9110's token syntax, where llhttp (the full path, and the old data plane) accepts
+    only the methods it knows, in upper case: 400, nothing forwarded."""
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app, policy=ANY_METHOD_BUT_DELETE) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"GET /api/x HTTP/1.1\r\nHost: y\r\n\r\n")  # caches the field block
+        await _response(reader)
+        writer.write(method + b" /api/x HTTP/1.1\r\nHost: y\r\n\r\n")
+        out = await _until_closed(reader)
+        writer.close()
+    assert out.startswith(b"HTTP/1.1 400 "), out
+    assert method + b" /api/x" not in byte_app.raw
+    assert [line["method"] for line in sc.audit_lines] == ["GET"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: `_whole_request` checks the request line against "
+                   "max_request_line_bytes only, not the whole head against the head room (431)")
+async def test_review_the_fast_path_keeps_the_head_size_limit(pki: Pki) -> None:
+    """The head room (max_request_line_bytes + max_header_bytes of raw bytes) holds for the whole head;
+    the full path refuses a head over it with 431. The fast path checks the request line alone, so a field
+    block the full path accepted with a short request line passes with a long one."""
+    limits = Limits(max_request_line_bytes=64, max_header_bytes=100)  # head room 164 raw bytes
+    fields = b"Host: y\r\nX-Pad:" + b" " * 100 + b"a\r\n"  # 118 raw bytes, 19 counted as fields
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app, limits=limits) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"GET /api/stock/1 HTTP/1.1\r\n" + fields + b"\r\n")  # 147 bytes: accepted, cached
+        await _response(reader)
+        line = b"GET /api/stock/" + b"1" * 40 + b" HTTP/1.1"  # 64 bytes: 186 in all
+        writer.write(line + b"\r\n" + fields + b"\r\n")
+        out = await _until_closed(reader)
+        writer.close()
+    assert out.startswith(b"HTTP/1.1 431 "), out
+    assert len(byte_app.requests) == 1
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an Upgrade request taking `_whole_request` leaves the reader "
+                   "running: the bytes after it are read as requests, not held for the tunnel")
+async def test_review_an_upgrade_request_on_the_fast_path_stops_reading_like_the_full_path(pki: Pki) -> None:
+    """After an Upgrade request the full path (and the old data plane) reads nothing more from the caller
+    until the app answers: what follows belongs to the tunnel; when the app declines (no 101) the
+    connection closes after its answer. On the fast path (the same head, cached, whole in one read) the
+    reader keeps going, so bytes sent for the tunnel are parsed and forwarded as requests."""
+    upgrade = b"GET /api/ws HTTP/1.1\r\nHost: y\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app) as sc:  # the app never switches
+        for _ in range(2):  # the first caches the head (full path), the second takes the fast path
+            reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+            writer.write(upgrade)
+            await _response(reader)
+            writer.write(b"GET /api/after HTTP/1.1\r\nHost: y\r\n\r\n")
+            rest = await _until_closed(reader)
+            writer.close()
+            assert rest == b""
+    assert byte_app.seen(b"/api/after") == []
+
+
+@pytest.mark.xfail(strict=True, reason="bug: after a kept-alive response only the idle deadline runs; "
+                   "a later request's head is not cut off request_head after its first byte")
+async def test_review_the_head_deadline_runs_from_the_first_byte_of_every_request(pki: Pki) -> None:
+    """README/threat model: deadlines on the request head. The old data plane armed `request_head` at the
+    first byte of each request; the new one arms it only for the first request of a connection, so a
+    second head can dribble for `idle` (60 s by default) instead of `request_head` (10 s)."""
+    t = Timeouts(handshake=3, request_head=1, idle=8, upstream_connect=1, upstream_response=5, drain=5)
+    async with _ByteApp() as byte_app, sidecar_with(pki, byte_app.app, timeouts=t) as sc:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sc.port, ssl=pki.client_ssl(pki.checkout))
+        writer.write(b"GET /api/stock/1 HTTP/1.1\r\nHost: y\r\n\r\n")
+        await _response(reader)
+        writer.write(b"GET /api/stock/2 HTTP/1.1\r\nHo")  # and nothing more
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(6):
+                await reader.read()
+        waited = time.monotonic() - started
+        writer.close()
+    assert waited < 3, f"a half-sent head held the connection for {waited:.1f}s (request_head is 1s)"
