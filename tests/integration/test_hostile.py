@@ -31,7 +31,17 @@ from sidecar.errors import ConfigError
 from sidecar.http1 import BadRequest, check_request_headers
 from sidecar.policy import Policy, compile_policy, normalize_target
 from tests.example import CHECKOUT, INVENTORY, REPORTING, policy_data
-from tests.helpers import CHECKOUT_TEST_API, App, Pki, Sidecar, curl, raw_exchange, sidecar_with, until
+from tests.helpers import (
+    CHECKOUT_TEST_API,
+    App,
+    Pki,
+    ServerHung,
+    Sidecar,
+    curl,
+    raw_exchange,
+    sidecar_with,
+    until,
+)
 from tests.pki import bad_leaf
 from tests.processes import FaultyApp, admin_get, curl_as, pem_config, running_sidecar
 
@@ -602,12 +612,18 @@ async def _response(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _until_closed(reader: asyncio.StreamReader, seconds: float = 3.0) -> bytes:
-    """What the sidecar sends until it closes, or all it sent within `seconds` if it keeps the connection."""
+    """What the sidecar sends until it closes. Every caller expects a close (after a 400, a 431, an
+    Upgrade the app declined): a connection still open after `seconds` fails the test (`ServerHung`), so a
+    hang never passes as a close (issue 10 #13)."""
     out = b""
-    with contextlib.suppress(TimeoutError, ConnectionError, ssl.SSLError):
+    try:
         async with asyncio.timeout(seconds):
             while chunk := await reader.read(65536):
                 out += chunk
+    except TimeoutError:
+        raise ServerHung(f"the sidecar did not close within {seconds}s; received {out[:300]!r}") from None
+    except (ConnectionError, ssl.SSLError):
+        pass  # a reset or an unclean TLS close is a close
     return out
 
 
@@ -744,6 +760,7 @@ async def test_review_the_head_deadline_runs_from_the_first_byte_of_every_reques
         await _response(reader)
         writer.write(b"GET /api/stock/2 HTTP/1.1\r\nHo")  # and nothing more
         started = time.monotonic()
+        # Not a swallowed hang: a read still waiting after 6 s makes `waited` fail the assertion below.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(6):
                 await reader.read()
