@@ -58,6 +58,7 @@ from .hints import did_you_mean
 from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, PatternKind
 from .policy import AUDIT, ENFORCE, Policy, compile_policy
+from .problems import Problems
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -127,6 +128,11 @@ def annotation_source(key: str) -> str:
     return f"annotation {PREFIX}{key}"
 
 
+def _problems() -> Problems:
+    """A collector naming each problem's annotation (and line inside it): `annotation_source(key)[:line]`."""
+    return Problems.per_key(annotation_source(""))
+
+
 @dataclass(frozen=True, slots=True)
 class OutboundTarget:
     """A plain listener for the app (`listen`, loopback) relayed over mTLS to `target`, whose SVID must
@@ -178,16 +184,7 @@ class ProbeRoute:
 # Pod annotations
 
 
-class _Collector:
-    def __init__(self) -> None:
-        self.problems: list[Problem] = []
-
-    def add(self, key: str, message: str, line: int | None = None) -> None:
-        where = annotation_source(key) + (f":{line}" if line is not None else "")
-        self.problems.append(Problem(where, message))
-
-
-def _bool(c: _Collector, key: str, value: str) -> bool | None:
+def _bool(c: Problems, key: str, value: str) -> bool | None:
     v = value.strip().lower()
     if v in ("true", "false"):
         return v == "true"
@@ -195,7 +192,7 @@ def _bool(c: _Collector, key: str, value: str) -> bool | None:
     return None
 
 
-def _port(c: _Collector, key: str, value: str) -> int | None:
+def _port(c: Problems, key: str, value: str) -> int | None:
     v = value.strip()
     if v.isascii() and v.isdigit() and len(v) <= 5 and 1 <= int(v) <= 65535:
         return int(v)
@@ -203,7 +200,7 @@ def _port(c: _Collector, key: str, value: str) -> int | None:
     return None
 
 
-def _quantity(c: _Collector, key: str, value: str) -> str | None:
+def _quantity(c: Problems, key: str, value: str) -> str | None:
     v = value.strip()
     if _QUANTITY_RE.fullmatch(v):
         return v
@@ -211,7 +208,7 @@ def _quantity(c: _Collector, key: str, value: str) -> str | None:
     return None
 
 
-def _check_key(c: _Collector, full_key: str) -> str | None:
+def _check_key(c: Problems, full_key: str) -> str | None:
     """The name after our prefix, or None (with a problem) when it is not one we know."""
     name = full_key[len(PREFIX) :]
     if len(name) > 63 or _NAME_RE.fullmatch(name) is None:
@@ -229,7 +226,7 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
     Raises ConfigError listing every problem; each names the annotation (and the line inside it for
     multi-line values). Unknown keys under the prefix are errors: a typo must not silently drop policy.
     """
-    c = _Collector()
+    c = _problems()
     values: dict[str, str] = {}
     for full_key, value in annotations.items():
         if not isinstance(full_key, str) or not full_key.startswith(PREFIX):
@@ -295,8 +292,8 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
         except ValueError:
             c.add("status", "written by the injector as JSON; remove it to inject again")
 
-    if c.problems or policy is None:
-        raise ConfigError(c.problems)
+    if c or policy is None:
+        raise c.error()
     return SidecarAnnotations(
         inject=inject,
         app_port=app_port,
@@ -332,7 +329,7 @@ def _is_compact(text: str) -> bool:
     return False
 
 
-def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy | None:
+def _policy(c: Problems, text: str | None, policy_mode: str | None) -> Policy | None:
     key = "inbound-policy"
     source = annotation_source(key)
     data: Any
@@ -346,9 +343,9 @@ def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy 
         data, lines = parsed
     else:
         try:
-            doc = parse_yaml(text, source, collect=c.problems)  # key problems do not hide the others
+            doc = parse_yaml(text, source, collect=c.items)  # key problems do not hide the others
         except ConfigError as exc:
-            c.problems.extend(exc.problems)
+            c.extend(exc.problems)
             return None
         except yaml.YAMLError as exc:
             # parse_yaml builds its SafeLoader outside its own try: control characters raise ReaderError.
@@ -366,15 +363,15 @@ def _policy(c: _Collector, text: str | None, policy_mode: str | None) -> Policy 
     try:
         return compile_policy(data, source, lines)
     except ConfigError as exc:
-        c.problems.extend(exc.problems)
+        c.extend(exc.problems)
         return None
 
 
-def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, int]] | None:
+def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, int]] | None:
     key = "inbound-policy"
     rules: list[dict[str, Any]] = []
     lines: dict[str, int] = {}
-    before = len(c.problems)
+    before = len(c)
     raw_lines = text.split("\n")
     if len(raw_lines) > _MAX_LINES:
         c.add(key, f"more than {_MAX_LINES} lines")
@@ -386,7 +383,7 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
         tokens = s.split()
         if tokens[0] not in _ACTIONS:
             hint = did_you_mean(tokens[0], _ACTIONS)
-            c.add(key, f"a rule line starts with allow, deny or audit-deny, got {tokens[0]!r}{hint}", n)
+            c.add(key, f"a rule line starts with allow, deny or audit-deny, got {tokens[0]!r}{hint}", line=n)
             continue
         action, mode = _ACTIONS[tokens[0]]
         name = f"line-{n}"
@@ -394,16 +391,16 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
             name = tokens[-1]
             tokens = tokens[:-2]
         if "from" not in tokens:
-            c.add(key, "expected '<action> <METHODS> <PATH>... from <CALLER>... [as <name>]' (no 'from')", n)
+            c.add(key, "expected '<action> <METHODS> <PATH>... from <CALLER>... [as <name>]' (no 'from')", line=n)
             continue
         at = tokens.index("from")
         head, callers_tok = tokens[1:at], tokens[at + 1 :]
         if len(head) < 2:
-            c.add(key, "expected methods (or '*') and at least one path before 'from'", n)
+            c.add(key, "expected methods (or '*') and at least one path before 'from'", line=n)
             continue
         callers = [x for tok in callers_tok for x in tok.split(",") if x]
         if not callers:
-            c.add(key, "expected at least one caller after 'from' (a SPIFFE ID pattern or '*')", n)
+            c.add(key, "expected at least one caller after 'from' (a SPIFFE ID pattern or '*')", line=n)
             continue
         methods = [m for m in head[0].split(",") if m]
         rule: dict[str, Any] = {"name": name, "action": action}
@@ -415,7 +412,7 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
         rule["callers"] = callers
         lines[f"rules[{len(rules)}]"] = n
         rules.append(rule)
-    if len(c.problems) != before and not rules:
+    if len(c) != before and not rules:
         return None
     # Lines with syntax problems are reported above; the others are still compiled, so that their
     # problems (a bad caller, a bad path) come out in the same pass. The policy is never used: any problem
@@ -423,7 +420,7 @@ def _compact_rules(c: _Collector, text: str) -> tuple[dict[str, Any], dict[str, 
     return {"rules": rules}, lines
 
 
-def _outbound(c: _Collector, text: str) -> tuple[OutboundTarget, ...]:
+def _outbound(c: Problems, text: str) -> tuple[OutboundTarget, ...]:
     key = "outbound"
     out: list[OutboundTarget] = []
     seen: dict[HostPort, int] = {}
@@ -437,32 +434,32 @@ def _outbound(c: _Collector, text: str) -> tuple[OutboundTarget, ...]:
             continue
         tokens = s.split()
         if len(tokens) != 5 or tokens[1] != "->" or tokens[3] != "expect":
-            c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID>'", n)
+            c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID>'", line=n)
             continue
         try:
             listen = parse_host_port(tokens[0], allow_zero_port=False)
         except ValueError as exc:
-            c.add(key, f"listen address: {exc}", n)
+            c.add(key, f"listen address: {exc}", line=n)
             continue
         if not is_loopback(listen.host):
             # The outbound listener is plain HTTP: anything but loopback would let others use our identity.
-            c.add(key, f"the listen address must be loopback (e.g. 127.0.0.1), got {listen.host!r}", n)
+            c.add(key, f"the listen address must be loopback (e.g. 127.0.0.1), got {listen.host!r}", line=n)
             continue
         try:
             target = parse_host_port(tokens[2], allow_zero_port=False)
         except ValueError as exc:
-            c.add(key, f"target address: {exc}", n)
+            c.add(key, f"target address: {exc}", line=n)
             continue
         try:
             expect = CallerPattern.parse(tokens[4])
         except IdentityError as exc:
-            c.add(key, f"expect: {exc}", n)
+            c.add(key, f"expect: {exc}", line=n)
             continue
         if expect.kind is PatternKind.ANY:
-            c.add(key, "expect '*' would accept any server: name the server's SPIFFE ID", n)
+            c.add(key, "expect '*' would accept any server: name the server's SPIFFE ID", line=n)
             continue
         if listen in seen:
-            c.add(key, f"listen address {listen} already used on line {seen[listen]}", n)
+            c.add(key, f"listen address {listen} already used on line {seen[listen]}", line=n)
             continue
         seen[listen] = n
         out.append(OutboundTarget(listen, target, expect, n))
@@ -644,25 +641,25 @@ class PodRuntime:
     strict_bypass_check: bool
 
 
-def _env_port(problems: list[Problem], environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
+def _env_port(problems: Problems, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
     raw = environ.get(name, "").strip()
     if not raw:
         return None
     low = 0 if allow_zero else 1
     if raw.isascii() and raw.isdigit() and len(raw) <= 5 and low <= int(raw) <= 65535:
         return int(raw)
-    problems.append(Problem(f"env {name}", f"expected a port number {low}-65535, got {raw!r}"))
+    problems.env(name, f"expected a port number {low}-65535, got {raw!r}")
     return None
 
 
-def _env_ip(problems: list[Problem], environ: Mapping[str, str], name: str) -> str | None:
+def _env_ip(problems: Problems, environ: Mapping[str, str], name: str) -> str | None:
     raw = environ.get(name, "").strip()
     if not raw:
         return None
     try:
         return str(ipaddress.ip_address(raw))
     except ValueError:
-        problems.append(Problem(f"env {name}", f"expected an IP address, got {raw!r}"))
+        problems.env(name, f"expected an IP address, got {raw!r}")
         return None
 
 
@@ -678,25 +675,23 @@ def settings_from_annotations(
     pod spec's ports were fixed at admission). `annotations_file` becomes `inbound.policy_file`, reloaded
     live with `load_annotations_policy`. Raises ConfigError naming the annotation or `env NAME`."""
     ann = annotations if isinstance(annotations, SidecarAnnotations) else parse_pod_annotations(annotations)
-    problems: list[Problem] = []
+    problems = _problems()
 
     source: _config.WorkloadApiSettings | None = None
     socket = environ.get(_config.ENV_SOCKET, "").strip()
     if not socket:
-        problems.append(Problem(f"env {_config.ENV_SOCKET}", "required: the Workload API socket (injected)"))
+        problems.env(_config.ENV_SOCKET, "required: the Workload API socket (injected)")
     else:
         try:
             source = _config.WorkloadApiSettings(parse_endpoint(socket))
         except EndpointError as exc:
-            problems.append(Problem(f"env {_config.ENV_SOCKET}", str(exc)))
+            problems.env(_config.ENV_SOCKET, str(exc))
 
     host = _env_ip(problems, environ, ENV_LISTEN_HOST) or DEFAULT_LISTEN_HOST
     inbound_port = _env_port(problems, environ, _config.ENV_INBOUND_PORT, allow_zero=True)
     app_port = _env_port(problems, environ, _config.ENV_APP_PORT, allow_zero=False) or ann.app_port
     if app_port is None:
-        problems.append(
-            Problem(annotation_source("app-port"), f"required (or env {_config.ENV_APP_PORT}): the app's port")
-        )
+        problems.add("app-port", f"required (or env {_config.ENV_APP_PORT}): the app's port")
     admin_port = _env_port(problems, environ, _config.ENV_ADMIN_PORT, allow_zero=True)
     metrics_port = _env_port(problems, environ, _config.ENV_METRICS_PORT, allow_zero=True)
 
@@ -710,7 +705,7 @@ def settings_from_annotations(
         for t in ann.outbound
     )
     if problems or source is None or app_port is None:
-        raise ConfigError(problems)
+        raise problems.error()
     inbound = _config.InboundSettings(
         listen=HostPort(host, ann.inbound_port if inbound_port is None else inbound_port),
         app=HostPort("127.0.0.1", app_port),
@@ -738,16 +733,16 @@ def pod_runtime(
     initial_text: str,
 ) -> PodRuntime:
     """Probe port, probe routes and the bypass check from the injected environment (ConfigError)."""
-    problems: list[Problem] = []
+    problems = _problems()
     probe_port = _env_port(problems, environ, ENV_PROBE_PORT, allow_zero=True)
     routes: tuple[ProbeRoute, ...] = ()
     try:
         routes = parse_probe_routes(environ.get(ENV_PROBES, ""))
     except ValueError as exc:
-        problems.append(Problem(f"env {ENV_PROBES}", str(exc)))
+        problems.env(ENV_PROBES, str(exc))
     pod_ip = _env_ip(problems, environ, ENV_POD_IP)
     if problems:
-        raise ConfigError(problems)
+        raise problems.error()
     assert settings.inbound is not None  # settings_from_annotations always builds one
     host = settings.inbound.listen.host
     return PodRuntime(

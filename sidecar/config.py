@@ -29,6 +29,7 @@ from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, TrustDomain
 from .policy import Policy, compile_policy
+from .problems import Problems
 
 
 class ListenerMode(enum.Enum):
@@ -194,30 +195,6 @@ class YamlDocument:
     lines: Mapping[str, int]
 
 
-class _Collector:
-    def __init__(self, source: str, lines: Mapping[str, int]) -> None:
-        self.source = source
-        self.lines = lines
-        self.problems: list[Problem] = []
-
-    def where(self, path: str) -> str:
-        # A missing field is reported at the line of its nearest present ancestor.
-        probe = path
-        while probe and probe not in self.lines:
-            probe = _parent(probe)
-        line = self.lines.get(probe)
-        loc = f"{self.source}:{line}" if line is not None else self.source
-        return f"{loc}: {path}" if path else loc
-
-    def add(self, path: str, message: str) -> None:
-        self.problems.append(Problem(self.where(path), message))
-
-
-def _parent(path: str) -> str:
-    cut = max(path.rfind("."), path.rfind("["))
-    return path[:cut] if cut > 0 else ""
-
-
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -248,13 +225,13 @@ def parse_yaml(text: str, source: str, *, collect: list[Problem] | None = None) 
         if node is None:
             return YamlDocument(None, {})
         lines: dict[str, int] = {}
-        problems: list[Problem] = []
-        data = _build(loader, node, "", lines, problems, source, 0)
+        problems = Problems(source)
+        data = _build(loader, node, "", lines, problems, 0)
     finally:
         loader.dispose()
     if problems:
         if collect is None:
-            raise ConfigError(problems)
+            raise problems.error()
         collect.extend(problems)
     return YamlDocument(data, lines)
 
@@ -264,14 +241,13 @@ def _build(
     node: yaml.Node,
     path: str,
     lines: dict[str, int],
-    problems: list[Problem],
-    source: str,
+    problems: Problems,
     depth: int,
 ) -> Any:
     line = node.start_mark.line + 1
     lines[path] = line
     if depth > _MAX_DEPTH:
-        problems.append(Problem(f"{source}:{line}: {path}", "nesting too deep (recursive alias?)"))
+        problems.add(path, "nesting too deep (recursive alias?)", line=line)
         return None
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
@@ -279,24 +255,24 @@ def _build(
             key_line = key_node.start_mark.line + 1
             key = loader.construct_object(key_node, deep=True) if isinstance(key_node, yaml.ScalarNode) else None
             if not isinstance(key, str):
-                problems.append(Problem(f"{source}:{key_line}: {path or '<root>'}", "keys must be strings"))
+                problems.add(path or "<root>", "keys must be strings", line=key_line)
                 continue
             child = _join(path, key)
             if key in out:
-                problems.append(Problem(f"{source}:{key_line}: {child}", "duplicate key"))
+                problems.add(child, "duplicate key", line=key_line)
                 continue
-            out[key] = _build(loader, value_node, child, lines, problems, source, depth + 1)
+            out[key] = _build(loader, value_node, child, lines, problems, depth + 1)
             lines[child] = key_line  # the key's line reads better than the value's for nested blocks
         return out
     if isinstance(node, yaml.SequenceNode):
         return [
-            _build(loader, item, f"{path}[{i}]", lines, problems, source, depth + 1)
+            _build(loader, item, f"{path}[{i}]", lines, problems, depth + 1)
             for i, item in enumerate(node.value)
         ]
     try:
         return loader.construct_object(node, deep=True)
     except yaml.YAMLError as exc:
-        problems.append(Problem(f"{source}:{line}: {path}", f"bad value: {exc}"))
+        problems.add(path, f"bad value: {exc}", line=line)
         return None
 
 
@@ -315,7 +291,7 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-def _mapping(c: _Collector, value: Any, path: str, keys: frozenset[str]) -> dict[str, Any] | None:
+def _mapping(c: Problems, value: Any, path: str, keys: frozenset[str]) -> dict[str, Any] | None:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -335,7 +311,7 @@ def _kind(value: Any) -> str:
     )
 
 
-def _duration(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: float) -> float:
+def _duration(c: Problems, m: Mapping[str, Any], key: str, path: str, default: float) -> float:
     if key not in m:
         return default
     try:
@@ -345,13 +321,13 @@ def _duration(c: _Collector, m: Mapping[str, Any], key: str, path: str, default:
         return default
 
 
-def _int(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: int, low: int) -> int:
+def _int(c: Problems, m: Mapping[str, Any], key: str, path: str, default: int, low: int) -> int:
     value = _optional_int(c, m, key, path, default, low, nullable=False)
     return default if value is None else value
 
 
 def _optional_int(
-    c: _Collector, m: Mapping[str, Any], key: str, path: str, default: int | None, low: int, *, nullable: bool = True
+    c: Problems, m: Mapping[str, Any], key: str, path: str, default: int | None, low: int, *, nullable: bool = True
 ) -> int | None:
     if key not in m:
         return default
@@ -367,7 +343,7 @@ def _optional_int(
     return value
 
 
-def _number(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: float, low: float, high: float) -> float:
+def _number(c: Problems, m: Mapping[str, Any], key: str, path: str, default: float, low: float, high: float) -> float:
     if key not in m:
         return default
     value = m[key]
@@ -380,7 +356,7 @@ def _number(c: _Collector, m: Mapping[str, Any], key: str, path: str, default: f
     return float(value)
 
 
-def _string(c: _Collector, m: Mapping[str, Any], key: str, path: str) -> str | None:
+def _string(c: Problems, m: Mapping[str, Any], key: str, path: str) -> str | None:
     value = m.get(key)
     if value is None:
         return None
@@ -390,7 +366,7 @@ def _string(c: _Collector, m: Mapping[str, Any], key: str, path: str) -> str | N
     return value
 
 
-def _required_path(c: _Collector, m: Mapping[str, Any], key: str, path: str, base_dir: Path) -> Path | None:
+def _required_path(c: Problems, m: Mapping[str, Any], key: str, path: str, base_dir: Path) -> Path | None:
     if key not in m:
         c.add(_join(path, key), "required")
         return None
@@ -399,7 +375,7 @@ def _required_path(c: _Collector, m: Mapping[str, Any], key: str, path: str, bas
 
 
 def _host_port(
-    c: _Collector, m: Mapping[str, Any], key: str, path: str, default: HostPort | None, *, allow_zero: bool
+    c: Problems, m: Mapping[str, Any], key: str, path: str, default: HostPort | None, *, allow_zero: bool
 ) -> HostPort | None:
     if key not in m:
         if default is None:
@@ -412,14 +388,14 @@ def _host_port(
         return default
 
 
-def _env_port(c: _Collector, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
+def _env_port(c: Problems, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
     raw = environ.get(name)
     if raw is None or raw == "":
         return None
     try:
         return parse_port(raw.strip(), allow_zero=allow_zero)
     except ValueError as exc:
-        c.problems.append(Problem(f"env {name}", str(exc)))
+        c.env(name, str(exc))
         return None
 
 
@@ -477,11 +453,11 @@ def parse_settings(
     """
     early: list[Problem] = []
     doc = parse_yaml(text, source, collect=early)
-    c = _Collector(source, doc.lines)
-    c.problems.extend(early)  # duplicate keys: reported with everything else, and the config refused
+    c = Problems(source, doc.lines)
+    c.extend(early)  # duplicate keys: reported with everything else, and the config refused
     top = _mapping(c, doc.data, "", _TOP_KEYS)
     if top is None:
-        raise ConfigError(c.problems)
+        raise c.error()
 
     svid_source = _parse_source(c, top.get("svid_source"), environ, base_dir)
     inbound = _parse_inbound(c, top, environ, base_dir, read_file) if "inbound" in top else None
@@ -545,8 +521,8 @@ def parse_settings(
         else:
             c.add("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
 
-    if c.problems or svid_source is None:
-        raise ConfigError(sorted(c.problems, key=_problem_order))
+    if c or svid_source is None:
+        raise ConfigError(sorted(c, key=_problem_order))
     return Settings(
         source=svid_source,
         inbound=inbound,
@@ -561,7 +537,7 @@ def parse_settings(
     )
 
 
-def _parse_metrics(c: _Collector, value: Any, environ: Mapping[str, str]) -> MetricsSettings:
+def _parse_metrics(c: Problems, value: Any, environ: Mapping[str, str]) -> MetricsSettings:
     default = MetricsSettings()
     m = _mapping(c, value, "metrics", _METRICS_KEYS)
     listen = default.listen
@@ -581,7 +557,7 @@ def _problem_order(p: Problem) -> tuple[int, int]:
 
 
 def _parse_source(
-    c: _Collector, value: Any, environ: Mapping[str, str], base_dir: Path
+    c: Problems, value: Any, environ: Mapping[str, str], base_dir: Path
 ) -> WorkloadApiSettings | PemSourceSettings | None:
     path = "svid_source"
     m = _mapping(c, value, path, _SOURCE_KEYS)
@@ -606,7 +582,7 @@ def _parse_source(
         try:
             return WorkloadApiSettings(parse_endpoint(env_value))
         except EndpointError as exc:
-            c.problems.append(Problem(f"env {ENV_SOCKET}", str(exc)))
+            c.env(ENV_SOCKET, str(exc))
             return None
     if socket is None:
         return None
@@ -617,11 +593,11 @@ def _parse_source(
         return None
 
 
-def _parse_pem(c: _Collector, value: Any, path: str, base_dir: Path) -> PemSourceSettings | None:
+def _parse_pem(c: Problems, value: Any, path: str, base_dir: Path) -> PemSourceSettings | None:
     m = _mapping(c, value, path, _PEM_KEYS)
     if m is None:
         return None
-    before = len(c.problems)
+    before = len(c)
     cert_chain = _required_path(c, m, "cert_chain", path, base_dir)
     key = _required_path(c, m, "key", path, base_dir)
     bundle = _required_path(c, m, "bundle", path, base_dir)
@@ -648,7 +624,7 @@ def _parse_pem(c: _Collector, value: Any, path: str, base_dir: Path) -> PemSourc
                 c.add(_join(fpath, td_name), f"expected a bundle file name, got {file!r}")
                 continue
             federated.append((td, base_dir / file))
-    if len(c.problems) != before or cert_chain is None or key is None or bundle is None:
+    if len(c) != before or cert_chain is None or key is None or bundle is None:
         return None
     return PemSourceSettings(
         cert_chain=cert_chain,
@@ -661,7 +637,7 @@ def _parse_pem(c: _Collector, value: Any, path: str, base_dir: Path) -> PemSourc
 
 
 def _parse_inbound(
-    c: _Collector,
+    c: Problems,
     top: Mapping[str, Any],
     environ: Mapping[str, str],
     base_dir: Path,
@@ -703,7 +679,7 @@ def _parse_inbound(
                 try:
                     policy = load_policy(text, str(policy_file))
                 except ConfigError as exc:
-                    c.problems.extend(exc.problems)
+                    c.extend(exc.problems)
     if policy is not None and mode is ListenerMode.TCP and policy.path_specific_rules:
         # A TCP listener decides once per connection, on the caller only (authorize_connection).
         c.add(
@@ -722,7 +698,7 @@ def _parse_inbound(
     )
 
 
-def _loopback_listen(c: _Collector, m: Mapping[str, Any], path: str) -> HostPort | None:
+def _loopback_listen(c: Problems, m: Mapping[str, Any], path: str) -> HostPort | None:
     listen = _host_port(c, m, "listen", path, None, allow_zero=True)
     if listen is not None and not is_loopback(listen.host):
         # Outbound ports carry the app's plain traffic and our identity: only the pod's own app may use them.
@@ -731,7 +707,7 @@ def _loopback_listen(c: _Collector, m: Mapping[str, Any], path: str) -> HostPort
     return listen
 
 
-def _outbound_target(c: _Collector, m: Mapping[str, Any], path: str) -> OutboundTarget | None:
+def _outbound_target(c: Problems, m: Mapping[str, Any], path: str) -> OutboundTarget | None:
     target = _host_port(c, m, "target", path, None, allow_zero=False)
     expect: CallerPattern | None = None
     if "expect" not in m:
@@ -746,7 +722,7 @@ def _outbound_target(c: _Collector, m: Mapping[str, Any], path: str) -> Outbound
     return OutboundTarget(target, expect)
 
 
-def _parse_outbound(c: _Collector, value: Any) -> tuple[OutboundRoute, ...]:
+def _parse_outbound(c: Problems, value: Any) -> tuple[OutboundRoute, ...]:
     path = "outbound"
     if value is None:
         return ()
@@ -760,7 +736,7 @@ def _parse_outbound(c: _Collector, value: Any) -> tuple[OutboundRoute, ...]:
         m = _mapping(c, item, rpath, _OUTBOUND_KEYS)
         if m is None:
             continue
-        before = len(c.problems)
+        before = len(c)
         listen = _loopback_listen(c, m, rpath)
         to = _outbound_target(c, m, rpath)
         mode = ListenerMode.HTTP
@@ -773,17 +749,17 @@ def _parse_outbound(c: _Collector, value: Any) -> tuple[OutboundRoute, ...]:
         if name in names:
             c.add(_join(rpath, "name"), f"duplicate route name {name!r}")
         names.add(name)
-        if len(c.problems) == before and listen is not None and to is not None:
+        if len(c) == before and listen is not None and to is not None:
             routes.append(OutboundRoute(name, listen, to, mode))
     return tuple(routes)
 
 
-def _parse_outbound_proxy(c: _Collector, value: Any) -> OutboundProxySettings | None:
+def _parse_outbound_proxy(c: Problems, value: Any) -> OutboundProxySettings | None:
     path = "outbound_proxy"
     m = _mapping(c, value, path, _PROXY_KEYS)
     if m is None:
         return None
-    before = len(c.problems)
+    before = len(c)
     listen = _loopback_listen(c, m, path)
     rpath = _join(path, "routes")
     routes: list[tuple[str, OutboundTarget]] = []
@@ -803,13 +779,13 @@ def _parse_outbound_proxy(c: _Collector, value: Any) -> OutboundProxySettings | 
             to = _outbound_target(c, hm, hpath)
             if to is not None:
                 routes.append((key, to))
-    if len(c.problems) != before or listen is None:
+    if len(c) != before or listen is None:
         return None
     return OutboundProxySettings(listen, tuple(routes))
 
 
 def _check_listen_clash(
-    c: _Collector, outbound: tuple[OutboundRoute, ...], proxy: OutboundProxySettings | None
+    c: Problems, outbound: tuple[OutboundRoute, ...], proxy: OutboundProxySettings | None
 ) -> None:
     seen: dict[HostPort, str] = {}
     named = [(f"outbound[{i}].listen", r.listen) for i, r in enumerate(outbound)]
@@ -823,11 +799,11 @@ def _check_listen_clash(
         seen[hp] = where
 
 
-def _compile(c: _Collector, data: Any, source: str, lines: Mapping[str, int], prefix: str) -> Policy | None:
+def _compile(c: Problems, data: Any, source: str, lines: Mapping[str, int], prefix: str) -> Policy | None:
     try:
         return compile_policy(data, source, lines, prefix=prefix)
     except ConfigError as exc:
-        c.problems.extend(exc.problems)
+        c.extend(exc.problems)
         return None
 
 

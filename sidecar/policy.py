@@ -55,10 +55,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
-from .errors import ConfigError, IdentityError, Problem
+from .errors import IdentityError
 from .hints import did_you_mean
 from .http1 import BadRequest
 from .identity import CallerPattern, PatternKind, SpiffeId
+from .problems import Problems
 
 __all__ = [
     "AUDIT",
@@ -560,40 +561,6 @@ _RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "ca
 _POLICY_KEYS: Final = frozenset({"mode", "rules"})
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _METHOD_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_FIELD_TAIL_RE: Final = re.compile(r"(\[\d+\]|\.[^.\[\]]+)$")
-
-
-class _Problems:
-    def __init__(self, source: str, lines: Mapping[str, int] | None, prefix: str) -> None:
-        self.source = source
-        self.lines = lines
-        self.prefix = prefix
-        self.items: list[Problem] = []
-
-    def field(self, sub: str) -> str:
-        if not self.prefix:
-            return sub
-        if not sub or sub.startswith("["):
-            return self.prefix + sub
-        return f"{self.prefix}.{sub}"
-
-    def _line(self, path: str) -> int | None:
-        if not self.lines:
-            return None
-        while True:
-            line = self.lines.get(path)
-            if line is not None:
-                return line
-            shorter = _FIELD_TAIL_RE.sub("", path)
-            if shorter == path or not shorter:
-                return self.lines.get("")
-            path = shorter
-
-    def add(self, sub: str, message: str) -> None:
-        path = self.field(sub)
-        line = self._line(path)
-        loc = f"{self.source}:{line}" if line is not None else self.source
-        self.items.append(Problem(f"{loc}: {path}" if path else loc, message))
 
 
 def _parse_path_pattern(text: str) -> PathPattern | str:
@@ -628,7 +595,7 @@ def _parse_path_pattern(text: str) -> PathPattern | str:
     return PathPattern(text, tuple(segs), subtree)
 
 
-def _string_list(value: Any, key: str, where: str, problems: _Problems, *, allow_star: bool = True) -> list[str] | None:
+def _string_list(value: Any, key: str, where: str, problems: Problems, *, allow_star: bool = True) -> list[str] | None:
     if not isinstance(value, list):
         problems.add(where, f"'{key}' must be a list of strings")
         return None
@@ -665,10 +632,10 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
     `lines` maps field paths (`rules[1].paths[0]`, with `prefix` prepended when given, e.g.
     `inbound.policy.rules[1]`) to line numbers; the nearest enclosing field's line is used.
     """
-    problems = _Problems(source, lines, prefix)
+    problems = Problems(source, lines, prefix=prefix)
     if not isinstance(data, Mapping):
         problems.add("", "a policy is a mapping with 'rules' (and optionally 'mode')")
-        raise ConfigError(problems.items)
+        raise problems.error()
     for key in data:
         if key not in _POLICY_KEYS:
             hint = did_you_mean(key, _POLICY_KEYS)
@@ -689,8 +656,8 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
         rule = _compile_rule(raw, f"rules[{i}]", len(rules), policy_mode, names, problems)
         if rule is not None:
             rules.append(rule)
-    if problems.items:
-        raise ConfigError(problems.items)
+    if problems:
+        raise problems.error()
     root = _Node()
     for rule in rules:
         for pattern in rule.paths:
@@ -712,9 +679,9 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
 
 
 def _compile_rule(
-    raw: Any, where: str, index: int, policy_mode: str, names: set[str], problems: _Problems
+    raw: Any, where: str, index: int, policy_mode: str, names: set[str], problems: Problems
 ) -> Rule | None:
-    before = len(problems.items)
+    before = len(problems)
     if not isinstance(raw, Mapping):
         problems.add(where, "a rule is a mapping with name, action, callers (and paths, methods, mode)")
         return None
@@ -787,7 +754,7 @@ def _compile_rule(
             except IdentityError as e:
                 problems.add(f"{where}.callers[{j}]", f"{text!r}: {e.reason}")
 
-    if len(problems.items) != before:
+    if len(problems) != before:
         return None
     assert isinstance(name, str) and isinstance(action, str) and isinstance(mode, str)
     return Rule(
