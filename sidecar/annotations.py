@@ -51,7 +51,7 @@ import yaml
 
 from . import config as _config
 from .addr import HostPort, is_loopback, parse_host_port
-from .config import ListenerMode, parse_yaml
+from .config import ListenerMode, OutboundRoute, OutboundTarget, parse_yaml
 from .endpoint import parse_endpoint
 from .errors import ConfigError, EndpointError, IdentityError, Problem
 from .hints import did_you_mean
@@ -71,7 +71,7 @@ __all__ = [
     "KEYS",
     "PREFIX",
     "STATUS_ANNOTATION",
-    "OutboundTarget",
+    "OutboundLine",
     "PodRuntime",
     "ProbeRoute",
     "SidecarAnnotations",
@@ -134,13 +134,13 @@ def _problems() -> Problems:
 
 
 @dataclass(frozen=True, slots=True)
-class OutboundTarget:
-    """A plain listener for the app (`listen`, loopback) relayed over mTLS to `target`, whose SVID must
-    match `expect` (an exact ID or a pattern; `*` is refused: the server must be named)."""
+class OutboundLine:
+    """One line of the `outbound` annotation: a plain listener for the app (`listen`, loopback) relayed over
+    mTLS to `to.target`, whose SVID must match `to.expect` (an exact ID or a pattern; `*` is refused: the
+    server must be named). `line` is its line in the annotation (it names routes whose targets repeat)."""
 
     listen: HostPort
-    target: HostPort
-    expect: CallerPattern
+    to: OutboundTarget
     line: int
 
 
@@ -154,7 +154,7 @@ class SidecarAnnotations:
     inbound_mode: ListenerMode
     policy: Policy  # always set: no inbound-policy means "no rules" (every request denied)
     policy_mode: str
-    outbound: tuple[OutboundTarget, ...]
+    outbound: tuple[OutboundLine, ...]
     cpu_request: str | None
     memory_request: str | None
     cpu_limit: str | None
@@ -420,9 +420,9 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
     return {"rules": rules}, lines
 
 
-def _outbound(c: Problems, text: str) -> tuple[OutboundTarget, ...]:
+def _outbound(c: Problems, text: str) -> tuple[OutboundLine, ...]:
     key = "outbound"
-    out: list[OutboundTarget] = []
+    out: list[OutboundLine] = []
     seen: dict[HostPort, int] = {}
     raw_lines = text.split("\n")
     if len(raw_lines) > _MAX_LINES:
@@ -462,7 +462,7 @@ def _outbound(c: Problems, text: str) -> tuple[OutboundTarget, ...]:
             c.add(key, f"listen address {listen} already used on line {seen[listen]}", line=n)
             continue
         seen[listen] = n
-        out.append(OutboundTarget(listen, target, expect, n))
+        out.append(OutboundLine(listen, OutboundTarget(target, expect), n))
     return tuple(out)
 
 
@@ -695,14 +695,14 @@ def settings_from_annotations(
     admin_port = _env_port(problems, environ, _config.ENV_ADMIN_PORT, allow_zero=True)
     metrics_port = _env_port(problems, environ, _config.ENV_METRICS_PORT, allow_zero=True)
 
-    names = [str(t.target) for t in ann.outbound]
+    names = [str(o.to.target) for o in ann.outbound]
     outbound = tuple(
-        _config.OutboundRoute(
-            name=str(t.target) if names.count(str(t.target)) == 1 else f"outbound-line-{t.line}",
-            listen=t.listen,
-            to=_config.OutboundTarget(t.target, t.expect),
+        OutboundRoute(
+            name=str(o.to.target) if names.count(str(o.to.target)) == 1 else f"outbound-line-{o.line}",
+            listen=o.listen,
+            to=o.to,
         )
-        for t in ann.outbound
+        for o in ann.outbound
     )
     if problems or source is None or app_port is None:
         raise problems.error()

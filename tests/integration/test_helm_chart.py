@@ -425,7 +425,7 @@ def test_examples_reproduce_the_running_example(rendered: dict[str, list[dict[st
     assert not authorize(inv, RequestAttrs(reporting, "GET", "/api/stock/42")).forward
     assert not authorize(inv, RequestAttrs(reporting, "GET", "/")).forward
     (out,) = ann["checkout"].outbound
-    assert out.expect.text == "spiffe://example.org/ns/shop/sa/inventory"
+    assert out.to.expect.text == "spiffe://example.org/ns/shop/sa/inventory"
     for d in deps.values():
         assert d["spec"]["template"]["metadata"]["labels"][PREFIX + "inject"] == "true"
         assert d["spec"]["template"]["spec"]["serviceAccountName"] == d["metadata"]["name"]

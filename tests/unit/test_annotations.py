@@ -212,13 +212,13 @@ def test_outbound() -> None:
     )
     a = parse_pod_annotations(ann(outbound=text))
     first, second = a.outbound
-    assert (str(first.listen), str(first.target), first.expect.text, first.line) == (
+    assert (str(first.listen), str(first.to.target), first.to.expect.text, first.line) == (
         "127.0.0.1:15001",
         "inventory.shop.svc:8443",
         "spiffe://example.org/ns/shop/sa/inventory",
         2,
     )
-    assert second.listen.host == "::1" and second.expect.matches(SpiffeId.parse("spiffe://example.org/ns/shop/sa/x"))
+    assert second.listen.host == "::1" and second.to.expect.matches(SpiffeId.parse("spiffe://example.org/ns/shop/sa/x"))
 
 
 @pytest.mark.parametrize(
