@@ -55,6 +55,7 @@ class RequestReader:
     the fields may take, counted as `name: value CRLF` (more is a 431)."""
 
     __slots__ = (
+        "_begun",
         "_body_progress",
         "_body_quiet",
         "_field_room",
@@ -80,6 +81,7 @@ class RequestReader:
         self._field_room: Final = field_room
         self._fields_len = 0
         self._piece = b""
+        self._begun = False  # a byte of the current message has been fed (the parser began it)
         self._fresh = False  # the current head starts at the first byte of _piece
         self._parser = httptools.HttpRequestParser(self)
         self._head_room: Final = head_room
@@ -102,7 +104,7 @@ class RequestReader:
     @property
     def at_message_start(self) -> bool:
         """No byte of the next request has been fed yet, and requests are still read."""
-        return self._in_head and self._room == self._head_room and not self.stopped
+        return not self._begun and self._in_head and not self.stopped
 
     def feed(self, data: bytes) -> None:
         while data and not self.stopped:
@@ -118,7 +120,7 @@ class RequestReader:
                     piece, data = data, b""
                 messages = self._messages
                 self._piece = piece
-                self._fresh = room == self._head_room
+                self._fresh = not self._begun
                 self._feed(piece, data)
                 if self._in_head and self._messages == messages:
                     self._room = room - len(piece)
@@ -156,6 +158,7 @@ class RequestReader:
     def on_message_begin(self) -> None:
         if self.stopped:
             raise _Stop
+        self._begun = True
         self._target = []
         self._target_len = 0
         self._fields_len = 0
@@ -204,6 +207,7 @@ class RequestReader:
 
     def on_message_complete(self) -> None:
         self._in_head = True  # whatever follows is the next request's head
+        self._begun = False
         self._fresh = False  # it starts inside the current read, not at its first byte
         self._room = self._head_room
         self._messages += 1
@@ -231,6 +235,7 @@ class ResponseReader:
     head_request)`; a reader whose response ended early (HEAD, an error) is replaced, not reused."""
 
     __slots__ = (
+        "_begun",
         "_body_progress",
         "_body_quiet",
         "_fresh",
@@ -246,6 +251,7 @@ class ResponseReader:
         "_values",
         "broken",
         "head_room",
+        "poisoned",
         "sink",
     )
 
@@ -263,14 +269,18 @@ class ResponseReader:
         self._body_progress = False
         self._body_quiet = 0
         self._piece = b""
+        self._begun = False  # a byte of the current response has been fed
         self._fresh = False
         self._messages = 0  # heads completed (interim ones included): their room starts afresh
         self.broken = False  # the parser's state is unusable for another response
+        # The connection itself is: the upstream sent bytes no request asked for (after a response, or
+        # a body to a HEAD request). It must never carry another request.
+        self.poisoned = False
 
     @property
     def at_message_start(self) -> bool:
         """No byte of the next response has been fed yet (the parser waits for a status line)."""
-        return self._in_head and self._room == self.head_room and not self.broken
+        return not self._begun and self._in_head and not self.broken
 
     def expect(self, sink: ResponseSink, *, head_request: bool) -> None:
         self.sink = sink
@@ -288,7 +298,7 @@ class ResponseReader:
                 else:
                     piece, data = data, b""
                 self._piece = piece
-                self._fresh = room == self.head_room
+                self._fresh = not self._begun
                 messages = self._messages
                 self._feed(piece, data)
                 if self._in_head and not self.broken and self._messages == messages:
@@ -325,10 +335,17 @@ class ResponseReader:
         self.sink = None
         if sink is not None:
             sink.response_error(kind)
+        else:
+            self.poisoned = True  # garbage after a complete response: no request asked for it
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
+        if self.sink is None:
+            # A response nobody asked for (bytes after the previous one): the connection is desynced.
+            self.poisoned = self.broken = True
+            raise _Stop
+        self._begun = True
         self._names = []
         self._values = []
         self._reason = b""
@@ -375,7 +392,11 @@ class ResponseReader:
             # at its head, and this parser is done (a fresh one reads the next response).
             self.broken = True
             self.sink = None
-            sink.response_end(self._parser.should_keep_alive())
+            # Reusable only if nothing followed the head in this read (a body to HEAD poisons the stream).
+            clean = raw is not None and len(self._piece) == len(raw) + 2
+            if not clean:
+                self.poisoned = True
+            sink.response_end(self._parser.should_keep_alive() and clean)
             raise _Stop
 
     def on_body(self, body: bytes) -> None:
@@ -386,6 +407,7 @@ class ResponseReader:
 
     def on_message_complete(self) -> None:
         self._in_head = True
+        self._begun = False
         self._fresh = False
         self._messages += 1
         self._room = self.head_room

@@ -87,7 +87,6 @@ _P_STOP: Final = 8  # no more requests will be read on this connection
 _REQUEST_LINE_RE: Final = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])"
 )
-_NO_FIELDS: Final[list[bytes]] = []
 
 # Kinds of the connection's one lazy deadline.
 _T_HEAD: Final = 1
@@ -296,7 +295,7 @@ class HttpConnection(asyncio.Protocol):
                 return False
         elif framing.body is not BodyFraming.CONTENT_LENGTH or body != framing.content_length:
             return False
-        self.request_head(m.group(1), m.group(2), _NO_FIELDS, _NO_FIELDS, http10, raw)
+        self._request(m.group(1), m.group(2), head)
         if body and self.parsing is not None:
             self.request_body(data[end + 4 :])
         self.request_end()
@@ -314,7 +313,7 @@ class HttpConnection(asyncio.Protocol):
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.pause_reading()
-            if ex.state.resp is Resp.STREAMING:
+            if ex.resp is Resp.STREAMING:
                 # We stopped reading the app: its silence is ours; write_stall now watches the caller.
                 self.clear_deadline(_T_APP)
         # The caller must take bytes again within write_stall, or it is cut off (it would pin this
@@ -331,7 +330,7 @@ class HttpConnection(asyncio.Protocol):
         ex = self.queue[0] if self.queue else self.tunnel
         if ex is not None and ex.upstream is not None:
             ex.upstream.resume_reading()
-            if ex.state.resp is Resp.STREAMING:
+            if ex.resp is Resp.STREAMING:
                 self.set_deadline(self.ctx.timeouts.upstream_response, _T_APP)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -407,7 +406,7 @@ class HttpConnection(asyncio.Protocol):
         if self.transport is None:
             return
         ex = self.queue[0] if self.queue else self.tunnel
-        if ex is not None and ex.state.resp is not Resp.QUEUED and not ex.state.over:
+        if ex is not None and ex.resp is not Resp.QUEUED and not ex.over:
             ex.stalled("write", self.ctx.timeouts.write_stall)
         else:  # e.g. closing with a fixed response the caller never takes
             self.ctx.observer.stall("write")
@@ -415,7 +414,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _on_body_stall(self, _kind: int) -> None:
         ex = self.parsing
-        if self.closed or ex is None or ex.state.over:
+        if self.closed or ex is None or ex.over:
             return
         t = self.ctx.timeouts.request_body_stall
         if self._paused:
@@ -497,33 +496,43 @@ class HttpConnection(asyncio.Protocol):
         self, method: bytes, target: bytes, names: list[bytes], values: list[bytes], http10: bool,
         raw: bytes | None,
     ) -> None:  # fmt: skip
-        ctx = self.ctx
-        ex = Exchange(self, method, ctx.clock())
         try:
-            head = ctx.request_heads.parse(method, target, names, values, http10, raw)
+            head = self.ctx.request_heads.parse(method, target, names, values, http10, raw)
         except BadRequest as exc:
+            ex = Exchange(self, method, self.ctx.clock())
             ex.set_error(RESPONSE_400, "headers", exc.reason)
+            self._begin(ex)
+            return
+        self._request(method, target, head)
+
+    def _request(self, method: bytes, target: bytes, head: RequestHead) -> None:
+        """A checked request head: its exchange is queued and, when first in line, started."""
+        ctx = self.ctx
+        framing = head.framing
+        ex = Exchange(self, method, ctx.clock(), framing.body is BodyFraming.NONE or framing.content_length == 0)
+        ex.head = head
+        ex.bytes_in = ex.head_size = len(method) + len(target) + 14 + head.fields_size
+        try:
+            ex.target, authority = ctx.authorizer.target(target)
+            if authority is not None:
+                ex.authority = authority
+            check_method(method)
+        except BadRequest as exc:
+            ex.set_error(RESPONSE_400, "target" if ex.target is None else "method", exc.reason)
         else:
-            ex.head = head
-            ex.bytes_in = ex.head_size = head.size(method, target)
-            ex.state = ExchangeState(head.framing.body is BodyFraming.NONE or head.framing.content_length == 0)
-            try:
-                ex.target, authority = ctx.authorizer.target(target)
-                if authority is not None:
-                    ex.authority = authority
-                check_method(method)
-            except BadRequest as exc:
-                ex.set_error(RESPONSE_400, "target" if ex.target is None else "method", exc.reason)
-            else:
-                limit = ctx.limits.max_body_bytes
-                cl = head.framing.content_length
-                if limit is not None and cl is not None and cl > limit:
-                    ex.set_error(RESPONSE_413, "body_too_large", "Content-Length above max_body_bytes")
+            limit = ctx.limits.max_body_bytes
+            cl = framing.content_length
+            if limit is not None and cl is not None and cl > limit:
+                ex.set_error(RESPONSE_413, "body_too_large", "Content-Length above max_body_bytes")
+        self._begin(ex)
+
+    def _begin(self, ex: Exchange) -> None:
+        ctx = self.ctx
         self.parsing = ex
         self.queue.append(ex)
         if ex.error is not None:
             self.stop_reading()
-        elif ex.state.req is Req.BODY:
+        elif ex.req is Req.BODY:
             # A body follows: it must keep arriving (a caller that stops mid-body pins both connections).
             t = self._body_stall
             if t is None:
@@ -558,13 +567,13 @@ class HttpConnection(asyncio.Protocol):
         self.pause(_P_STOP)
         ex = self.queue[-1] if self.queue else None
         if ex is not None and rest:
-            ex.tunnel_pending.append(rest)
+            ex.tunnel_pending = rest
 
     def request_error(self, response: bytes, label: str, detail: str) -> None:
         """The request stream cannot be parsed on: answer `response` (or, mid-response, abort) and close."""
         self.pause(_P_STOP)
         ex = self.parsing
-        if ex is not None and ex.state.resp is not Resp.QUEUED:
+        if ex is not None and ex.resp is not Resp.QUEUED:
             # The body of a request being handled turned out malformed (e.g. a bad chunk size).
             self.parsing = None
             ex.broken_request(response, label)
@@ -583,9 +592,9 @@ class HttpConnection(asyncio.Protocol):
 # One exchange
 
 
-class Exchange:
+class Exchange(ExchangeState):
     """One request and its response: decide, lease, relay (see the module docstring). The upstream
-    connection's sink and its response reader's sink while leased."""
+    connection's sink and its response reader's sink while leased. It is its own `ExchangeState`."""
 
     __slots__ = (
         "authority",
@@ -612,7 +621,6 @@ class Exchange:
         "resp_head",
         "retried",
         "sent_continue",
-        "state",
         "status",
         "t0",
         "target",
@@ -621,11 +629,13 @@ class Exchange:
         "upstream",
     )
 
-    def __init__(self, conn: HttpConnection, method: bytes, t0: float) -> None:
+    def __init__(self, conn: HttpConnection, method: bytes, t0: float, bodiless: bool = True) -> None:
+        # An exchange for a request that failed before its framing was known reads no body (bodiless).
+        self.req = Req.DONE if bodiless else Req.BODY
+        self.resp = Resp.QUEUED
         self.conn = conn
         self.method = method
         self.t0 = t0
-        self.state = _ERROR_STATE()
         self.head: RequestHead | None = None
         self.head_size = 0
         self.target: Target | None = None
@@ -636,7 +646,7 @@ class Exchange:
         self.decision: Decision | None = None
         self.dialer: Dialer | None = None
         self.keep_alive = True
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] | None = None  # request body read before an upstream is leased
         self.pending_size = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -652,7 +662,7 @@ class Exchange:
         self.finished = False
         self.retried = False
         self.peer_text: str | None = None  # the audited peer when it is not the connection's
-        self.tunnel_pending: list[bytes] = []
+        self.tunnel_pending = b""  # bytes after an Upgrade request's head (the tunnel's first)
 
     def set_error(self, response: bytes, label: str, detail: str) -> None:
         self.error = response
@@ -664,7 +674,7 @@ class Exchange:
 
     def start(self) -> None:
         """Decide and act; called when this exchange reaches the head of the connection's queue."""
-        st = self.state
+        st = self
         if st.resp is not Resp.QUEUED:
             return
         conn = self.conn
@@ -721,7 +731,7 @@ class Exchange:
     def request_body(self, data: bytes) -> None:
         n = len(data)
         self.bytes_in += n
-        st = self.state
+        st = self
         if st.req is Req.BODY:
             st.request(ReqEvent.BODY)
         limit = self.conn.ctx.limits.max_body_bytes
@@ -737,14 +747,17 @@ class Exchange:
             up.write(chunk(data) if head.framing.body is BodyFraming.CHUNKED else data)
             self.conn.ctx.observer.buffered(up.write_buffer_size())
         else:
-            self.pending.append(data)
+            if self.pending is None:
+                self.pending = [data]
+            else:
+                self.pending.append(data)
             self.pending_size += n
             self.conn.ctx.observer.buffered(self.pending_size)
             if self.pending_size > BUFFER_HIGH:
                 self.conn.pause(_P_PENDING)
 
     def request_complete(self) -> None:
-        st = self.state
+        st = self
         if st.req is Req.BODY:
             st.request(ReqEvent.END)
         if st.over:
@@ -761,7 +774,7 @@ class Exchange:
         conn = self.conn
         conn.stop_reading()
         conn.ctx.observer.bad_request("body_too_large")
-        if not self.state.response_started and not self.state.over:
+        if not self.response_started and not self.over:
             self.release_upstream(False)
             self.respond_local(RESPONSE_413)
             self.finish(keep_alive=False)
@@ -770,7 +783,7 @@ class Exchange:
 
     def broken_request(self, response: bytes, label: str) -> None:
         """The body of this (already started) request turned out malformed."""
-        st = self.state
+        st = self
         conn = self.conn
         if st.over:
             conn.close()
@@ -806,7 +819,7 @@ class Exchange:
             self.fail(dialer.exhausted())
             return
         dialer.connected()
-        if self.state.over or conn.closed:
+        if self.over or conn.closed:
             dialer.release(up, reusable=False)
             return
         self.attach(up)
@@ -832,24 +845,24 @@ class Exchange:
         if conn.write_paused:
             up.pause_reading()
         framing = head.framing
-        if framing.expect_continue and self.state.req is Req.BODY:
+        if framing.expect_continue and self.req is Req.BODY:
             # RFC 9110 §10.1.1: we answer the expectation ourselves, now that the request is authorised
             # and the app reachable; the app gets no Expect (it would otherwise send its own 100).
             conn.write(RESPONSE_100)
             self.sent_continue = True
         data = request_head(self.method, target.forward, head, identity=peer.identity,
                             host_fallback=dialer.authority)  # fmt: skip
-        if self.pending:
+        if self.pending is not None:
             body = b"".join(self.pending)
-            self.pending.clear()
+            self.pending = None
             self.pending_size = 0
             if framing.body is BodyFraming.CHUNKED:
                 body = chunk(body) if body else b""
             data += body
-        done = self.state.req is Req.DONE
+        done = self.req is Req.DONE
         if done and framing.body is BodyFraming.CHUNKED:
             data += CHUNK_END
-        self.state.response(RespEvent.SEND)
+        self.response(RespEvent.SEND)
         up.write(data)
         conn.resume(_P_PENDING)
         if done:
@@ -861,7 +874,7 @@ class Exchange:
     def app_timeout(self) -> None:
         """The app made no progress for timeouts.upstream_response (module docstring): 504 if nothing was
         sent to the caller yet, else both connections are dropped."""
-        st = self.state
+        st = self
         if st.over or st.resp is Resp.TUNNEL or st.resp is Resp.QUEUED:
             return
         self.conn.ctx.observer.upstream_error("timeout")
@@ -870,10 +883,10 @@ class Exchange:
     def fail(self, response: bytes) -> None:
         """The upstream failed: a fixed error if no response head reached the caller yet (then close),
         else both connections are dropped."""
-        if self.state.over:
+        if self.over:
             return
         self.release_upstream(False)
-        if not self.state.response_started:
+        if not self.response_started:
             self.respond_local(response)
             self.finish(keep_alive=False)
         else:
@@ -885,8 +898,8 @@ class Exchange:
             response = head_only(response)
         self.status = int(response[9:12])
         self.bytes_out += len(response)
-        if self.state.resp is not Resp.DONE:
-            self.state.response(RespEvent.LOCAL)
+        if self.resp is not Resp.DONE:
+            self.response(RespEvent.LOCAL)
         self.conn.write(response)
 
     # -- UpstreamSink ------------------------------------------------------------------------------------
@@ -898,7 +911,7 @@ class Exchange:
             conn.write(data)
             return
         reader = self.reader
-        st = self.state
+        st = self
         if reader is None or st.over:
             return
         self.resp_any = True
@@ -928,11 +941,11 @@ class Exchange:
         if framing is ResponseFraming.NONE:
             if body:
                 return False
-            self.state.response(RespEvent.HEAD_END)
+            self.response(RespEvent.HEAD_END)
             out = rh.head
         elif framing is ResponseFraming.CONTENT_LENGTH and body == rh.content_length:
-            self.state.response(RespEvent.HEAD)
-            self.state.response(RespEvent.END)
+            self.response(RespEvent.HEAD)
+            self.response(RespEvent.END)
             out = rh.head + data[end + 4 :] if body else rh.head
         else:
             return False
@@ -955,7 +968,7 @@ class Exchange:
         if conn.tunnel is self:
             conn.close()
             return
-        st = self.state
+        st = self
         if st.over:
             return
         if st.resp is Resp.STREAMING and self.framing is ResponseFraming.CLOSE:
@@ -999,13 +1012,13 @@ class Exchange:
     def upstream_resume_writing(self) -> None:
         conn = self.conn
         conn.resume(_P_UPSTREAM)
-        if self.state.req is Req.BODY and not self.resp_any:
+        if self.req is Req.BODY and not self.resp_any:
             conn.clear_deadline(_T_APP)
 
     # -- ResponseSink --------------------------------------------------------------------------------------
 
     def response_interim(self, status: int, reason: bytes, names: list[bytes], values: list[bytes]) -> None:
-        self.state.response(RespEvent.INTERIM)
+        self.response(RespEvent.INTERIM)
         if not (status == 100 and self.sent_continue):
             self.conn.write(interim_head(status, reason, names, values))
 
@@ -1015,7 +1028,7 @@ class Exchange:
         conn = self.conn
         head = self.head
         assert head is not None
-        st = self.state
+        st = self
         if status == 101:
             upgrade = head.framing.upgrade
             if upgrade is None:
@@ -1076,7 +1089,7 @@ class Exchange:
             conn.ctx.observer.buffered(t.get_write_buffer_size())
 
     def response_end(self, reusable: bool) -> None:
-        st = self.state
+        st = self
         if st.over and st.resp is not Resp.DONE:
             return
         if st.resp is Resp.STREAMING:
@@ -1107,11 +1120,11 @@ class Exchange:
         if conn.queue and conn.queue[0] is self:
             conn.queue.popleft()
         self.reader = None
-        if self.state.req is not Req.TUNNEL:
-            self.state.request(ReqEvent.SWITCH)
+        if self.req is not Req.TUNNEL:
+            self.request(ReqEvent.SWITCH)
         if self.tunnel_pending:
-            data = b"".join(self.tunnel_pending)
-            self.tunnel_pending.clear()
+            data = self.tunnel_pending
+            self.tunnel_pending = b""
             self.bytes_in += len(data)
             up.write(data)
         conn._arm_expiry()  # no request boundary to re-check the peer at any more
@@ -1162,7 +1175,7 @@ class Exchange:
         """The caller made no progress for `seconds`: it stopped reading our response (kind "write") or
         sending its request body ("request_body"). The exchange ends; the upstream connection is aborted,
         never pooled (the app may be mid-message). Counted, and audited with 408 and the reason."""
-        st = self.state
+        st = self
         if st.over:
             return
         conn = self.conn
@@ -1191,7 +1204,7 @@ class Exchange:
 
     def abort_both(self) -> None:
         """Mid-response failure: no status can be sent any more; drop both connections."""
-        st = self.state
+        st = self
         if st.over:
             return
         self.resp_head = b""
@@ -1213,7 +1226,7 @@ class Exchange:
         self.release_upstream(False)
         if self.conn.tunnel is self:
             self.conn.tunnel = None
-        st = self.state
+        st = self
         if not st.over:
             st.response(RespEvent.ABORT)
             self.finish(keep_alive=False, notify=False)
@@ -1236,7 +1249,3 @@ class Exchange:
         if notify and conn.tunnel is not self:
             conn.exchange_done(self, keep_alive)
 
-
-def _ERROR_STATE() -> ExchangeState:
-    # An exchange created for a request that failed before its framing was known: no body is read.
-    return ExchangeState(bodiless=True)

@@ -214,10 +214,11 @@ class UpstreamPool:
         """A warm idle connection leased to `sink` at once, or None (then use `acquire`)."""
         while self._idle:
             conn = self._idle.pop()
-            if conn.alive:
+            if conn.alive and (conn.reader is None or not conn.reader.poisoned):
                 conn.reused = True
                 conn._sink = sink
                 return conn
+            conn.close()  # dead, or its stream desynced (bytes no request asked for): never reused
             self._total -= 1
         return None
 
