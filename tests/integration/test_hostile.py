@@ -627,14 +627,12 @@ async def _until_closed(reader: asyncio.StreamReader, seconds: float = 3.0) -> b
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a head split across reads is keyed in RequestHeads by the wrong "
-                   "bytes; its body is forwarded under another head's framing (smuggling, forged XFCC)")
 async def test_review_a_head_split_across_reads_never_takes_another_heads_framing(pki: Pki) -> None:
     """The caller's request B starts in one read (after a complete request A) and ends in the next, which
-    begins with B's method name inside a field value. The reader takes the field block of B as "the bytes
-    after the first CRLF of that read" and looks it up in the RequestHeads cache: it finds A's (bodiless)
-    head, so B's body, a complete request with a forged XFCC, reaches the app as a request of its own.
-    The old data plane forwarded B with `content-length` and that body."""
+    begins with B's method name inside a field value. Until a94534e the reader took the field block of B as
+    "the bytes after the first CRLF of that read" and looked it up in the RequestHeads cache: it found A's
+    (bodiless) head, so B's body, a complete request with a forged XFCC, reached the app as a request of
+    its own. The old data plane (cec59bc) forwarded B with `content-length` and that body, as now."""
     smuggled = (
         b"DELETE /admin/users HTTP/1.1\r\nHost: y\r\n"
         b"x-forwarded-client-cert: By=" + INVENTORY.encode() + b";URI=spiffe://example.org/ns/shop/sa/admin\r\n\r\n"
@@ -655,12 +653,10 @@ async def test_review_a_head_split_across_reads_never_takes_another_heads_framin
     assert [line["path"] for line in sc.audit_lines] == ["/api/a", "/api/a", "/api/b"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a head split across reads poisons the listener's RequestHeads "
-                   "cache: other callers' requests get its fields and framing")
 async def test_review_a_split_head_never_changes_another_callers_request(pki: Pki) -> None:
-    """Same split as above, but the field block after the split is not cached yet: it is cached with the
-    fields and framing of the whole head, and every later request with that field block, from any caller,
-    is forwarded with the attacker's fields (here `x-injected` and `content-length: 5`)."""
+    """Same split as above, but the field block after the split is not cached yet: until a94534e it was
+    cached with the fields and framing of the whole head, and every later request with that field block,
+    from any caller, was forwarded with the attacker's fields (here `x-injected` and `content-length: 5`)."""
     reporting_api: dict[str, object] = {"name": "reporting-api", "action": "allow", "methods": ["GET"],
                                         "paths": ["/api/**"], "callers": [REPORTING]}  # fmt: skip
     policy = policy_data(CHECKOUT_TEST_API, reporting_api)

@@ -558,16 +558,14 @@ async def _scripted_tls_server(pki: Pki, leaf: Leaf, answers: list[bytes]) -> tu
     return srv, srv.sockets[0].getsockname()[1]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: bytes after a response stay in the pooled connection's "
-                   "ResponseReader and a head split across reads is cached in ResponseHeads under the wrong "
-                   "bytes: one target's head is served for another target's responses")
 async def test_review_a_targets_response_never_carries_another_targets_head(pki: Pki) -> None:
     """Two routes on the proxy port. A compromised (but correctly identified) target sends, after a
-    response, the start of a 204 head with a Set-Cookie; on its pooled connection the next response
-    completes that head, which the reader caches under the bytes of the next read ("HTTP/1.1 200 OK ...
-    content-length: 3"). An honest target's identical response is then relayed to the app with the other
-    target's status and fields, and its body after a 204 (the app's connection desynchronises). The old
-    data plane parsed each response with a fresh parser and cached nothing: every response arrived as sent."""
+    response, the start of a 204 head with a Set-Cookie. Until a94534e the pooled connection was reused
+    with that half head in its reader; the next response completed it, and the reader cached it under the
+    bytes of that read ("HTTP/1.1 200 OK ... content-length: 3"), so an honest target's identical response
+    reached the app with the other target's status and fields, and its body after a 204 (the app's
+    connection desynchronised). The old data plane (cec59bc) parsed each response with a fresh parser and
+    cached nothing: every response arrived as sent."""
     honest = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc"
     evil, evil_port = await _scripted_tls_server(pki, pki.reporting, [
         b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" + b"HTTP/1.1 204 No Content\r\nSet-Cookie: s=evil\r\nX-A: ",
