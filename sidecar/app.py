@@ -34,6 +34,8 @@ from .config import HostPort, ListenerMode, PemSourceSettings, Settings, load_po
 from .errors import ConfigError, SourceError
 from .hints import policy_warnings
 from .inbound import InboundServer, PolicyRef
+from .memory import configure as configure_allocator
+from .memory import reclaimer
 from .metrics import Metrics
 from .outbound import OutboundServer, build_routes
 from .policy import Policy
@@ -237,6 +239,7 @@ async def run(
     `pod` (annotations mode): the policy file is a downward API annotations file, and the probe port and
     the bypass check run when configured.
     """
+    reclaim = reclaimer(configure_allocator(environ))  # once per process, before any connection (sidecar.memory)
     del environ  # env overrides were applied by the config loader; kept in the signature for the CLI contract
     inbound_settings = settings.inbound
     if inbound_settings is not None and inbound_settings.policy is None:
@@ -329,6 +332,7 @@ async def run(
     try:
         async with asyncio.TaskGroup() as tg:
             background = [tg.create_task(guard_source(), name="svid-source")]
+            background.append(tg.create_task(reclaim.run(lambda: sum(s.open_connections for s in listeners))))
             try:
                 await admin.start()
             except OSError as exc:
