@@ -42,23 +42,23 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import yaml
 
 from . import config as _config
-from .addr import HostPort, is_loopback, parse_host_port
+from .addr import HostPort, is_loopback
 from .config import ListenerMode, OutboundRoute, OutboundTarget, parse_yaml
-from .endpoint import parse_endpoint
-from .errors import ConfigError, EndpointError, IdentityError, Problem
+from .errors import ConfigError, Problem
 from .hints import did_you_mean
 from .http1 import ROUTING_OVERRIDE_HEADERS
-from .identity import CallerPattern, PatternKind
-from .policy import AUDIT, ENFORCE, Policy, compile_policy
+from .identity import PatternKind
+from .policy import AUDIT, Mode, Policy, compile_policy
 from .problems import Problems
+from .values import Invalid, endpoint, env_port, header_name_list, host_port, one_of, port_number, server_pattern
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -111,6 +111,7 @@ KEYS: Final = (
     "status",
 )
 _KEYS_SET: Final = frozenset(KEYS)
+_T = TypeVar("_T")
 
 # Annotation names (the part after the prefix), Kubernetes "Syntax and character set" (notes §5).
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
@@ -184,28 +185,38 @@ class ProbeRoute:
 # Pod annotations
 
 
-def _bool(c: Problems, key: str, value: str) -> bool | None:
-    v = value.strip().lower()
-    if v in ("true", "false"):
-        return v == "true"
-    c.add(key, f'expected "true" or "false", got {value!r}')
-    return None
+def _checked(c: Problems, key: str, raw: str, check: Callable[[str], _T | Invalid]) -> _T | None:
+    """`check` on the trimmed value; a refusal names the annotation and shows the value as written."""
+    result = check(raw.strip())
+    if isinstance(result, Invalid):
+        c.add(key, result.short(raw))
+        return None
+    return result
 
 
-def _port(c: Problems, key: str, value: str) -> int | None:
-    v = value.strip()
-    if v.isascii() and v.isdigit() and len(v) <= 5 and 1 <= int(v) <= 65535:
-        return int(v)
-    c.add(key, f"expected a port number 1-65535, got {value!r}")
-    return None
+def _boolean(text: str) -> bool | Invalid:
+    folded = text.lower()
+    if folded in ("true", "false"):
+        return folded == "true"
+    return Invalid('"true" or "false"', text)
 
 
-def _quantity(c: Problems, key: str, value: str) -> str | None:
-    v = value.strip()
-    if _QUANTITY_RE.fullmatch(v):
-        return v
-    c.add(key, f"expected a Kubernetes quantity such as 100m, 0.5, 64Mi or 1Gi, got {value!r}")
-    return None
+def _port(text: str) -> int | Invalid:
+    return port_number(text, allow_zero=False)
+
+
+def _listener_mode(text: str) -> ListenerMode | Invalid:
+    return one_of(text, ListenerMode)
+
+
+def _policy_mode(text: str) -> Mode | Invalid:
+    return one_of(text, Mode)
+
+
+def _quantity(text: str) -> str | Invalid:
+    if _QUANTITY_RE.fullmatch(text):
+        return text
+    return Invalid("a Kubernetes quantity such as 100m, 0.5, 64Mi or 1Gi", text)
 
 
 def _check_key(c: Problems, full_key: str) -> str | None:
@@ -239,28 +250,18 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
             continue
         values[name] = value
 
-    inject = _bool(c, "inject", values["inject"]) if "inject" in values else None
-    app_port = _port(c, "app-port", values["app-port"]) if "app-port" in values else None
+    inject = _checked(c, "inject", values["inject"], _boolean) if "inject" in values else None
+    app_port = _checked(c, "app-port", values["app-port"], _port) if "app-port" in values else None
     inbound_port = DEFAULT_INBOUND_PORT
     if "inbound-port" in values:
-        inbound_port = _port(c, "inbound-port", values["inbound-port"]) or DEFAULT_INBOUND_PORT
+        inbound_port = _checked(c, "inbound-port", values["inbound-port"], _port) or DEFAULT_INBOUND_PORT
     if app_port is not None and app_port == inbound_port:
         c.add("app-port", f"the app port and the inbound port must differ (both {app_port})")
 
     mode = ListenerMode.HTTP
     if "inbound-mode" in values:
-        try:
-            mode = ListenerMode(values["inbound-mode"].strip())
-        except ValueError:
-            c.add("inbound-mode", f"expected http or tcp, got {values['inbound-mode']!r}")
-
-    policy_mode: str | None = None
-    if "policy-mode" in values:
-        pm = values["policy-mode"].strip()
-        if pm in (ENFORCE, AUDIT):
-            policy_mode = pm
-        else:
-            c.add("policy-mode", f"expected enforce or audit, got {values['policy-mode']!r}")
+        mode = _checked(c, "inbound-mode", values["inbound-mode"], _listener_mode) or ListenerMode.HTTP
+    policy_mode = _checked(c, "policy-mode", values["policy-mode"], _policy_mode) if "policy-mode" in values else None
 
     policy = _policy(c, values.get("inbound-policy"), policy_mode)
     if policy is not None and mode is ListenerMode.TCP and policy.path_specific_rules:
@@ -271,19 +272,19 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
 
     outbound = _outbound(c, values["outbound"]) if "outbound" in values else ()
     resources = {
-        k: (_quantity(c, k, values[k]) if k in values else None)
+        k: (_checked(c, k, values[k], _quantity) if k in values else None)
         for k in ("cpu-request", "memory-request", "cpu-limit", "memory-limit")
     }
-    native = _bool(c, "native-sidecar", values["native-sidecar"]) if "native-sidecar" in values else None
+    native = _checked(c, "native-sidecar", values["native-sidecar"], _boolean) if "native-sidecar" in values else None
     strict = False
     if "strict-bypass-check" in values:
-        strict = bool(_bool(c, "strict-bypass-check", values["strict-bypass-check"]))
-    metrics_port = _port(c, "metrics-port", values["metrics-port"]) if "metrics-port" in values else None
+        strict = bool(_checked(c, "strict-bypass-check", values["strict-bypass-check"], _boolean))
+    metrics_port = _checked(c, "metrics-port", values["metrics-port"], _port) if "metrics-port" in values else None
     strip: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
     if "strip-request-headers" in values:
         text = values["strip-request-headers"].strip()
         names = [] if text == "none" else [n.strip() for n in text.replace("\n", ",").split(",") if n.strip()]
-        strip, problems = _config.header_name_list(names)
+        strip, problems = header_name_list(names)
         for problem in problems:
             c.add("strip-request-headers", problem)
     if "status" in values:
@@ -319,6 +320,16 @@ def policy_from_annotations(annotations: Mapping[str, str]) -> Policy:
     return parse_pod_annotations(annotations).policy
 
 
+def _lines(c: Problems, key: str, text: str) -> list[tuple[int, str]] | None:
+    """The (line number, stripped line) of a multi-line annotation, without blank and `#` comment lines;
+    None (a problem) when it has more than _MAX_LINES lines."""
+    raw_lines = text.split("\n")
+    if len(raw_lines) > _MAX_LINES:
+        c.add(key, f"more than {_MAX_LINES} lines")
+        return None
+    return [(n, s) for n, raw in enumerate(raw_lines, start=1) if (s := raw.strip()) and not s.startswith("#")]
+
+
 def _is_compact(text: str) -> bool:
     for line in text.split("\n"):
         s = line.strip()
@@ -329,7 +340,7 @@ def _is_compact(text: str) -> bool:
     return False
 
 
-def _policy(c: Problems, text: str | None, policy_mode: str | None) -> Policy | None:
+def _policy(c: Problems, text: str | None, policy_mode: Mode | None) -> Policy | None:
     key = "inbound-policy"
     source = annotation_source(key)
     data: Any
@@ -372,14 +383,10 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
     rules: list[dict[str, Any]] = []
     lines: dict[str, int] = {}
     before = len(c)
-    raw_lines = text.split("\n")
-    if len(raw_lines) > _MAX_LINES:
-        c.add(key, f"more than {_MAX_LINES} lines")
+    numbered = _lines(c, key, text)
+    if numbered is None:
         return None
-    for n, raw in enumerate(raw_lines, start=1):
-        s = raw.strip()
-        if not s or s.startswith("#"):
-            continue
+    for n, s in numbered:
         tokens = s.split()
         if tokens[0] not in _ACTIONS:
             hint = did_you_mean(tokens[0], _ACTIONS)
@@ -424,36 +431,26 @@ def _outbound(c: Problems, text: str) -> tuple[OutboundLine, ...]:
     key = "outbound"
     out: list[OutboundLine] = []
     seen: dict[HostPort, int] = {}
-    raw_lines = text.split("\n")
-    if len(raw_lines) > _MAX_LINES:
-        c.add(key, f"more than {_MAX_LINES} lines")
-        return ()
-    for n, raw in enumerate(raw_lines, start=1):
-        s = raw.strip()
-        if not s or s.startswith("#"):
-            continue
+    for n, s in _lines(c, key, text) or ():
         tokens = s.split()
         if len(tokens) != 5 or tokens[1] != "->" or tokens[3] != "expect":
             c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID>'", line=n)
             continue
-        try:
-            listen = parse_host_port(tokens[0], allow_zero_port=False)
-        except ValueError as exc:
-            c.add(key, f"listen address: {exc}", line=n)
+        listen = host_port(tokens[0], allow_zero=False)
+        if isinstance(listen, Invalid):
+            c.add(key, f"listen address: {listen.message}", line=n)
             continue
         if not is_loopback(listen.host):
             # The outbound listener is plain HTTP: anything but loopback would let others use our identity.
             c.add(key, f"the listen address must be loopback (e.g. 127.0.0.1), got {listen.host!r}", line=n)
             continue
-        try:
-            target = parse_host_port(tokens[2], allow_zero_port=False)
-        except ValueError as exc:
-            c.add(key, f"target address: {exc}", line=n)
+        target = host_port(tokens[2], allow_zero=False)
+        if isinstance(target, Invalid):
+            c.add(key, f"target address: {target.message}", line=n)
             continue
-        try:
-            expect = CallerPattern.parse(tokens[4])
-        except IdentityError as exc:
-            c.add(key, f"expect: {exc}", line=n)
+        expect = server_pattern(tokens[4])
+        if isinstance(expect, Invalid):
+            c.add(key, f"expect: {expect.message}", line=n)
             continue
         if expect.kind is PatternKind.ANY:
             c.add(key, "expect '*' would accept any server: name the server's SPIFFE ID", line=n)
@@ -642,14 +639,11 @@ class PodRuntime:
 
 
 def _env_port(problems: Problems, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
+    port = env_port(environ, name, allow_zero=allow_zero)
+    if isinstance(port, Invalid):
+        problems.env(name, port.short())
         return None
-    low = 0 if allow_zero else 1
-    if raw.isascii() and raw.isdigit() and len(raw) <= 5 and low <= int(raw) <= 65535:
-        return int(raw)
-    problems.env(name, f"expected a port number {low}-65535, got {raw!r}")
-    return None
+    return port
 
 
 def _env_ip(problems: Problems, environ: Mapping[str, str], name: str) -> str | None:
@@ -681,11 +675,10 @@ def settings_from_annotations(
     socket = environ.get(_config.ENV_SOCKET, "").strip()
     if not socket:
         problems.env(_config.ENV_SOCKET, "required: the Workload API socket (injected)")
+    elif isinstance(parsed := endpoint(socket), Invalid):
+        problems.env(_config.ENV_SOCKET, parsed.message)
     else:
-        try:
-            source = _config.WorkloadApiSettings(parse_endpoint(socket))
-        except EndpointError as exc:
-            problems.env(_config.ENV_SOCKET, str(exc))
+        source = _config.WorkloadApiSettings(parsed)
 
     host = _env_ip(problems, environ, ENV_LISTEN_HOST) or DEFAULT_LISTEN_HOST
     inbound_port = _env_port(problems, environ, _config.ENV_INBOUND_PORT, allow_zero=True)

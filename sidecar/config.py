@@ -23,13 +23,13 @@ import yaml
 from .addr import HostPort as HostPort
 from .addr import is_loopback as is_loopback
 from .addr import parse_host_port as parse_host_port
-from .addr import parse_port
-from .endpoint import TcpEndpoint, UnixEndpoint, parse_endpoint
-from .errors import ConfigError, EndpointError, IdentityError, Problem
+from .endpoint import TcpEndpoint, UnixEndpoint
+from .errors import ConfigError, IdentityError, Problem
 from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, TrustDomain
 from .policy import Policy, compile_policy
 from .problems import Problems
+from .values import Invalid, endpoint, env_port, header_name_list, host_port, one_of, server_pattern
 
 
 class ListenerMode(enum.Enum):
@@ -381,22 +381,27 @@ def _host_port(
         if default is None:
             c.add(_join(path, key), "required")
         return default
-    try:
-        return parse_host_port(m[key], allow_zero_port=allow_zero)
-    except ValueError as exc:
-        c.add(_join(path, key), str(exc))
+    hp = host_port(m[key], allow_zero=allow_zero)
+    if isinstance(hp, Invalid):
+        c.add(_join(path, key), hp.message)
         return default
+    return hp
 
 
 def _env_port(c: Problems, environ: Mapping[str, str], name: str, *, allow_zero: bool) -> int | None:
-    raw = environ.get(name)
-    if raw is None or raw == "":
+    port = env_port(environ, name, allow_zero=allow_zero)
+    if isinstance(port, Invalid):
+        c.env(name, port.message)
         return None
-    try:
-        return parse_port(raw.strip(), allow_zero=allow_zero)
-    except ValueError as exc:
-        c.env(name, str(exc))
-        return None
+    return port
+
+
+def _listener_mode(c: Problems, m: Mapping[str, Any], path: str) -> ListenerMode:
+    mode = one_of(m.get("mode", ListenerMode.HTTP.value), ListenerMode)
+    if isinstance(mode, Invalid):
+        c.add(_join(path, "mode"), mode.message)
+        return ListenerMode.HTTP
+    return mode
 
 
 _TOP_KEYS: Final = frozenset(
@@ -413,23 +418,6 @@ _SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
 _WORKLOAD_API_KEYS: Final = frozenset({"socket"})
 _PEM_KEYS: Final = frozenset({"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated"})
 _INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file", "strip_request_headers"})
-_FIELD_NAME_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.1 field-name = token
-
-
-def header_name_list(values: object) -> tuple[tuple[str, ...], list[str]]:
-    """(lower-cased names, problems) for a list of HTTP field names (shared by YAML and annotations)."""
-    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
-        return (), ["expected a list of header names"]
-    out: list[str] = []
-    problems: list[str] = []
-    for v in values:
-        if _FIELD_NAME_RE.fullmatch(v) is None:
-            problems.append(f"{v!r} is not a header name (RFC 9110 §5.1)")
-        elif v.lower() not in out:
-            out.append(v.lower())
-    return tuple(out), problems
-
-
 _ADMIN_KEYS: Final = frozenset({"listen"})
 _AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
 _TIMEOUT_KEYS: Final = frozenset(f.name for f in fields(Timeouts))
@@ -574,23 +562,22 @@ def _parse_source(
         return None
     socket = _string(c, w, "socket", wpath)
     where = _join(wpath, "socket")
-    if socket is None and "socket" not in w:
-        env_value = environ.get(ENV_SOCKET)
-        if not env_value:
+    from_env = socket is None and "socket" not in w
+    if from_env:
+        socket = environ.get(ENV_SOCKET)
+        if not socket:
             c.add(where, f"no Workload API socket: set {where} or {ENV_SOCKET}")
-            return None
-        try:
-            return WorkloadApiSettings(parse_endpoint(env_value))
-        except EndpointError as exc:
-            c.env(ENV_SOCKET, str(exc))
             return None
     if socket is None:
         return None
-    try:
-        return WorkloadApiSettings(parse_endpoint(socket))
-    except EndpointError as exc:
-        c.add(where, str(exc))
+    parsed = endpoint(socket)
+    if isinstance(parsed, Invalid):
+        if from_env:
+            c.env(ENV_SOCKET, parsed.message)
+        else:
+            c.add(where, parsed.message)
         return None
+    return WorkloadApiSettings(parsed)
 
 
 def _parse_pem(c: Problems, value: Any, path: str, base_dir: Path) -> PemSourceSettings | None:
@@ -653,12 +640,7 @@ def _parse_inbound(
         listen = HostPort(listen.host, port)
     if app is not None and (port := _env_port(c, environ, ENV_APP_PORT, allow_zero=False)) is not None:
         app = HostPort(app.host, port)
-    mode = ListenerMode.HTTP
-    if "mode" in m:
-        try:
-            mode = ListenerMode(m["mode"])
-        except ValueError:
-            c.add(_join(path, "mode"), f"expected http or tcp, got {m['mode']!r}")
+    mode = _listener_mode(c, m, path)
 
     policy: Policy | None = None
     policy_file: Path | None = None
@@ -713,10 +695,11 @@ def _outbound_target(c: Problems, m: Mapping[str, Any], path: str) -> OutboundTa
     if "expect" not in m:
         c.add(_join(path, "expect"), "required: the server SPIFFE ID (pattern) the target must present")
     elif (text := _string(c, m, "expect", path)) is not None:
-        try:
-            expect = CallerPattern.parse(text)
-        except IdentityError as exc:
-            c.add(_join(path, "expect"), str(exc))
+        pattern = server_pattern(text)
+        if isinstance(pattern, Invalid):
+            c.add(_join(path, "expect"), pattern.message)
+        else:
+            expect = pattern
     if target is None or expect is None:
         return None
     return OutboundTarget(target, expect)
@@ -739,12 +722,7 @@ def _parse_outbound(c: Problems, value: Any) -> tuple[OutboundRoute, ...]:
         before = len(c)
         listen = _loopback_listen(c, m, rpath)
         to = _outbound_target(c, m, rpath)
-        mode = ListenerMode.HTTP
-        if "mode" in m:
-            try:
-                mode = ListenerMode(m["mode"])
-            except ValueError:
-                c.add(_join(rpath, "mode"), f"expected http or tcp, got {m['mode']!r}")
+        mode = _listener_mode(c, m, rpath)
         name = _string(c, m, "name", rpath) or (str(to.target) if to is not None else f"route{i}")
         if name in names:
             c.add(_join(rpath, "name"), f"duplicate route name {name!r}")

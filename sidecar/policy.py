@@ -60,6 +60,7 @@ from .hints import did_you_mean
 from .http1 import BadRequest
 from .identity import CallerPattern, PatternKind, SpiffeId
 from .problems import Problems
+from .values import Invalid, one_of
 
 __all__ = [
     "AUDIT",
@@ -617,7 +618,7 @@ def _string_list(value: Any, key: str, where: str, problems: Problems, *, allow_
     return out
 
 
-def _rule_decision(name: str, action: str, mode: str, policy_mode: str) -> Decision:
+def _rule_decision(name: str, action: str, mode: Mode, policy_mode: Mode) -> Decision:
     audit = mode == AUDIT or policy_mode == AUDIT
     if action == Action.ALLOW:
         return Decision(Verdict.ALLOW, name, f"allowed by rule '{name}'", Mode.AUDIT if audit else Mode.ENFORCE)
@@ -640,9 +641,9 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
         if key not in _POLICY_KEYS:
             hint = did_you_mean(key, _POLICY_KEYS)
             problems.add(str(key), f"unknown key {key!r}{hint} (expected one of: mode, rules)")
-    policy_mode = data.get("mode", ENFORCE)
-    if policy_mode not in (ENFORCE, AUDIT):
-        problems.add("mode", "must be 'enforce' or 'audit'" + did_you_mean(policy_mode, (ENFORCE, AUDIT)))
+    policy_mode = one_of(data.get("mode", ENFORCE), Mode)
+    if isinstance(policy_mode, Invalid):
+        problems.add("mode", "must be 'enforce' or 'audit'" + did_you_mean(policy_mode.got, (ENFORCE, AUDIT)))
         policy_mode = ENFORCE
     raw_rules = data.get("rules", [])
     if raw_rules is None:
@@ -675,11 +676,11 @@ def compile_policy(data: Any, source: str, lines: Mapping[str, int] | None = Non
             else:
                 node.exact = node.exact or _Bucket()
                 node.exact.add(rule)
-    return Policy(source, Mode(policy_mode), tuple(rules), root, tuple(r.decision for r in rules))
+    return Policy(source, policy_mode, tuple(rules), root, tuple(r.decision for r in rules))
 
 
 def _compile_rule(
-    raw: Any, where: str, index: int, policy_mode: str, names: set[str], problems: Problems
+    raw: Any, where: str, index: int, policy_mode: Mode, names: set[str], problems: Problems
 ) -> Rule | None:
     before = len(problems)
     if not isinstance(raw, Mapping):
@@ -708,9 +709,9 @@ def _compile_rule(
         problems.add(where, "'action' is required (allow or deny)")
     elif action not in ("allow", "deny"):
         problems.add(f"{where}.action", "must be 'allow' or 'deny'" + did_you_mean(action, ("allow", "deny")))
-    mode = raw.get("mode", ENFORCE)
-    if mode not in (ENFORCE, AUDIT):
-        problems.add(f"{where}.mode", "must be 'enforce' or 'audit'" + did_you_mean(mode, (ENFORCE, AUDIT)))
+    mode = one_of(raw.get("mode", ENFORCE), Mode)
+    if isinstance(mode, Invalid):
+        problems.add(f"{where}.mode", "must be 'enforce' or 'audit'" + did_you_mean(mode.got, (ENFORCE, AUDIT)))
     elif mode == AUDIT and action == "allow":
         problems.add(
             f"{where}.mode",
@@ -756,12 +757,12 @@ def _compile_rule(
 
     if len(problems) != before:
         return None
-    assert isinstance(name, str) and isinstance(action, str) and isinstance(mode, str)
+    assert isinstance(name, str) and isinstance(action, str) and isinstance(mode, Mode)
     return Rule(
         name,
         index,
         Action(action),
-        Mode(mode),
+        mode,
         methods,
         tuple(paths),
         tuple(callers),
