@@ -144,8 +144,9 @@ class RequestReader:
             self.stopped = True
             self.sink.request_upgrade(data[int(exc.args[0]) :] + tail)
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _Stop):
-                raise
+            cause = exc.__context__
+            if not isinstance(cause, _Stop):
+                raise (cause if cause is not None else exc) from None  # the sink's own error, not the parser's
         except httptools.HttpParserError as exc:
             self._error(RESPONSE_400, "malformed", str(exc))
 
@@ -324,8 +325,9 @@ class ResponseReader:
             if sink is not None:
                 sink.response_switch(data[int(exc.args[0]) :] + tail)
         except httptools.HttpParserCallbackError as exc:
-            if not isinstance(exc.__context__, _Stop):
-                raise
+            cause = exc.__context__
+            if not isinstance(cause, _Stop):
+                raise (cause if cause is not None else exc) from None  # the sink's own error, not the parser's
         except httptools.HttpParserError:
             self._fail("protocol")
 

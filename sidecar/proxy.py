@@ -31,13 +31,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import re
 import time
 from collections.abc import Callable
 from typing import Final, NamedTuple, Protocol
 
 from .config import Limits, Timeouts
-from .exchange import ExchangeState, Req, ReqEvent, Resp, RespEvent
+from .exchange import ExchangeState, ProtocolViolation, Req, ReqEvent, Resp, RespEvent
 from .h1reader import RequestReader, ResponseReader
 from .http1 import (
     CHUNK_END,
@@ -87,6 +88,8 @@ _P_STOP: Final = 8  # no more requests will be read on this connection
 _REQUEST_LINE_RE: Final = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])"
 )
+
+_FAST_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
 # Kinds of the connection's one lazy deadline.
 _T_HEAD: Final = 1
@@ -261,7 +264,13 @@ class HttpConnection(asyncio.Protocol):
             self._corked.append(ex.upstream)
         try:
             if ex is not None or self.queue or not reader.at_message_start or not self._whole_request(data):
+                dl = self.deadline
+                if not self.queue and dl is not None and dl.kind == _T_IDLE:
+                    # Idle -> a request begins: its head is due within request_head of this first byte.
+                    dl.set(self.ctx.timeouts.request_head, _T_HEAD)
                 reader.feed(data)
+        except ProtocolViolation as exc:
+            self._violation(exc)
         finally:
             self._feeding = False
             corked = self._corked
@@ -269,6 +278,16 @@ class HttpConnection(asyncio.Protocol):
                 for up in corked:
                     up.uncork()
                 corked.clear()
+
+    def _violation(self, exc: ProtocolViolation) -> None:
+        """An event the exchange's state table has no edge for: nothing more is relayed either way."""
+        self.ctx.observer.bad_request("protocol_violation")
+        self.ctx.observer.refusal_log(logging.ERROR, "%s: %s: closed: %s", self.ctx.observer.label, self.addr,
+                                      exc)  # fmt: skip
+        for ex in list(self.queue):
+            ex.abort_upstream()
+        self.stop_reading()
+        self.abort()
 
     def _whole_request(self, data: bytes) -> bool:
         """The fast path: one whole request in one read, its field block one the full path (the C parser
@@ -280,15 +299,20 @@ class HttpConnection(asyncio.Protocol):
         if end < 0:
             return False
         line = data.find(b"\r\n")
+        ctx = self.ctx
         m = _REQUEST_LINE_RE.fullmatch(data, 0, line)
-        if m is None or line > self.ctx.limits.max_request_line_bytes:
-            return False
+        if m is None or line > ctx.limits.max_request_line_bytes or end + 4 > ctx.head_room:
+            return False  # the full path decides (and refuses what is too large)
+        if m.group(1) not in _FAST_METHODS:
+            return False  # llhttp knows a fixed set of methods; only common ones skip it
         http10 = m.group(3) == b"0"
         raw = data[line + 2 : end + 2]
-        head = self.ctx.request_heads.known(raw, http10)
+        head = ctx.request_heads.known(raw, http10)
         if head is None:
             return False
         framing = head.framing
+        if framing.upgrade is not None:
+            return False  # the full path stops reading at an Upgrade request
         body = len(data) - end - 4
         if framing.body is BodyFraming.NONE:
             if body:
@@ -732,8 +756,7 @@ class Exchange(ExchangeState):
         n = len(data)
         self.bytes_in += n
         st = self
-        if st.req is Req.BODY:
-            st.request(ReqEvent.BODY)
+        st.request(ReqEvent.BODY)  # a body for a request that has none is a ProtocolViolation
         limit = self.conn.ctx.limits.max_body_bytes
         head = self.head
         if limit is not None and self.bytes_in - self.head_size > limit:
@@ -919,7 +942,11 @@ class Exchange(ExchangeState):
             return
         # The app's inactivity deadline moves with every byte it sends (a float store).
         conn.set_deadline(conn.ctx.timeouts.upstream_response, _T_APP)
-        reader.feed(data)
+        try:
+            reader.feed(data)
+        except ProtocolViolation:
+            conn.ctx.observer.upstream_error("protocol")
+            self.abort_both()
 
     def _whole_response(self, data: bytes) -> bool:
         """The fast path: a whole response in one read whose head the full path (the C parser and
@@ -1074,6 +1101,7 @@ class Exchange(ExchangeState):
             self.resp_head = rh.head
 
     def response_body(self, data: bytes) -> None:
+        self.response(RespEvent.BODY)  # only while STREAMING: anything else is a ProtocolViolation
         n = len(data)
         self.bytes_out += n
         conn = self.conn
@@ -1201,6 +1229,15 @@ class Exchange(ExchangeState):
         st.response(RespEvent.ABORT)
         self.finish(keep_alive=False)
         conn.abort()
+
+    def abort_upstream(self) -> None:
+        """Drop the upstream side without a word to the caller (its connection is being closed)."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        up = self.upstream
+        if up is not None:
+            up.abort()
+        self.release_upstream(False)
 
     def abort_both(self) -> None:
         """Mid-response failure: no status can be sent any more; drop both connections."""

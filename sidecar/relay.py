@@ -3,7 +3,8 @@
 TCP mode: one decision per connection (`Authorizer.check_connection`, on the caller alone inbound, the
 route outbound), then bytes both ways through a connection leased from the `Dialer` (never pooled back).
 Every deadline holds in both directions: `timeouts.idle` without a byte either way, `timeouts.write_stall`
-for a caller that takes no bytes (its side is cut off; the audit line says 408), and the expiry of every
+for a side that takes no bytes while the other has some for it (the caller: the audit line says 408; the
+upstream: counted as upstream_errors{kind="stalled"}), and the expiry of every
 certificate the relay stands on (the caller's inbound, the server's outbound: X509-SVID §5.2 holds for the
 life of a connection). One audit line per connection, with method and path "-".
 """
@@ -64,6 +65,7 @@ class TcpRelay(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.idle = Deadline(self.loop, self._on_idle)
         self._write_stall: Deadline | None = None
+        self._up_stall: Deadline | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._expires = math.inf
 
@@ -156,8 +158,9 @@ class TcpRelay(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.idle.cancel()
-        if self._write_stall is not None:
-            self._write_stall.cancel()
+        for t in (self._write_stall, self._up_stall):
+            if t is not None:
+                t.cancel()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -222,10 +225,20 @@ class TcpRelay(asyncio.Protocol):
     def upstream_pause_writing(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
+        t = self._up_stall  # the upstream must take bytes again within write_stall, as the caller must
+        if t is None:
+            t = self._up_stall = Deadline(self.loop, self._on_upstream_stall)
+        t.set(self.ctx.write_stall)
 
     def upstream_resume_writing(self) -> None:
+        if self._up_stall is not None:
+            self._up_stall.clear()
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def _on_upstream_stall(self, _kind: int) -> None:
+        self.ctx.observer.upstream_error("stalled")
+        self._abort_both()
 
     # -- Tracked -------------------------------------------------------------------------------------------
 

@@ -547,8 +547,9 @@ async def test_no_key_material_in_logs_metrics_config_or_errors_and_no_core_dump
 
 
 # --- review of the rebuilt data plane ---------------------------------------------------------------------
-# Each test states what the old data plane (cec59bc) did; an xfail(strict=True) one fails on the current code
-# and names the bug.
+# Each test states what the old data plane (cec59bc) did; each failed on the rebuilt one until its fix
+# (the fast path's method set, head room and Upgrade check; the head deadline re-armed at a request's first
+# byte; the readers' exact freshness and poisoned connections).
 
 
 class _ByteApp:
@@ -684,8 +685,6 @@ ANY_METHOD_BUT_DELETE = {"rules": [
 ]}  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the fast path's request-line regex takes methods llhttp refuses "
-                   "(lower case, unknown): forwarded, and `delete` walks around a DELETE deny rule")
 @pytest.mark.parametrize("method", [b"delete", b"connect", b"FOO"])
 async def test_review_the_fast_path_refuses_methods_the_parser_refuses(pki: Pki, method: bytes) -> None:
     """A whole request in one read whose field block is cached takes `_whole_request`; its method is only
@@ -703,8 +702,6 @@ async def test_review_the_fast_path_refuses_methods_the_parser_refuses(pki: Pki,
     assert [line["method"] for line in sc.audit_lines] == ["GET"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `_whole_request` checks the request line against "
-                   "max_request_line_bytes only, not the whole head against the head room (431)")
 async def test_review_the_fast_path_keeps_the_head_size_limit(pki: Pki) -> None:
     """The head room (max_request_line_bytes + max_header_bytes of raw bytes) holds for the whole head;
     the full path refuses a head over it with 431. The fast path checks the request line alone, so a field
@@ -723,8 +720,6 @@ async def test_review_the_fast_path_keeps_the_head_size_limit(pki: Pki) -> None:
     assert len(byte_app.requests) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an Upgrade request taking `_whole_request` leaves the reader "
-                   "running: the bytes after it are read as requests, not held for the tunnel")
 async def test_review_an_upgrade_request_on_the_fast_path_stops_reading_like_the_full_path(pki: Pki) -> None:
     """After an Upgrade request the full path (and the old data plane) reads nothing more from the caller
     until the app answers: what follows belongs to the tunnel; when the app declines (no 101) the
@@ -743,8 +738,6 @@ async def test_review_an_upgrade_request_on_the_fast_path_stops_reading_like_the
     assert byte_app.seen(b"/api/after") == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after a kept-alive response only the idle deadline runs; "
-                   "a later request's head is not cut off request_head after its first byte")
 async def test_review_the_head_deadline_runs_from_the_first_byte_of_every_request(pki: Pki) -> None:
     """README/threat model: deadlines on the request head. The old data plane armed `request_head` at the
     first byte of each request; the new one arms it only for the first request of a connection, so a
