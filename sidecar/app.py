@@ -44,12 +44,15 @@ from .sources import PemFileSource, SourceEvent, WorkloadApiSource
 from .svid import X509Context
 from .tls import TlsContexts
 
-__all__ = ["FIRST_SVID_TIMEOUT", "POLICY_POLL_INTERVAL", "PolicyWatcher", "run"]
+__all__ = ["ENV_POLICY_POLL_INTERVAL", "FIRST_SVID_TIMEOUT", "POLICY_POLL_INTERVAL", "PolicyWatcher", "run"]
 
 log = logging.getLogger("spiffe_sidecar.app")
 
 FIRST_SVID_TIMEOUT = 60.0  # a pod without an SVID after a minute is misconfigured (no entry, no socket)
 POLICY_POLL_INTERVAL = 1.0  # downward API files change by a symlink swap; polling is the portable way
+# Overrides POLICY_POLL_INTERVAL (seconds) when `run` is not given one: tests and demos make a reload show in
+# milliseconds. An environment knob rather than a config key: production has no reason to change it.
+ENV_POLICY_POLL_INTERVAL = "SPIFFE_SIDECAR_POLICY_POLL_INTERVAL"
 _PROGRESS_EVERY = 5.0
 _AUDIT_FLUSH_EVERY = 1.0
 _STOP_GRACE = 5.0  # on top of timeouts.drain, for closing the admin server and cancelling tasks
@@ -138,6 +141,18 @@ class PolicyWatcher:
 
 def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
+
+
+def _policy_poll_interval(environ: Mapping[str, str]) -> float | None:
+    """$SPIFFE_SIDECAR_POLICY_POLL_INTERVAL in seconds (POLICY_POLL_INTERVAL when unset); None when invalid."""
+    raw = environ.get(ENV_POLICY_POLL_INTERVAL)
+    if raw is None:
+        return POLICY_POLL_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if 0.001 <= value <= 3600 else None
 
 
 def _rule_summary(policy: Policy) -> str:
@@ -232,13 +247,21 @@ async def run(
     environ: Mapping[str, str],
     first_svid_timeout: float = FIRST_SVID_TIMEOUT,
     pod: PodRuntime | None = None,
+    policy_poll_interval: float | None = None,
 ) -> int:
     """Run the sidecar until SIGTERM/SIGINT; return the process exit status (0 after a clean drain).
 
     Status 1 when the SVID source gives up or no SVID arrives within `first_svid_timeout`.
     `pod` (annotations mode): the policy file is a downward API annotations file, and the probe port and
     the bypass check run when configured.
+    `policy_poll_interval`: seconds between checks of the policy file (default $SPIFFE_SIDECAR_POLICY_POLL_INTERVAL,
+    else POLICY_POLL_INTERVAL); status 2 when the variable is not a number of seconds in [0.001, 3600].
     """
+    poll = policy_poll_interval if policy_poll_interval is not None else _policy_poll_interval(environ)
+    if poll is None:
+        log.error("%s=%r: expected seconds between 0.001 and 3600", ENV_POLICY_POLL_INTERVAL,
+                  environ.get(ENV_POLICY_POLL_INTERVAL))  # fmt: skip
+        return 2
     reclaim = reclaimer(configure_allocator(environ))  # once per process, before any connection (sidecar.memory)
     del environ  # env overrides were applied by the config loader; kept in the signature for the CLI contract
     inbound_settings = settings.inbound
@@ -403,7 +426,7 @@ async def run(
                             initial_text=_read_text(inbound_settings.policy_file) if pod is None else pod.initial_text,
                             load=load_policy if pod is None else load_annotations_policy,
                         )
-                        background.append(tg.create_task(watcher.run(), name="policy-watcher"))
+                        background.append(tg.create_task(watcher.run(poll), name="policy-watcher"))
                     background.append(tg.create_task(_flush_audit(audit), name="audit-flush"))
 
             await stop.wait()
