@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from tests.example import BROKEN_POLICY, CHECKOUT, INVENTORY, POLICY, POLICY_WITH_REPORTING, REPORTING, TD
-from tests.helpers import App
+from tests.helpers import App, until
 from tests.processes import (
     SCRIPT,
     SidecarProcess,
@@ -155,6 +155,50 @@ async def test_policy_watcher_keeps_the_last_good_policy(tmp_path: Path) -> None
     assert await watcher.check_once() is False
     assert authorize(ref.policy, RequestAttrs(reporting, "GET", "/api/stock/1")).allowed
 
+
+
+async def test_policy_watcher_polls_at_the_interval_it_is_given(tmp_path: Path) -> None:
+    from sidecar.app import PolicyWatcher
+    from sidecar.config import load_policy
+    from sidecar.inbound import PolicyRef
+    from sidecar.metrics import Metrics
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    metrics = Metrics()
+    watcher = PolicyWatcher(path, PolicyRef(load_policy(POLICY, str(path))), metrics, initial_text=POLICY)
+    task = asyncio.create_task(watcher.run(0.01))
+    try:
+        replace_file(path, POLICY_WITH_REPORTING)
+        # Well under the 1 s default: the interval given is the one used.
+        await until(lambda: metrics.registry.get_sample_value("spiffe_sidecar_policy_reloads_total",
+                                                              {"result": "ok"}) == 1, timeout=0.5)  # fmt: skip
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_bad_policy_poll_interval_in_the_environment_exits_2(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sidecar.app import ENV_POLICY_POLL_INTERVAL, run
+    from sidecar.config import load_settings
+
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    config = tmp_path / "side.yaml"
+    config.write_text(
+        f"""\
+svid_source: {{workload_api: {{socket: "unix://{tmp_path}/no-agent.sock"}}}}
+inbound: {{listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}}
+admin: {{listen: "127.0.0.1:0"}}
+"""
+    )
+    settings = load_settings(config, {})
+    for bad in ("soon", "0", "-1", "nan"):
+        async with asyncio.timeout(10):
+            assert await run(settings, environ={ENV_POLICY_POLL_INTERVAL: bad}) == 2
+        assert any(f"{ENV_POLICY_POLL_INTERVAL}={bad!r}" in r.getMessage() for r in caplog.records), bad
 
 SPIRE_ENTRIES = f"""\
 trust_domain: {TD}

@@ -31,6 +31,7 @@ import pytest
 from tests.example import BROKEN_POLICY, CHECKOUT, INVENTORY, POLICY, POLICY_WITH_ORDERS, REPORTING
 from tests.helpers import free_port
 from tests.processes import (
+    POLICY_POLL,
     WAIT,
     FaultyApp,
     SidecarProcess,
@@ -329,7 +330,7 @@ async def test_bad_policy_reloads_never_open_an_allow_all_moment(tmp_path: Path,
             await wait_metric(sc, 'spiffe_sidecar_policy_reloads_total{result="error"}', i + 1)
             if i == 3:  # the kubelet's swap can leave no file for a moment
                 policy.unlink()
-                await asyncio.sleep(1.5)
+                await asyncio.sleep(10 * POLICY_POLL)  # the watcher finds no file several times
             if i % 2 == 1:  # interleave good versions: each swap is one reference assignment
                 replace_file(policy, (POLICY_WITH_ORDERS if i % 4 == 1 else POLICY).encode())
                 ok += 1

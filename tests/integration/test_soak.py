@@ -70,7 +70,8 @@ async def test_soak(tmp_path: Path) -> None:
     app = FaultyApp()
     await app.start()
     try:
-        async with spire_and_sidecar(tmp_path, app.port, SVID_TTL) as (spire, relay, sc):
+        # The production policy poll interval: the soak runs the sidecar as deployed.
+        async with spire_and_sidecar(tmp_path, app.port, SVID_TTL, policy_poll=None) as (spire, relay, sc):
             cert, key = write_client(spire, tmp_path, "checkout", CHECKOUT, ttl=SOAK_SECONDS + WARMUP + 600)
             rcert, rkey = write_client(
                 spire,
