@@ -10,6 +10,7 @@ sidecar ships with, so that the listener under test uses the same transports as 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,12 @@ if TYPE_CHECKING:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "uvloop: run the async tests on uvloop (the sidecar's event loop)")
+    if os.environ.get("SPIFFE_SIDECAR_EXPECT_COMPILED") == "1":
+        # `make test` runs the data-plane tests a second time on the mypyc build: make sure they do.
+        import sidecar.proxy
+
+        if not sidecar.proxy.__file__ or not sidecar.proxy.__file__.endswith(".so"):
+            pytest.exit(f"expected the compiled data plane, loaded {sidecar.proxy.__file__}", returncode=3)
 
 
 def pytest_asyncio_loop_factories(
