@@ -21,7 +21,7 @@ from typing import IO, Final, Protocol
 from .config import AuditSettings
 from .metrics import Metrics
 
-__all__ = ["AuditLog", "DecisionLike", "open_writer"]
+__all__ = ["ACCESS_FIELDS", "AuditLog", "DecisionLike", "access_members", "open_writer"]
 
 
 class DecisionLike(Protocol):
@@ -36,6 +36,29 @@ class DecisionLike(Protocol):
     def reason(self) -> str: ...
     @property
     def mode(self) -> str: ...
+
+
+ACCESS_FIELDS: Final = (
+    "request_id", "trace_id", "authority", "user_agent", "protocol", "tls", "source", "upstream_failure",
+)  # fmt: skip
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def access_members(**fields: str) -> str:
+    """The access-log members of an audit line (what Envoy's and Linkerd's access logs say beside the
+    decision), as JSON text `,"key":"value"...` in the order of ACCESS_FIELDS, empty values left out:
+
+    `request_id` X-Request-Id (the caller's, or the one we made and forwarded); `trace_id` the trace-id of
+    the W3C traceparent forwarded; `authority` Host (or an absolute-form target's authority); `user_agent`;
+    `protocol` (`HTTP/1.1`, `HTTP/1.0`, `tcp`); `tls` the caller's TLS version ("" for the app on
+    loopback); `source` the caller's address; `upstream_failure` why a 502/504 happened
+    (`connect_refused`, `connect_timeout`, `timeout`, `reset`, `closed_early`, `protocol`, ...).
+    The data plane renders the parts that do not change (per connection, per request head) once and
+    joins them per request."""
+    unknown = set(fields) - set(ACCESS_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown access fields: {sorted(unknown)}")
+    return "".join(f',"{name}":{_ENCODE(fields[name])}' for name in ACCESS_FIELDS if fields.get(name))
 
 
 class AuditLog:
@@ -109,6 +132,7 @@ class AuditLog:
         bytes_in: int,
         bytes_out: int,
         duration: float,
+        access: str = "",
     ) -> None:
         """Log one decision. `peer` is a SpiffeId (or None when no identity was established)."""
         now = self._clock()
@@ -125,7 +149,8 @@ class AuditLog:
         # Hot path (one line per request): the constant parts of a line are JSON-encoded once per
         # (listener, peer, method, decision) and the line is concatenated; the bytes are exactly what
         # json.dumps of the dict {time, listener, peer, method, path, rule, decision, mode, reason,
-        # status, bytes_in, bytes_out, duration_ms[, dropped]} gives with compact separators.
+        # status, bytes_in, bytes_out, duration_ms[, dropped], the access members} gives with compact
+        # separators (`access`: the members as `access_members` renders them).
         key = (listener, peer, method, id(decision))
         entry = self._prefixes.get(key)
         if entry is None or entry[0] is not decision:
@@ -141,7 +166,7 @@ class AuditLog:
         if self._dropped and verdict != "allow":
             tail += f',"dropped":{self._dropped}'
             self._dropped = 0
-        self._write('{"time":"' + ts + entry[1] + qpath + entry[2] + tail + "}\n")
+        self._write('{"time":"' + ts + entry[1] + qpath + entry[2] + tail + access + "}\n")
 
     def _prefix(
         self, key: tuple[str, object, str, int], listener: str, peer: object, method: str,

@@ -140,16 +140,24 @@ class RequestHead:
     fields to forward (`fields`: `name: value\\r\\n` lines, the `drop` set and the fields named in
     Connection left out). Immutable: `RequestHeads` shares one between identical heads."""
 
-    __slots__ = ("fields", "fields_size", "framing", "host", "http10")
+    __slots__ = (
+        "access", "fields", "fields_size", "framing", "host", "http10", "request_id", "traceparent", "user_agent",
+    )  # fmt: skip
 
     def __init__(
-        self, framing: RequestFraming, host: bytes | None, fields: bytes, fields_size: int, http10: bool
-    ) -> None:
+        self, framing: RequestFraming, host: bytes | None, fields: bytes, fields_size: int, http10: bool,
+        request_id: bytes | None = None, traceparent: bytes | None = None, user_agent: bytes | None = None,
+    ) -> None:  # fmt: skip
         self.framing = framing
         self.host = host
         self.fields = fields
         self.fields_size = fields_size  # the fields as received, with their CRLFs (OWS not counted)
         self.http10 = http10
+        # For the access log (and, when absent, made by us and forwarded): X-Request-Id, W3C traceparent.
+        self.request_id = request_id
+        self.traceparent = traceparent
+        self.user_agent = user_agent
+        self.access: str | None = None  # a memo of the data plane: this head's access-log members
 
     def size(self, method: bytes, target: bytes) -> int:
         """Bytes of the whole head: `method SP target SP HTTP/1.x CRLF`, the fields, the final CRLF."""
@@ -235,7 +243,15 @@ def parse_request_head(
             [_FIELD % (names[i], values[i].rstrip()) for i, ln in enumerate(lnames)
              if ln not in drop and b"_" not in ln]
         )  # fmt: skip
-    return RequestHead(framing, host, fields, size, http10)
+    return RequestHead(
+        framing, host, fields, size, http10, _field(lnames, values, b"x-request-id"),
+        _field(lnames, values, b"traceparent"), _field(lnames, values, b"user-agent"),
+    )  # fmt: skip
+
+
+def _field(lnames: list[bytes], values: Sequence[bytes], name: bytes) -> bytes | None:
+    """The value of the first field `name` (lower case), or None."""
+    return values[lnames.index(name)].rstrip() if name in lnames else None
 
 
 # Heads cached per raw bytes: their number, and the longest raw head cached.
@@ -380,14 +396,17 @@ def request_head(
     *,
     identity: bytes,
     host_fallback: bytes | None,
+    extra: bytes = b"",
 ) -> bytes:
     """The HTTP/1.1 head sent upstream: the normalised `target`, the forwarded fields, `identity` (a whole
-    `x-forwarded-client-cert: ...\\r\\n` line, or b"") and our own framing."""
+    `x-forwarded-client-cert: ...\\r\\n` line, or b""), `extra` lines of ours, and our own framing."""
     f = head.framing
     parts = [method, b" ", target, _REQ_TAIL, head.fields]
     if head.host is None and host_fallback is not None:
         parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
     parts.append(identity)
+    if extra:
+        parts.append(extra)
     if f.content_length is not None:
         parts += (_CL_PREFIX, b"%d" % f.content_length, _CRLF)
     elif f.body is BodyFraming.CHUNKED:

@@ -41,16 +41,18 @@ class Peer:
     loopback), its text, its chain's earliest notAfter (epoch seconds), the TLS generation whose bundles
     vouched for it, and the identity line our requests carry upstream (XFCC)."""
 
-    __slots__ = ("expires", "generation", "id_text", "identity", "spiffe_id")
+    __slots__ = ("expires", "generation", "id_text", "identity", "spiffe_id", "tls")
 
     def __init__(
-        self, spiffe_id: SpiffeId | None, identity: bytes, expires: float = math.inf, generation: int = 0
-    ) -> None:
+        self, spiffe_id: SpiffeId | None, identity: bytes, expires: float = math.inf, generation: int = 0,
+        tls: str = "",
+    ) -> None:  # fmt: skip
         self.spiffe_id = spiffe_id
         self.id_text = "-" if spiffe_id is None else str(spiffe_id)
         self.identity = identity
         self.expires = expires
         self.generation = generation
+        self.tls = tls  # the TLS version of the connection ("" for the app on loopback)
 
 
 class Gate(Protocol):
@@ -82,13 +84,15 @@ class TlsGate:
         return self.tls.current
 
     def admit(self, transport: asyncio.Transport, snap: TlsSnapshot, addr: str) -> Peer | None:
+        ssl_object = transport.get_extra_info("ssl_object")
         try:
-            ident = verify_peer_connection(transport.get_extra_info("ssl_object"), snap, dt.datetime.now(dt.UTC))
+            ident = verify_peer_connection(ssl_object, snap, dt.datetime.now(dt.UTC))
         except SvidError as exc:
             self.observer.refused(addr, exc.reason, exc.detail)
             return None
         xfcc = xfcc_value(snap.own_id, ident.leaf_sha256_hex, ident.spiffe_id)
-        return Peer(ident.spiffe_id, identity_line(xfcc), ident.expires_at.timestamp(), snap.generation)
+        return Peer(ident.spiffe_id, identity_line(xfcc), ident.expires_at.timestamp(), snap.generation,
+                    ssl_object.version() or "")  # fmt: skip
 
     def still_valid(self, peer: Peer, transport: asyncio.Transport | None, addr: str) -> bool:
         """Common case: one float and one int compare. When the bundles changed since the peer was

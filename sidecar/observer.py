@@ -33,6 +33,7 @@ class AuditSink(Protocol):
         bytes_in: int,
         bytes_out: int,
         duration: float,
+        access: str = "",
     ) -> None: ...
 
 
@@ -93,13 +94,15 @@ class Observer:
         bytes_in: int,
         bytes_out: int,
         duration: float,
+        access: str = "",
     ) -> None:
-        """One finished exchange (or TCP connection, with method and path "-")."""
+        """One finished exchange (or TCP connection, with method and path "-"); `access`: its access-log
+        members (`audit.access_members`)."""
         self._latency.observe(duration)
         self._recorder.record(peer, decision.verdict, decision.rule, decision.mode, method, status)
         self._audit(
             listener=self.label, peer=peer, method=method, path=path, decision=decision, status=status,
-            bytes_in=bytes_in, bytes_out=bytes_out, duration=duration,
+            bytes_in=bytes_in, bytes_out=bytes_out, duration=duration, access=access,
         )  # fmt: skip
 
     def buffered(self, n: int) -> None:

@@ -32,11 +32,14 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
+import random
 import re
 import time
 from collections.abc import Callable
 from typing import Final, NamedTuple, Protocol
 
+from .audit import access_members
 from .config import Limits, Timeouts
 from .exchange import ExchangeState, ProtocolViolation, Req, ReqEvent, Resp, RespEvent
 from .h1reader import RequestReader, ResponseReader
@@ -89,6 +92,13 @@ _REQUEST_LINE_RE: Final = re.compile(
     rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) (/[A-Za-z0-9\-._~!$&'()*+,;=:@/?%]*) HTTP/1\.([01])"
 )
 
+# Request ids and trace ids: unique, not secret (Mersenne Twister seeded from the OS, one draw per id).
+_RANDOM: Final = random.Random(os.urandom(32))  # noqa: S311 - ids must be unique, not secret
+_HEX32: Final = re.compile(rb"[0-9a-f]{32}")
+
+
+def _new_id() -> bytes:
+    return b"%032x" % _RANDOM.getrandbits(128)
 _FAST_METHODS: Final = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 
 # Kinds of the connection's one lazy deadline.
@@ -216,6 +226,7 @@ class HttpConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None  # the exchange whose request is being read
         self.tunnel: Exchange | None = None
         self.reader: RequestReader | None = None
+        self.access = ""
         self.deadline: Deadline | None = None
         self._write_stall: Deadline | None = None
         self._body_stall: Deadline | None = None
@@ -241,6 +252,8 @@ class HttpConnection(asyncio.Protocol):
         ctx = self.ctx
         self.transport = t
         self.peer = peer
+        # The connection's access-log members, rendered once.
+        self.access = access_members(tls=peer.tls, source=self.addr)
         t.set_write_buffer_limits(high=BUFFER_HIGH)
         ctx.listener.track(self)
         limits = ctx.limits
@@ -631,6 +644,7 @@ class Exchange(ExchangeState):
         "error",
         "error_detail",
         "error_label",
+        "failure",
         "finished",
         "framing",
         "head",
@@ -641,6 +655,7 @@ class Exchange(ExchangeState):
         "pending",
         "pending_size",
         "reader",
+        "request_id",
         "resp_any",
         "resp_head",
         "retried",
@@ -649,6 +664,7 @@ class Exchange(ExchangeState):
         "t0",
         "target",
         "task",
+        "trace",
         "tunnel_pending",
         "upstream",
     )
@@ -686,6 +702,9 @@ class Exchange(ExchangeState):
         self.finished = False
         self.retried = False
         self.peer_text: str | None = None  # the audited peer when it is not the connection's
+        self.request_id: bytes | None = None  # the X-Request-Id we made (None: the caller's, or none yet)
+        self.trace: bytes | None = None  # the traceparent forwarded (the caller's or one we started)
+        self.failure = ""  # why the upstream failed (access log), "" when it did not
         self.tunnel_pending = b""  # bytes after an Upgrade request's head (the tunnel's first)
 
     def set_error(self, response: bytes, label: str, detail: str) -> None:
@@ -835,10 +854,12 @@ class Exchange(ExchangeState):
             if failure.decision is not None:
                 self.decision = failure.decision
             self.peer_text = failure.peer
+            self.failure = exc.failure
             self.fail(failure.response)
             return
         except TimeoutError:  # every pooled connection stayed busy
             ctx.observer.upstream_error("pool_exhausted")
+            self.failure = "pool_exhausted"
             self.fail(dialer.exhausted())
             return
         dialer.connected()
@@ -873,8 +894,21 @@ class Exchange(ExchangeState):
             # and the app reachable; the app gets no Expect (it would otherwise send its own 100).
             conn.write(RESPONSE_100)
             self.sent_continue = True
+        # Every forwarded request carries an X-Request-Id and a W3C traceparent: the caller's, or ours.
+        # A trace we start has our request id as its trace-id (one draw for both).
+        extra = b""
+        rid = head.request_id
+        if rid is None:
+            rid = self.request_id = _new_id()
+            extra = b"x-request-id: " + rid + b"\r\n"
+        trace = head.traceparent
+        if trace is None:
+            trace = b"00-%s-%016x-00" % (rid if len(rid) == 32 and _HEX32.fullmatch(rid) else _new_id(),
+                                         _RANDOM.getrandbits(64) | 1)  # fmt: skip
+            extra += b"traceparent: " + trace + b"\r\n"
+        self.trace = trace
         data = request_head(self.method, target.forward, head, identity=peer.identity,
-                            host_fallback=dialer.authority)  # fmt: skip
+                            host_fallback=dialer.authority, extra=extra)  # fmt: skip
         if self.pending is not None:
             body = b"".join(self.pending)
             self.pending = None
@@ -901,6 +935,7 @@ class Exchange(ExchangeState):
         if st.over or st.resp is Resp.TUNNEL or st.resp is Resp.QUEUED:
             return
         self.conn.ctx.observer.upstream_error("timeout")
+        self.failure = "timeout"
         self.fail(RESPONSE_504)
 
     def fail(self, response: bytes) -> None:
@@ -946,6 +981,7 @@ class Exchange(ExchangeState):
             reader.feed(data)
         except ProtocolViolation:
             conn.ctx.observer.upstream_error("protocol")
+            self.failure = "protocol"
             self.abort_both()
 
     def _whole_response(self, data: bytes) -> bool:
@@ -988,9 +1024,9 @@ class Exchange(ExchangeState):
         self.upstream_closed()
 
     def upstream_lost(self, exc: Exception | None) -> None:
-        self.upstream_closed()
+        self.upstream_closed("reset" if isinstance(exc, ConnectionResetError) else "closed_early")
 
-    def upstream_closed(self) -> None:
+    def upstream_closed(self, failure: str = "closed_early") -> None:
         conn = self.conn
         if conn.tunnel is self:
             conn.close()
@@ -1028,6 +1064,7 @@ class Exchange(ExchangeState):
             self.task = conn.loop.create_task(self.lease())
             return
         conn.ctx.observer.upstream_error("closed")
+        self.failure = failure
         self.fail(RESPONSE_502)
 
     def upstream_pause_writing(self) -> None:
@@ -1063,6 +1100,7 @@ class Exchange(ExchangeState):
                 # an unknown protocol, is dropped).
                 conn.ctx.observer.upstream_error("protocol")
                 self._drop_reader()
+                self.failure = "protocol"
                 self.fail(RESPONSE_502)
                 return
             self.status = 101
@@ -1084,6 +1122,7 @@ class Exchange(ExchangeState):
         except BadResponse as exc:
             conn.ctx.observer.upstream_error(exc.reason)
             self._drop_reader()
+            self.failure = exc.reason
             self.fail(RESPONSE_502)
             return
         self.status = status
@@ -1161,6 +1200,7 @@ class Exchange(ExchangeState):
 
     def response_error(self, kind: str) -> None:
         self.conn.ctx.observer.upstream_error(kind)
+        self.failure = kind
         self.fail(RESPONSE_502)
 
     def _drop_reader(self) -> None:
@@ -1268,6 +1308,46 @@ class Exchange(ExchangeState):
             st.response(RespEvent.ABORT)
             self.finish(keep_alive=False, notify=False)
 
+    def _access(self) -> str:
+        """This exchange's access-log members: the ids per request, the head's and the connection's
+        members rendered once each (`audit.access_members`)."""
+        head = self.head
+        conn = self.conn
+        rid = self.request_id
+        if head is None:
+            return access_members(request_id=(rid or _new_id()).decode("ascii"), protocol="HTTP/1.1",
+                                  source=conn.addr, upstream_failure=self.failure)  # fmt: skip
+        trace = self.trace if self.trace is not None else head.traceparent
+        if rid is not None:  # ours: hex, and the trace-id of the trace we started with it, if we did
+            r = rid.decode("ascii")
+            if trace is not None and trace[3:35] == rid:
+                ids = f',"request_id":"{r}","trace_id":"{r}"'
+                trace = None
+            else:
+                ids = ',"request_id":"' + r + '"'
+        elif head.request_id is not None:
+            ids = access_members(request_id=head.request_id.decode("ascii", "replace"))
+        else:
+            ids = ',"request_id":"' + _new_id().decode("ascii") + '"'
+        if trace is not None and len(trace) >= 35:
+            tid = trace[3:35]
+            ids += (',"trace_id":"' + tid.decode("ascii") + '"' if _HEX32.fullmatch(tid) else
+                    access_members(trace_id=tid.decode("ascii", "replace")))  # fmt: skip
+        members = head.access
+        if members is None:
+            members = head.access = access_members(
+                authority=head.host.decode("ascii", "replace") if head.host else "",
+                user_agent=head.user_agent.decode("ascii", "replace") if head.user_agent else "",
+                protocol="HTTP/1.0" if head.http10 else "HTTP/1.1",
+            )  # fmt: skip
+        if self.authority is not None:  # an absolute-form target's authority (outbound proxy port)
+            members = access_members(authority=self.authority.decode("ascii", "replace")) + members.replace(
+                ',"authority":', ',"host":', 1)  # fmt: skip
+        text = ids + members + conn.access
+        if self.failure:
+            text += ',"upstream_failure":"' + self.failure + '"'
+        return text
+
     def finish(self, *, keep_alive: bool, notify: bool = True) -> None:
         """Exactly once per exchange: the audit line and latency, then the connection moves on."""
         if self.finished:
@@ -1281,7 +1361,7 @@ class Exchange(ExchangeState):
             audited = self.peer_text if self.peer_text is not None else (peer.id_text if peer else "-")
             ctx.observer.exchange(
                 audited, self.method.decode("ascii", "replace"), self.target.path, decision, self.status,
-                self.bytes_in, self.bytes_out, ctx.clock() - self.t0,
+                self.bytes_in, self.bytes_out, ctx.clock() - self.t0, self._access(),
             )  # fmt: skip
         if notify and conn.tunnel is not self:
             conn.exchange_done(self, keep_alive)

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from .audit import access_members
 from .listener import Gate, Listener, Peer, transport_of
 from .observer import Observer
 from .policy import Decision
@@ -62,6 +63,7 @@ class TcpRelay(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.status = 0
+        self.failure = ""  # why the upstream failed (access log)
         self.loop = asyncio.get_running_loop()
         self.idle = Deadline(self.loop, self._on_idle)
         self._write_stall: Deadline | None = None
@@ -106,6 +108,7 @@ class TcpRelay(asyncio.Protocol):
         except (UpstreamError, TimeoutError) as exc:
             err = exc if isinstance(exc, UpstreamError) else UpstreamError("timeout", "no connection in time")
             ctx.observer.upstream_error(err.kind)
+            self.failure = err.failure
             failure = dialer.failure(err)
             if failure.decision is not None:
                 self.decision = failure.decision
@@ -173,8 +176,11 @@ class TcpRelay(asyncio.Protocol):
         ctx.listener.untrack(self)
         ctx.listener.released()
         if self.decision is not None:
+            peer = self.peer
+            access = access_members(protocol="tcp", tls=peer.tls if peer is not None else "", source=self.addr,
+                                    upstream_failure=self.failure)  # fmt: skip
             ctx.observer.exchange(self.peer_text, "-", "-", self.decision, self.status, self.bytes_in,
-                                  self.bytes_out, ctx.clock() - self.started)  # fmt: skip
+                                  self.bytes_out, ctx.clock() - self.started, access)  # fmt: skip
         self.transport = None
 
     # -- deadlines -----------------------------------------------------------------------------------------
@@ -238,6 +244,7 @@ class TcpRelay(asyncio.Protocol):
 
     def _on_upstream_stall(self, _kind: int) -> None:
         self.ctx.observer.upstream_error("stalled")
+        self.failure = "stalled"
         self._abort_both()
 
     # -- Tracked -------------------------------------------------------------------------------------------

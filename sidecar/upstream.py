@@ -29,11 +29,13 @@ _WRITE_HIGH = 64 * 1024
 
 
 class UpstreamError(SidecarError):
-    """The next hop failed: `kind` is a metric label ("connect", "timeout", "closed", "verify")."""
+    """The next hop failed: `kind` is a metric label ("connect", "timeout", "closed", "verify"); `failure`
+    the access log's finer word for it (`connect_refused`, `connect_timeout`, `server_identity`, ...)."""
 
-    def __init__(self, kind: str, detail: str) -> None:
+    def __init__(self, kind: str, detail: str, failure: str = "") -> None:
         self.kind = kind
         self.detail = detail
+        self.failure = failure or kind
         super().__init__(f"upstream {kind}: {detail}")
 
 
@@ -347,14 +349,15 @@ class UpstreamPool:
                 )
         except TimeoutError:
             raise UpstreamError("connect", f"{self.host}:{self.port}: no connection within "
-                                f"{self.connect_timeout:g}s") from None
+                                f"{self.connect_timeout:g}s", "connect_timeout") from None
         except OSError as exc:
-            raise UpstreamError("connect", f"{self.host}:{self.port}: {exc.strerror or exc}") from None
+            failure = "connect_refused" if isinstance(exc, ConnectionRefusedError) else "connect_error"
+            raise UpstreamError("connect", f"{self.host}:{self.port}: {exc.strerror or exc}", failure) from None
         if ctx is not None and self._verify is not None:
             obj = transport.get_extra_info("ssl_object")
             try:
                 self._verify(obj)
             except Exception as exc:
                 transport.abort()
-                raise UpstreamError("verify", str(exc)) from None
+                raise UpstreamError("verify", str(exc), "server_identity") from None
         return conn

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.audit import AuditLog
+from sidecar.audit import ACCESS_FIELDS, AuditLog, access_members
 from sidecar.config import AuditSettings
 from sidecar.metrics import Metrics
 
@@ -23,9 +23,13 @@ class D:
     reason: str
     mode: str
 
+    @property
+    def verdict(self) -> str:
+        return "allow" if self.allowed else ("deny" if self.enforced else "would-deny")
+
 
 def reference(now_ms: int, listener: str, peer: str | None, method: str, path: str, d: D, status: int,
-              bytes_in: int, bytes_out: int, duration: float) -> str:
+              bytes_in: int, bytes_out: int, duration: float, access: dict[str, str] | None = None) -> str:
     import time
     sec, frac = divmod(now_ms, 1000)
     record = {
@@ -43,6 +47,9 @@ def reference(now_ms: int, listener: str, peer: str | None, method: str, path: s
         "bytes_out": bytes_out,
         "duration_ms": round(duration * 1000.0, 3),
     }
+    for name in ACCESS_FIELDS:
+        if access and access.get(name):
+            record[name] = access[name]
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 
@@ -56,10 +63,12 @@ text = st.text(max_size=40)
     allowed=st.booleans(), enforced=st.booleans(), rule=text, reason=text, mode=text,
     status=st.integers(0, 999), bytes_in=st.integers(0, 2**40), bytes_out=st.integers(0, 2**40),
     duration=st.floats(0, 3600, allow_nan=False),
+    access=st.dictionaries(st.sampled_from(ACCESS_FIELDS), text, max_size=len(ACCESS_FIELDS)),
 )
 def test_line_is_byte_identical_to_json_dumps(
     now_ms: int, listener: str, peer: str | None, method: str, path: str, allowed: bool, enforced: bool,
     rule: str, reason: str, mode: str, status: int, bytes_in: int, bytes_out: int, duration: float,
+    access: dict[str, str],
 ) -> None:
     lines: list[str] = []
     log = AuditLog(AuditSettings(), write=lines.append, clock=lambda: (now_ms + 0.5) / 1000.0, metrics=Metrics(),
@@ -67,6 +76,6 @@ def test_line_is_byte_identical_to_json_dumps(
     d = D(allowed, enforced, rule, reason, mode)
     for _ in range(2):  # second call goes through the cached prefix
         log.decision(listener=listener, peer=peer, method=method, path=path, decision=d, status=status,
-                     bytes_in=bytes_in, bytes_out=bytes_out, duration=duration)
-    expected = reference(now_ms, listener, peer, method, path, d, status, bytes_in, bytes_out, duration)
+                     bytes_in=bytes_in, bytes_out=bytes_out, duration=duration, access=access_members(**access))
+    expected = reference(now_ms, listener, peer, method, path, d, status, bytes_in, bytes_out, duration, access)
     assert lines == [expected, expected]

@@ -28,6 +28,7 @@ from tests.helpers import (
     Pki,
     Sidecar,
     curl,
+    free_port,
     raw_exchange,
     run,
     serve,
@@ -1054,3 +1055,55 @@ async def test_a_denied_request_with_a_body_closes_the_connection_even_when_pipe
     assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200", b"403"]
     assert b"connection: close" in out.split(b"HTTP/1.1 403 ")[1].lower()
     assert [s.path for s in app.seen] == ["/api/stock/1"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 14: the audit line is an access log too (request id, trace, authority, user agent, protocol, TLS,
+# source, upstream failure)
+
+
+async def test_access_log_fields_and_ids_forwarded_to_the_app(pki: Pki, app: App, sidecar: Sidecar) -> None:
+    code, _, err = await curl(pki, sidecar.port, "/api/stock/7", pki.checkout, "-A", "stock-poller/1.0")
+    assert code == 200, err
+    seen = app.seen[-1].headers
+    rid = seen["X-Request-Id"]
+    trace = seen["traceparent"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", trace)  # a trace we started, not sampled
+    line = sidecar.audit_lines[-1]
+    assert line["request_id"] == rid and line["trace_id"] == trace[3:35]
+    assert line["authority"] == f"localhost:{sidecar.port}" and line["user_agent"] == "stock-poller/1.0"
+    assert line["protocol"] == "HTTP/1.1" and line["tls"] in ("TLSv1.2", "TLSv1.3")
+    assert line["source"].startswith("127.0.0.1:") and "upstream_failure" not in line
+    # The caller's ids are kept, forwarded and logged as they are.
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    code, _, err = await curl(pki, sidecar.port, "/api/stock/8", pki.checkout, "-H", "X-Request-Id: caller-id-1",
+                              "-H", f"traceparent: {tp}")
+    assert code == 200, err
+    assert app.seen[-1].headers["X-Request-Id"] == "caller-id-1" and app.seen[-1].headers["traceparent"] == tp
+    line = sidecar.audit_lines[-1]
+    assert line["request_id"] == "caller-id-1" and line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"
+    # A denied request is logged with a request id too (nothing is forwarded).
+    code, _, _ = await curl(pki, sidecar.port, "/admin/x", pki.checkout)
+    assert code == 403 and re.fullmatch(r"[0-9a-f]{32}", sidecar.audit_lines[-1]["request_id"])
+
+
+async def test_access_log_names_the_upstream_failure(pki: Pki) -> None:
+    port = free_port()  # nothing listens: connect refused
+    sc = await start_sidecar(pki, port)
+    try:
+        code, _, _ = await curl(pki, sc.port, "/api/stock/1", pki.checkout)
+        assert code == 502
+        await until(lambda: bool(sc.audit_lines))
+        assert sc.audit_lines[-1]["upstream_failure"] == "connect_refused"
+    finally:
+        await sc.server.drain(1)
+    sa = await _stream_app()
+    sc = await start_sidecar(pki, sa.port, timeouts=_SHORT)
+    try:
+        out = await raw_exchange(pki, sc.port, b"GET /api/mute HTTP/1.1\r\nHost: x\r\n\r\n", timeout=10)
+        assert out.startswith(b"HTTP/1.1 504 ")
+        assert sc.audit_lines[-1]["upstream_failure"] == "timeout"
+    finally:
+        await sc.server.drain(1)
+        await sa.runner.cleanup()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar import audit as audit_module
-from sidecar.audit import AuditLog, open_writer
+from sidecar.audit import AuditLog, access_members, open_writer
 from sidecar.config import AuditSettings
 from sidecar.identity import SpiffeId
 from sidecar.metrics import Metrics
@@ -290,3 +290,16 @@ async def main():
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert target.read_text() == "one\ntwo\n"
+
+
+def test_access_members_keep_their_order_escape_and_leave_out_empty_values() -> None:
+    text = access_members(source="10.0.0.1:5", request_id="r1", user_agent='curl "x"\n', tls="", protocol="HTTP/1.1")
+    assert text == ',"request_id":"r1","user_agent":"curl \\"x\\"\\n","protocol":"HTTP/1.1","source":"10.0.0.1:5"'
+    with pytest.raises(TypeError):
+        access_members(bogus="x")
+    log, lines, _ = make(AuditSettings())
+    log.decision(listener="inbound", peer=None, method="GET", path="/", decision=ALLOW, status=200, bytes_in=1,
+                 bytes_out=2, duration=0.0, access=text)
+    record = json.loads(lines[0])
+    assert list(record)[-4:] == ["request_id", "user_agent", "protocol", "source"]
+    assert record["user_agent"] == 'curl "x"\n'
