@@ -532,6 +532,7 @@ def parse_response_head(
     connection: list[bytes] = []
     content_length: int | None = None
     chunked = False
+    other_codings = b""
     if not _RESPONSE_FRAMING_NAMES.isdisjoint(lnames):
         cl_text: bytes | None = None
         for lname, value in zip(lnames, values, strict=True):
@@ -542,9 +543,11 @@ def parse_response_head(
                 cl_text = v
             elif lname == b"transfer-encoding":
                 codings = _tokens(value)
-                if chunked or not codings or codings[-1] != b"chunked":
+                if chunked or not codings or codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
                     raise BadResponse("protocol")  # RFC 9112 §6.3 rule 4 would be close-delimited: refuse
                 chunked = True
+                # Codings applied before chunked (gzip...) stay announced: we only re-chunk the body.
+                other_codings = b", ".join(codings[:-1])
             elif lname == b"connection":
                 connection.extend(_tokens(value))
         if chunked and cl_text is not None:
@@ -572,7 +575,10 @@ def parse_response_head(
         if content_length is not None and (not no_body or head_request):
             parts += (_CL_PREFIX, b"%d" % content_length, _CRLF)
         elif chunked_down and not no_body:
-            parts.append(_TE_CHUNKED)
+            if other_codings:
+                parts += (b"transfer-encoding: ", other_codings, b", chunked\r\n")
+            else:
+                parts.append(_TE_CHUNKED)
     if not keep_alive:
         parts.append(_CONN_CLOSE)
     parts.append(_CRLF)
