@@ -62,6 +62,7 @@ bench: $(STAMP) $(RUN_DEP)
 	$(PY) benchmarks/micro/inbound_glue.py
 	$(if $(RUN_DEP),$(RUN_ENV) $(PY) benchmarks/micro/inbound_glue.py $(CURDIR)/$(COMPILED))
 	$(RUN_ENV) $(PY) benchmarks/harness.py $(BENCH_ARGS)
+	$(RUN_ENV) $(PY) benchmarks/memory_bench.py $(filter --quick,$(BENCH_ARGS))
 
 # The long soak (10 minutes at a steady rate, rotations, reloads, an agent restart); writes
 # benchmarks/results/soak-<date>.json. `make test` runs its one-minute form.
