@@ -16,7 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.environ.get("SIDECAR_ROOT", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _REPO)  # tests.pki
+sys.path.insert(0, os.environ.get("SIDECAR_ROOT", _REPO))  # a tree whose sidecar/ wins (build/compiled)
 import uvloop
 
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
