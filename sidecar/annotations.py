@@ -25,7 +25,8 @@ objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annot
 
 Compact policy lines (`#` starts a comment line; blank lines are ignored):
 
-    <allow|deny|audit-deny> <METHODS|*> <PATH>... from <CALLER>... [as <rule-name>]
+    <allow|deny|audit-deny> <METHODS|*> <PATH>... from <CALLER>... [jwt aud=<AUD> [sub=<P>,...] [unbound]]
+        [as <rule-name>]
 
 METHODS is one token, comma-separated (`GET,HEAD`); paths and callers are whitespace-separated (callers
 also comma-separated). A rule without `as` is named `line-<N>` after its line in the annotation.
@@ -402,6 +403,13 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
             continue
         at = tokens.index("from")
         head, callers_tok = tokens[1:at], tokens[at + 1 :]
+        jwt: dict[str, Any] | None = None
+        if "jwt" in callers_tok:
+            cut = callers_tok.index("jwt")
+            callers_tok, options = callers_tok[:cut], callers_tok[cut + 1 :]
+            jwt = _compact_jwt(c, key, options, n)
+            if jwt is None:
+                continue
         if len(head) < 2:
             c.add(key, "expected methods (or '*') and at least one path before 'from'", line=n)
             continue
@@ -417,6 +425,8 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
             rule["methods"] = methods
         rule["paths"] = head[1:]
         rule["callers"] = callers
+        if jwt is not None:
+            rule["jwt"] = jwt
         lines[f"rules[{len(rules)}]"] = n
         rules.append(rule)
     if len(c) != before and not rules:
@@ -425,6 +435,27 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
     # problems (a bad caller, a bad path) come out in the same pass. The policy is never used: any problem
     # makes parse_pod_annotations raise.
     return {"rules": rules}, lines
+
+
+def _compact_jwt(c: Problems, key: str, options: list[str], n: int) -> dict[str, Any] | None:
+    """`jwt aud=<audience> [sub=<pattern>,...] [unbound]` after the callers: a step-up rule (the YAML
+    form's `jwt: {audience, subjects, bind}`)."""
+    jwt: dict[str, Any] = {}
+    for opt in options:
+        name, eq, value = opt.partition("=")
+        if opt == "unbound":
+            jwt["bind"] = False
+        elif eq and name == "aud" and "audience" not in jwt:
+            jwt["audience"] = value
+        elif eq and name == "sub" and "subjects" not in jwt:
+            jwt["subjects"] = [x for x in value.split(",") if x]
+        else:
+            c.add(key, f"after 'jwt' expected aud=<audience>, sub=<pattern>,... or unbound, got {opt!r}", line=n)
+            return None
+    if "audience" not in jwt:
+        c.add(key, "'jwt' needs aud=<audience> (the audience the token must carry)", line=n)
+        return None
+    return jwt
 
 
 def _outbound(c: Problems, text: str) -> tuple[OutboundLine, ...]:

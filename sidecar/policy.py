@@ -52,7 +52,7 @@ import enum
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, NamedTuple
 
 from .errors import IdentityError
@@ -69,6 +69,7 @@ __all__ = [
     "Action",
     "BadRequest",
     "Decision",
+    "JwtRequirement",
     "Mode",
     "Policy",
     "Protocol",
@@ -78,6 +79,7 @@ __all__ = [
     "Verdict",
     "authorize",
     "authorize_connection",
+    "check_jwt",
     "compile_policy",
     "explain",
     "normalize_target",
@@ -134,14 +136,32 @@ class RequestAttrs(NamedTuple):
 
 
 @dataclass(frozen=True, slots=True)
+class JwtRequirement:
+    """A step-up rule's second proof: a JWT-SVID for `audience` (JWT-SVID §3), whose subject matches one of
+    `subjects`, and, when `bound`, is the mTLS peer itself (a token for the connection's own identity).
+    `enforced` is False in a policy in audit mode (a failed check is then a would-deny)."""
+
+    audience: str
+    subjects: tuple[CallerPattern, ...]
+    bound: bool
+    enforced: bool = True
+
+    def describe(self) -> str:
+        subjects = ",".join(p.text for p in self.subjects)
+        return f"jwt aud={self.audience} sub={subjects}{'' if self.bound else ' unbound'}"
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """A policy verdict: the `verdict`, the deciding `rule` (a rule name or `default-deny`), the
-    `reason` (for the audit log, never sent to the peer) and the `mode` the deciding rule ran in."""
+    `reason` (for the audit log, never sent to the peer) and the `mode` the deciding rule ran in.
+    `jwt`: the step-up the data plane checks before it forwards (`check_jwt`), when a rule requires one."""
 
     verdict: Verdict
     rule: str
     reason: str
     mode: Mode
+    jwt: JwtRequirement | None = None
 
     @property
     def allowed(self) -> bool:
@@ -364,15 +384,18 @@ class _Kind:
 class _Bucket:
     """Rules whose path pattern ends at one trie node (exactly, or with `**`)."""
 
-    __slots__ = ("allow", "hard", "soft")
+    __slots__ = ("allow", "hard", "soft", "stepup")
 
     def __init__(self) -> None:
         self.hard: _Kind | None = None  # enforced deny rules
         self.soft: _Kind | None = None  # audit-mode deny rules
         self.allow: _Kind | None = None
+        self.stepup: _Kind | None = None  # allow rules that require a JWT-SVID
 
     def add(self, rule: Rule) -> None:
-        if rule.action == "allow":
+        if rule.action == "allow" and rule.jwt is not None:
+            kind = self.stepup = self.stepup or _Kind()
+        elif rule.action == "allow":
             kind = self.allow = self.allow or _Kind()
         elif rule.mode == AUDIT:
             kind = self.soft = self.soft or _Kind()
@@ -384,10 +407,10 @@ class _Bucket:
 class _Best:
     """The lowest matching rule index per kind, gathered over the buckets a request reaches."""
 
-    __slots__ = ("allow", "hard", "soft")
+    __slots__ = ("allow", "hard", "soft", "stepup")
 
     def __init__(self) -> None:
-        self.hard = self.allow = self.soft = _NONE
+        self.hard = self.allow = self.soft = self.stepup = _NONE
 
     def take(self, b: _Bucket, method: str | None, peer: SpiffeId) -> None:
         if b.hard is not None:
@@ -396,11 +419,21 @@ class _Best:
             self.allow = b.allow.best(method, peer, self.allow)
         if b.soft is not None:
             self.soft = b.soft.best(method, peer, self.soft)
+        if b.stepup is not None:
+            self.stepup = b.stepup.best(method, peer, self.stepup)
 
     def decision(self, policy: Policy) -> Decision | None:
-        """Enforced deny, else allow (turned into would-deny by a matching audit deny); None: no rule."""
+        """Enforced deny; else a step-up allow (its JWT requirement holds even when a plain allow rule
+        matches too: a rule that asks for a second proof is never walked around by a broader one); else
+        allow; an allow is turned into would-deny by a matching audit deny (keeping any requirement).
+        None: no rule."""
         if self.hard != _NONE:
             return policy._decisions[self.hard]
+        if self.stepup != _NONE:
+            d = policy._decisions[self.stepup]
+            if self.soft != _NONE:
+                return replace(policy._decisions[self.soft], jwt=d.jwt)
+            return d
         if self.allow != _NONE:
             return policy._decisions[self.soft if self.soft != _NONE else self.allow]
         return None
@@ -446,14 +479,16 @@ class Rule:
     paths: tuple[PathPattern, ...]
     callers: tuple[CallerPattern, ...]
     decision: Decision = field(repr=False, compare=False)
+    jwt: JwtRequirement | None = None  # an allow rule that also requires a JWT-SVID (step-up)
 
     @property
     def connection_level(self) -> bool:
-        """Applies to every path and method: the only kind `authorize_connection` consults."""
-        return self.methods is None and any(p.subtree and not p.segments for p in self.paths)
+        """Applies to every path and method: the only kind `authorize_connection` consults (a step-up
+        rule never is: a TCP connection carries no token)."""
+        return self.jwt is None and self.methods is None and any(p.subtree and not p.segments for p in self.paths)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "action": self.action,
             "mode": self.mode,
@@ -461,13 +496,18 @@ class Rule:
             "paths": [p.text for p in self.paths],
             "callers": [c.text for c in self.callers],
         }
+        if self.jwt is not None:
+            out["jwt"] = {"audience": self.jwt.audience, "subjects": [p.text for p in self.jwt.subjects],
+                          "bind": self.jwt.bound}  # fmt: skip
+        return out
 
     def describe(self) -> str:
         methods = "*" if self.methods is None else ",".join(sorted(self.methods))
         paths = " ".join(p.text for p in self.paths)
         callers = " ".join(c.text for c in self.callers)
         audit = " (audit)" if self.mode == AUDIT else ""
-        return f"{self.name}: {self.action}{audit} {methods} {paths} from {callers}"
+        jwt = "" if self.jwt is None else f" with {self.jwt.describe()}"
+        return f"{self.name}: {self.action}{audit} {methods} {paths} from {callers}{jwt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -545,6 +585,30 @@ def authorize_connection(policy: Policy, peer: SpiffeId) -> Decision:
     return best.decision(policy) or _default_deny(policy, peer, "a connection")
 
 
+def check_jwt(decision: Decision, peer: SpiffeId, subject: SpiffeId | None, problem: str = "") -> tuple[Decision, bool]:
+    """The final word on a step-up decision once the request's token was validated for the requirement's
+    audience: `subject` is the validated JWT-SVID's subject, or None when there was no valid token
+    (`problem` says why: missing, expired, wrong audience...). Returns the decision and whether a refusal
+    is a 401 challenge (no valid token: RFC 6750 §3.1 invalid_token) rather than a 403 (a valid token whose
+    subject this rule does not accept). A decision without a requirement comes back unchanged; so does
+    one whose token satisfies it. In audit mode a failure is a would-deny (forwarded), as any deny is."""
+    req = decision.jwt
+    if req is None:
+        return decision, False
+    if subject is None:
+        failed, challenge = f"no valid JWT-SVID for audience {req.audience!r}: {problem or 'missing'}", True
+    elif req.bound and subject != peer:
+        failed, challenge = f"the JWT-SVID's subject {subject} is not the mTLS peer (bound)", False
+    elif not any(p.matches(subject) for p in req.subjects):
+        failed, challenge = f"the JWT-SVID's subject {subject} matches none of its subjects", False
+    else:
+        return decision, False
+    reason = f"rule '{decision.rule}' requires a JWT-SVID; {failed}"
+    if not req.enforced:
+        return Decision(Verdict.WOULD_DENY, decision.rule, reason + " (audit mode: forwarded)", Mode.AUDIT), False
+    return Decision(Verdict.DENY, decision.rule, reason, Mode.ENFORCE), challenge
+
+
 def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
     """`authorize` on a raw path (normalised first; raises `BadRequest` where the edge would send 400)."""
     try:
@@ -558,7 +622,8 @@ def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
 # Compilation
 
 
-_RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "callers"})
+_RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "callers", "jwt"})
+_JWT_KEYS: Final = frozenset({"audience", "subjects", "bind"})
 _POLICY_KEYS: Final = frozenset({"mode", "rules"})
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 _METHOD_RE: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -755,9 +820,20 @@ def _compile_rule(
             except IdentityError as e:
                 problems.add(f"{where}.callers[{j}]", f"{text!r}: {e.reason}")
 
+    jwt: JwtRequirement | None = None
+    if "jwt" in raw:
+        if action == "deny":
+            problems.add(f"{where}.jwt", "only an allow rule can require a JWT-SVID (step-up)")
+        else:
+            jwt = _jwt_requirement(raw["jwt"], f"{where}.jwt", problems)
+
     if len(problems) != before:
         return None
     assert isinstance(name, str) and isinstance(action, str) and isinstance(mode, Mode)
+    decision = _rule_decision(name, action, mode, policy_mode)
+    if jwt is not None:
+        jwt = replace(jwt, enforced=policy_mode is Mode.ENFORCE)
+        decision = replace(decision, reason=f"{decision.reason} with a JWT-SVID", jwt=jwt)
     return Rule(
         name,
         index,
@@ -766,5 +842,36 @@ def _compile_rule(
         methods,
         tuple(paths),
         tuple(callers),
-        _rule_decision(name, action, mode, policy_mode),
+        decision,
+        jwt,
     )
+
+
+def _jwt_requirement(raw: Any, where: str, problems: Problems) -> JwtRequirement | None:
+    """`jwt: {audience: <aud>, subjects: [<pattern>...], bind: true|false}` (subjects default ['*'], any
+    workload of a trust domain we hold JWT bundles for; bind defaults to true)."""
+    if not isinstance(raw, Mapping):
+        problems.add(where, "'jwt' is a mapping: {audience: <audience>, subjects: [...], bind: true|false}")
+        return None
+    before = len(problems)
+    for key in raw:
+        if key not in _JWT_KEYS:
+            problems.add(f"{where}.{key}", f"unknown key {key!r}{did_you_mean(key, _JWT_KEYS)} "
+                         f"(expected one of: {', '.join(sorted(_JWT_KEYS))})")  # fmt: skip
+    audience = raw.get("audience")
+    if not isinstance(audience, str) or not audience.strip() or audience != audience.strip():
+        problems.add(f"{where}.audience", "required: the audience the token must carry (JWT-SVID §3, 'aud')")
+    subjects: list[CallerPattern] = []
+    items = _string_list(raw.get("subjects", ["*"]), "subjects", f"{where}.subjects", problems)
+    for j, text in enumerate(items or ()):
+        try:
+            subjects.append(CallerPattern.parse(text))
+        except IdentityError as e:
+            problems.add(f"{where}.subjects[{j}]", f"{text!r}: {e.reason}")
+    bound = raw.get("bind", True)
+    if not isinstance(bound, bool):
+        problems.add(f"{where}.bind", "must be true (the token's subject is the mTLS peer) or false")
+    if len(problems) != before:
+        return None
+    assert isinstance(audience, str) and isinstance(bound, bool)
+    return JwtRequirement(audience, tuple(subjects), bound)

@@ -124,7 +124,7 @@ def test_yaml_problems_name_annotation_and_line() -> None:
         parse_pod_annotations(ann(inbound_policy=text))
     assert problems(exc) == [
         f"annotation {PREFIX}inbound-policy:11: rules[1].typo: unknown key 'typo' (expected one of: "
-        "action, callers, methods, mode, name, paths)"
+        "action, callers, jwt, methods, mode, name, paths)"
     ]
     with pytest.raises(ConfigError) as exc:
         parse_pod_annotations(ann(inbound_policy="rules: [\n"))
@@ -560,3 +560,23 @@ def test_syntax_problems_do_not_hide_the_others() -> None:
     assert "got 'ALLOW' (did you mean 'allow'?)" in problems[1]
     assert problems[2].startswith("annotation spiffe-sidecar.io/inbound-policy:2: rules[0].callers[0]")
     assert problems[3].startswith("annotation spiffe-sidecar.io/inbound-policy:3: rules[1].paths[0]")
+
+
+def test_compact_step_up_rules() -> None:
+    text = (
+        "allow POST /api/stock/*/reserve from spiffe://example.org/ns/shop/sa/checkout jwt aud=inventory as reserve\n"
+        "allow * /ops/** from * jwt aud=ops sub=spiffe://example.org/ns/ops/**,spiffe://example.org/ns/sre/** unbound\n"
+    )
+    policy = parse_pod_annotations(ann(inbound_policy=text)).policy
+    reserve, ops = policy.rules
+    assert reserve.name == "reserve" and reserve.jwt is not None and reserve.jwt.audience == "inventory"
+    assert reserve.jwt.bound and [p.text for p in reserve.jwt.subjects] == ["*"]
+    assert ops.jwt is not None and not ops.jwt.bound and len(ops.jwt.subjects) == 2
+    for bad, fragment in [
+        ("allow GET /x from * jwt", "needs aud="),
+        ("allow GET /x from * jwt aud=a bogus", "after 'jwt' expected"),
+        ("deny GET /x from * jwt aud=a", "only an allow rule"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            parse_pod_annotations(ann(inbound_policy=bad))
+        assert fragment in str(info.value) and "inbound-policy:1" in str(info.value), str(info.value)

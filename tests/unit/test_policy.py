@@ -26,6 +26,7 @@ from sidecar.policy import (
     Verdict,
     authorize,
     authorize_connection,
+    check_jwt,
     compile_policy,
     explain,
     normalize_target,
@@ -824,3 +825,86 @@ def test_a_deny_on_get_also_denies_head() -> None:
     )
     assert authorize(policy, RequestAttrs(CHECKOUT, "HEAD", "/secret")).rule == "no-secret"
     assert authorize(policy, RequestAttrs(CHECKOUT, "POST", "/secret")).rule == "all"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JWT-SVID step-up (issue 13)
+
+STEP_UP = {
+    "rules": [
+        {"name": "checkout-reads-stock", "action": "allow", "methods": ["GET", "POST"], "paths": ["/api/stock/**"],
+         "callers": [str(CHECKOUT)]},
+        {"name": "reserve-needs-token", "action": "allow", "methods": ["POST"], "paths": ["/api/stock/*/reserve"],
+         "callers": [str(CHECKOUT)], "jwt": {"audience": "inventory"}},
+        {"name": "ops-any-subject", "action": "allow", "paths": ["/ops/**"], "callers": ["*"],
+         "jwt": {"audience": "ops", "subjects": ["spiffe://example.org/ns/ops/**"], "bind": False}},
+    ]
+}  # fmt: skip
+
+
+def test_a_step_up_rule_is_never_walked_around_by_a_broader_allow() -> None:
+    policy = compile_policy(STEP_UP, "step-up")
+    plain = authorize(policy, RequestAttrs(CHECKOUT, "POST", "/api/stock/42"))
+    assert plain.allowed and plain.jwt is None
+    d = authorize(policy, RequestAttrs(CHECKOUT, "POST", "/api/stock/42/reserve"))
+    assert d.allowed and d.rule == "reserve-needs-token" and d.jwt is not None
+    assert (d.jwt.audience, d.jwt.bound, [p.text for p in d.jwt.subjects]) == ("inventory", True, ["*"])
+    assert "with a JWT-SVID" in d.reason
+
+
+def test_check_jwt_outcomes() -> None:
+    policy = compile_policy(STEP_UP, "step-up")
+    d = authorize(policy, RequestAttrs(CHECKOUT, "POST", "/api/stock/42/reserve"))
+    assert check_jwt(d, CHECKOUT, CHECKOUT) == (d, False)  # bound: the subject is the peer
+    no_token, challenge = check_jwt(d, CHECKOUT, None, "missing")
+    assert no_token.verdict is Verdict.DENY and challenge and "no valid JWT-SVID" in no_token.reason
+    other, challenge = check_jwt(d, CHECKOUT, REPORTING)
+    assert other.verdict is Verdict.DENY and not challenge and "not the mTLS peer" in other.reason
+    ops = authorize(policy, RequestAttrs(REPORTING, "GET", "/ops/restart"))
+    admin = SpiffeId.parse("spiffe://example.org/ns/ops/sa/admin")
+    assert check_jwt(ops, REPORTING, admin) == (ops, False)  # unbound: another workload's token
+    wrong, challenge = check_jwt(ops, REPORTING, REPORTING)
+    assert wrong.verdict is Verdict.DENY and not challenge and "matches none" in wrong.reason
+    plain = authorize(policy, RequestAttrs(CHECKOUT, "GET", "/api/stock/1"))
+    assert check_jwt(plain, CHECKOUT, None) == (plain, False)  # no requirement: unchanged
+
+
+def test_step_up_in_audit_mode_and_under_an_audit_deny() -> None:
+    audit = compile_policy({**STEP_UP, "mode": "audit"}, "audit")
+    d = authorize(audit, RequestAttrs(CHECKOUT, "POST", "/api/stock/42/reserve"))
+    failed, challenge = check_jwt(d, CHECKOUT, None, "missing")
+    assert failed.verdict is Verdict.WOULD_DENY and failed.forward and not challenge
+    # An audit-mode deny rule matching the same request does not switch the requirement off.
+    soft = compile_policy({"rules": [*STEP_UP["rules"], {"name": "no-reserve", "action": "deny", "mode": "audit",
+                                                          "paths": ["/api/stock/*/reserve"], "callers": ["*"]}]}, "s")
+    d = authorize(soft, RequestAttrs(CHECKOUT, "POST", "/api/stock/42/reserve"))
+    assert d.verdict is Verdict.WOULD_DENY and d.jwt is not None
+    failed, challenge = check_jwt(d, CHECKOUT, None, "missing")
+    assert failed.verdict is Verdict.DENY and challenge
+
+
+@pytest.mark.parametrize(
+    ("jwt", "fragment"),
+    [
+        ({"subjects": ["*"]}, "audience: required"),
+        ({"audience": " x"}, "audience: required"),
+        ({"audience": "a", "subjects": ["spiffe://Example.org/x"]}, "subjects[0]"),
+        ({"audience": "a", "bind": "yes"}, "bind: must be true"),
+        ({"audience": "a", "aud": "b"}, "unknown key 'aud'"),
+        ("inventory", "'jwt' is a mapping"),
+    ],
+)
+def test_bad_step_up_requirements_are_problems(jwt: object, fragment: str) -> None:
+    rule = {"name": "r", "action": "allow", "callers": ["*"], "jwt": jwt}
+    with pytest.raises(ConfigError) as info:
+        compile_policy({"rules": [rule]}, "p")
+    assert any(fragment in str(p) for p in info.value.problems), info.value.problems
+
+
+def test_a_deny_rule_cannot_require_a_token_and_step_up_is_never_connection_level() -> None:
+    with pytest.raises(ConfigError) as info:
+        compile_policy({"rules": [{"name": "d", "action": "deny", "callers": ["*"], "jwt": {"audience": "a"}}]}, "p")
+    assert "only an allow rule" in str(info.value)
+    policy = compile_policy({"rules": [{"name": "a", "action": "allow", "callers": ["*"], "jwt": {"audience": "x"}}]},
+                            "p")
+    assert policy.path_specific_rules == ("a",)  # a TCP listener cannot enforce it (no token on a connection)
