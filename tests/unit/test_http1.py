@@ -492,3 +492,434 @@ def test_connect_is_refused() -> None:
         check_method(b"CONNECT")
     for method in (b"GET", b"POST", b"OPTIONS", b"connect"):
         check_method(method)  # httptools upper-cases known methods; anything else is not CONNECT
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The checked response path, the head caches and the head sizes (data plane rebuild, issue 11)
+
+import string  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sidecar.http1 import (  # noqa: E402
+    _HEAD_CACHE_BYTES,
+    _HEAD_CACHE_MAX,
+    CHUNK_END,
+    BadResponse,
+    RequestHead,
+    RequestHeads,
+    ResponseFraming,
+    ResponseHead,
+    ResponseHeads,
+    chunk,
+    identity_line,
+    interim_head,
+    parse_request_head,
+    parse_response_head,
+    request_head,
+    switching_head,
+)
+
+
+def response(
+    names: Sequence[bytes],
+    values: Sequence[bytes],
+    status: int = 200,
+    *,
+    head_request: bool = False,
+    keep_alive: bool = True,
+    http10_peer: bool = False,
+    http10_upstream: bool = False,
+) -> ResponseHead:
+    return parse_response_head(
+        status, b"R", names, values, head_request=head_request, keep_alive=keep_alive, http10_peer=http10_peer,
+        http10_upstream=http10_upstream,
+    )  # fmt: skip
+
+
+CL5 = ([b"Content-Length"], [b"5"])
+TE = ([b"Transfer-Encoding"], [b"chunked"])
+NO_FRAMING: tuple[list[bytes], list[bytes]] = ([b"X-A"], [b"1"])
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "head_request", "http10_peer", "framing", "length", "chunked_down", "keep_alive", "tail"),
+    [
+        (CL5, 200, False, False, ResponseFraming.CONTENT_LENGTH, 5, False, True, b"content-length: 5\r\n"),
+        (TE, 200, False, False, ResponseFraming.CHUNKED, None, True, True, b"transfer-encoding: chunked\r\n"),
+        (([b"Transfer-Encoding"], [b"gzip, chunked"]), 200, False, False, ResponseFraming.CHUNKED, None, True, True,
+         b"transfer-encoding: gzip, chunked\r\n"),  # we re-chunk; the codings before chunked stay announced
+        # Close-delimited: re-chunked for an HTTP/1.1 peer (keep-alive survives), passed through to 1.0.
+        (NO_FRAMING, 200, False, False, ResponseFraming.CLOSE, None, True, True, b"transfer-encoding: chunked\r\n"),
+        (NO_FRAMING, 200, False, True, ResponseFraming.CLOSE, None, False, False, b"connection: close\r\n"),
+        # No body: HEAD (its Content-Length says what a GET would get), 204 (never framing), 304.
+        (CL5, 200, True, False, ResponseFraming.NONE, 5, False, True, b"content-length: 5\r\n"),
+        (TE, 200, True, False, ResponseFraming.NONE, None, False, True, b""),
+        (NO_FRAMING, 200, True, True, ResponseFraming.NONE, None, False, True, b""),
+        (([b"Content-Length"], [b"0"]), 204, False, False, ResponseFraming.NONE, 0, False, True, b""),
+        (CL5, 304, False, False, ResponseFraming.NONE, 5, False, True, b""),
+        (CL5, 304, True, False, ResponseFraming.NONE, 5, False, True, b"content-length: 5\r\n"),
+        (TE, 304, False, False, ResponseFraming.NONE, None, False, True, b""),
+    ],
+)
+def test_response_framing(
+    fields: tuple[list[bytes], list[bytes]], status: int, head_request: bool, http10_peer: bool,
+    framing: ResponseFraming, length: int | None, chunked_down: bool, keep_alive: bool, tail: bytes,
+) -> None:  # fmt: skip
+    names, values = fields
+    rh = response(names, values, status, head_request=head_request, http10_peer=http10_peer)
+    assert (rh.status, rh.framing, rh.content_length, rh.chunked_down, rh.keep_alive) == (
+        status, framing, length, chunked_down, keep_alive,
+    )  # fmt: skip
+    kept = b"X-A: 1\r\n" if names == [b"X-A"] else b""
+    assert rh.head == b"HTTP/1.1 %d R\r\n" % status + kept + tail + b"\r\n"
+
+
+@pytest.mark.parametrize("fields", [CL5, TE, NO_FRAMING])
+def test_response_gets_connection_close_when_the_request_side_ends_the_connection(
+    fields: tuple[list[bytes], list[bytes]],
+) -> None:
+    rh = response(*fields, keep_alive=False)
+    assert not rh.keep_alive
+    assert rh.head.endswith(b"connection: close\r\n\r\n") and rh.head.count(b"connection") == 1
+    assert not response(*fields, keep_alive=True).head.endswith(b"connection: close\r\n\r\n")
+
+
+def test_response_drops_hop_by_hop_and_connection_named_fields() -> None:
+    fields = [
+        (b"Content-Type", b"text/plain"),
+        (b"Connection", b"keep-alive, X-Internal, x-other"),
+        (b"X-Internal", b"1"),
+        (b"X-Other", b"2"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"X-T"),
+        (b"Upgrade", b"h2c"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"X-Forwarded-Client-Cert", b"URI=spiffe://example.org/ns/shop/sa/admin"),
+        (b"Set-Cookie", b"a=1"),
+        (b"X_App", b"kept "),
+    ]
+    rh = response([n for n, _ in fields], [v for _, v in fields])
+    assert rh.head == (
+        b"HTTP/1.1 200 R\r\nContent-Type: text/plain\r\nSet-Cookie: a=1\r\nX_App: kept\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    assert rh.upstream_keep_alive
+
+
+@pytest.mark.parametrize(
+    ("names", "values"),
+    [
+        ([b"Content-Length", b"Content-Length"], [b"5", b"6"]),
+        ([b"Content-Length", b"content-length"], [b"5", b"05"]),
+        ([b"Content-Length"], [b"abc"]),
+        ([b"Content-Length"], [b"-1"]),
+        ([b"Content-Length"], [b"+5"]),
+        ([b"Content-Length"], [b"1, 1"]),
+        ([b"Content-Length"], [b""]),
+        ([b"Content-Length"], [b"9" * 19]),
+        ([b"Transfer-Encoding"], [b"gzip"]),
+        ([b"Transfer-Encoding"], [b"chunked, gzip"]),
+        ([b"Transfer-Encoding"], [b"chunked, chunked"]),
+        ([b"Transfer-Encoding"], [b"chunked, gzip, chunked"]),
+        ([b"Transfer-Encoding"], [b""]),
+        ([b"Transfer-Encoding", b"Transfer-Encoding"], [b"chunked", b"chunked"]),
+        ([b"Content-Length", b"Transfer-Encoding"], [b"5", b"chunked"]),
+        ([b"Transfer-Encoding", b"Content-Length"], [b"chunked", b"5"]),
+        ([b"X-A"], [b"a\x00b"]),
+        ([b"X-A"], [b"a\rb"]),
+        ([b"X-A"], [b"a\nContent-Length: 5"]),
+        ([b"X-A"], [b"a\x7f"]),
+        ([b"X-A"], [b"\x1b[31m"]),
+        ([b"X-A"], [b" folded"]),
+        ([b"Bad Name"], [b"1"]),
+        ([b""], [b"1"]),
+    ],
+)
+def test_response_framing_that_cannot_be_relayed_is_a_bad_response(names: list[bytes], values: list[bytes]) -> None:
+    for status, head_request in ((200, False), (200, True), (204, False)):  # also where no body follows
+        with pytest.raises(BadResponse) as e:
+            response(names, values, status, head_request=head_request)
+        assert e.value.reason == "protocol"
+        assert isinstance(e.value, SidecarError)
+
+
+def test_repeated_equal_content_length_is_one() -> None:
+    rh = response([b"Content-Length", b"content-length"], [b"5", b"5"])
+    assert (rh.framing, rh.content_length) == (ResponseFraming.CONTENT_LENGTH, 5)
+    assert rh.head.count(b"ontent-length") == 1
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a chunked response is relayed chunked to an HTTP/1.0 caller")
+def test_no_transfer_encoding_is_sent_to_an_http10_caller() -> None:
+    # RFC 9112 §6.1: "A server MUST NOT send a response containing Transfer-Encoding unless the
+    # corresponding request indicates HTTP/1.1". An HTTP/1.0 client reads chunk-size lines as content; the
+    # body can only be delimited by closing the connection (as for a close-delimited one, above).
+    rh = response(*TE, http10_peer=True)
+    assert b"transfer-encoding" not in rh.head.lower()  # got b"HTTP/1.1 200 R\r\ntransfer-encoding: chunked\r\n\r\n"
+    assert not rh.chunked_down and not rh.keep_alive
+    assert rh.head.endswith(b"connection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("names", "values", "http10_upstream", "upstream_keep_alive"),
+    [
+        (*CL5, False, True),
+        ([b"Content-Length", b"Connection"], [b"5", b"close"], False, False),
+        ([b"Content-Length", b"Connection"], [b"5", b"Keep-Alive, X-A"], False, True),
+        (*CL5, True, False),  # HTTP/1.0 closes unless it says keep-alive (RFC 9112 §9.3)
+        ([b"Content-Length", b"Connection"], [b"5", b"keep-alive"], True, True),
+        ([b"Content-Length", b"Connection"], [b"5", b"close"], True, False),
+        (*TE, False, True),
+        (*NO_FRAMING, False, False),  # a close-delimited body ends with the connection
+        ([b"Connection"], [b"keep-alive"], True, False),
+    ],
+)
+def test_upstream_keep_alive_from_version_and_connection(
+    names: list[bytes], values: list[bytes], http10_upstream: bool, upstream_keep_alive: bool
+) -> None:
+    rh = response(names, values, http10_upstream=http10_upstream)
+    assert rh.upstream_keep_alive is upstream_keep_alive
+    # The app's connection is its own business: the caller's connection follows the request side.
+    assert rh.keep_alive is True
+
+
+# -- chunk, interim_head, switching_head, request_head
+
+
+def test_chunk_round_trips_through_the_parser() -> None:
+    assert chunk(b"hello") == b"5\r\nhello\r\n"
+    assert chunk(b"x" * 300).startswith(b"12c\r\n")
+    _parser, rec = parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunk(b"a" * 17)
+                                  + chunk(b"\r\n0\r\n") + CHUNK_END)  # fmt: skip
+    assert rec.complete and rec.body == b"a" * 17 + b"\r\n0\r\n"
+
+
+def test_interim_and_switching_heads_drop_hop_by_hop_fields() -> None:
+    names = [b"Link", b"Connection", b"X-Hop", b"Keep-Alive", b"Upgrade", b"Sec-WebSocket-Accept"]
+    values = [b"</s.css>", b"upgrade, X-Hop", b"1", b"timeout=5", b"websocket", b"abc= "]
+    assert interim_head(103, b"Early Hints", names, values) == (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\nSec-WebSocket-Accept: abc=\r\n\r\n"
+    )
+    assert switching_head(b"Switching Protocols", names, values, b"websocket") == (
+        b"HTTP/1.1 101 Switching Protocols\r\nLink: </s.css>\r\nSec-WebSocket-Accept: abc=\r\n"
+        b"connection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    )
+
+
+def test_request_head_from_a_parsed_head() -> None:
+    ident = identity_line(b"By=a;Hash=b;URI=c")
+    head = parse_request_head(b"POST", b"/x", [b"Host", b"Content-Length", b"X-A"], [b"inventory", b"3", b"1 "])
+    assert request_head(b"POST", b"/api/x", head, identity=ident, host_fallback=b"127.0.0.1:8080") == (
+        b"POST /api/x HTTP/1.1\r\nHost: inventory\r\nX-A: 1\r\nx-forwarded-client-cert: By=a;Hash=b;URI=c\r\n"
+        b"content-length: 3\r\n\r\n"
+    )
+    head = parse_request_head(b"GET", b"/", [b"Accept"], [b"*/*"], http10=True)
+    assert request_head(b"GET", b"/", head, identity=b"", host_fallback=b"127.0.0.1:8080") == (
+        b"GET / HTTP/1.1\r\nAccept: */*\r\nhost: 127.0.0.1:8080\r\n\r\n"
+    )
+    names, values = [b"Host", b"Transfer-Encoding", b"Expect"], [b"a", b"chunked", b"100-continue"]
+    head = parse_request_head(b"PUT", b"/", names, values)
+    assert head.framing.expect_continue
+    assert request_head(b"PUT", b"/", head, identity=b"", host_fallback=None) == (
+        b"PUT / HTTP/1.1\r\nHost: a\r\ntransfer-encoding: chunked\r\n\r\n"  # Expect is ours to answer
+    )
+    head = parse_request_head(b"GET", b"/ws", [b"Host", b"Connection", b"Upgrade"], [b"a", b"Upgrade", b"websocket"])
+    assert request_head(b"GET", b"/ws", head, identity=b"", host_fallback=None) == (
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+    )
+
+
+# -- RequestHeads / ResponseHeads: results cached per raw head
+
+
+def _block(names: Sequence[bytes], values: Sequence[bytes]) -> bytes:
+    return b"".join(b"%s: %s\r\n" % nv for nv in zip(names, values, strict=True))
+
+
+def _request_view(h: RequestHead) -> tuple[object, ...]:
+    return (h.framing, h.host, h.fields, h.fields_size, h.http10)
+
+
+def _response_view(h: ResponseHead) -> tuple[object, ...]:
+    return (h.status, h.framing, h.content_length, h.head, h.chunked_down, h.keep_alive, h.upstream_keep_alive)
+
+
+def test_request_heads_cache_hit_is_the_first_result() -> None:
+    heads = RequestHeads(REQUEST_DROP)
+    names, values = [b"Host", b"Accept"], [b"inventory", b"*/*"]
+    raw = _block(names, values)
+    assert heads.known(raw, False) is None  # not before the full path has seen these bytes
+    first = heads.parse(b"GET", b"/a", names, values, False, raw)
+    assert heads.known(raw, False) is first
+    assert heads.parse(b"POST", b"/b", names, values, False, raw) is first  # method and target play no part
+    assert heads.known(raw, True) is None  # HTTP/1.0 is another key
+    assert heads.parse(b"GET", b"/", names, values, True, raw) is not first
+    # Without raw (the head did not arrive whole) nothing is cached.
+    other = [b"Host", b"X-B"], [b"inventory", b"1"]
+    a = heads.parse(b"GET", b"/", *other, False, None)
+    assert heads.parse(b"GET", b"/", *other, False, None) is not a
+    assert heads.known(_block(*other), False) is None
+    # A raw head longer than the cache takes is parsed, not remembered.
+    big = [b"Host", b"X-Big"], [b"inventory", b"b" * _HEAD_CACHE_BYTES]
+    heads.parse(b"GET", b"/", *big, False, _block(*big))
+    assert heads.known(_block(*big), False) is None
+
+
+def test_request_heads_errors_are_never_cached() -> None:
+    heads = RequestHeads(REQUEST_DROP)
+    names, values = [b"Accept"], [b"*/*"]  # no Host on HTTP/1.1
+    raw = _block(names, values)
+    for _ in range(3):
+        with pytest.raises(BadRequest, match="missing Host"):
+            heads.parse(b"GET", b"/", names, values, False, raw)
+        assert heads.known(raw, False) is None
+    assert heads.parse(b"GET", b"/", names, values, True, raw).host is None  # fine on HTTP/1.0
+
+
+def test_request_heads_stay_bounded() -> None:
+    heads = RequestHeads(REQUEST_DROP)
+    results = []
+    for i in range(_HEAD_CACHE_MAX * 2 + 7):
+        names, values = [b"Host", b"X-N"], [b"inventory", b"%d" % i]
+        head = heads.parse(b"GET", b"/", names, values, False, _block(names, values))
+        assert head.fields == b"Host: inventory\r\nX-N: %d\r\n" % i
+        results.append(head)
+        assert len(heads._cache) <= _HEAD_CACHE_MAX
+    names, values = [b"Host", b"X-N"], [b"inventory", b"%d" % i]
+    assert heads.known(_block(names, values), False) is results[-1]
+
+
+def test_response_heads_cache_hit_is_the_first_result() -> None:
+    heads = ResponseHeads()
+    names, values = [b"Content-Length"], [b"2"]
+    raw = b"HTTP/1.1 200 OK\r\n" + _block(names, values)
+    flags = {"head_request": False, "keep_alive": True, "http10_peer": False}
+    assert heads.known(raw, False, True, False) is None
+    first = heads.parse(200, b"OK", names, values, raw, **flags)
+    assert heads.known(raw, False, True, False) is first
+    assert heads.parse(200, b"OK", names, values, raw, **flags) is first
+    for other in ((True, True, False), (False, False, False), (False, True, True)):
+        assert heads.known(raw, *other) is None  # each request-side flag is part of the key
+    assert heads.parse(200, b"OK", names, values, None, **flags) is not first
+    with pytest.raises(BadResponse):
+        heads.parse(200, b"OK", [b"Content-Length"], [b"x"], b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n", **flags)
+    with pytest.raises(BadResponse):
+        heads.parse(200, b"OK", [b"Content-Length"], [b"x"], b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n", **flags)
+    assert heads.known(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n", False, True, False) is None
+    # The version comes from the raw status line: an HTTP/1.0 app closes unless it says keep-alive.
+    raw10 = b"HTTP/1.0 200 OK\r\n" + _block(names, values)
+    assert heads.parse(200, b"OK", names, values, raw10, **flags).upstream_keep_alive is False
+    assert first.upstream_keep_alive is True
+
+
+def test_response_heads_stay_bounded() -> None:
+    heads = ResponseHeads()
+    for i in range(_HEAD_CACHE_MAX * 2 + 7):
+        names, values = [b"Content-Length", b"X-N"], [b"0", b"%d" % i]
+        raw = b"HTTP/1.1 200 OK\r\n" + _block(names, values)
+        rh = heads.parse(200, b"OK", names, values, raw, head_request=False, keep_alive=True, http10_peer=False)
+        assert b"X-N: %d\r\n" % i in rh.head
+        assert len(heads._cache) <= _HEAD_CACHE_MAX
+    assert heads.known(raw, False, True, False) is rh
+
+
+_NAME_CHARS = string.ascii_letters + string.digits + "-"
+_VCHAR = "".join(map(chr, range(0x21, 0x7F)))
+# Names and values that take the careful paths (framing, Connection, drops, Host, bad bytes).
+_NAMES = [b"Host", b"host", b"Content-Length", b"content-length", b"Transfer-Encoding", b"Connection", b"Expect",
+          b"Upgrade", b"TE", b"Keep-Alive", b"X-Forwarded-Client-Cert", b"X_Under", b"X-Original-URL", b"Bad Name",
+          b""]  # fmt: skip
+_VALUES = [b"", b"5", b"05", b"1, 1", b"chunked", b"gzip, chunked", b"close", b"keep-alive", b"Upgrade",
+           b"upgrade, x-a", b"websocket", b"100-continue", b"inventory", b"inventory:8443", b"a/b", b"x\x00y",
+           b" lead", b"trail ", b"caf\xc3\xa9"]  # fmt: skip
+name_st = st.one_of(st.sampled_from(_NAMES), st.text(_NAME_CHARS, min_size=1, max_size=8).map(str.encode))
+value_st = st.one_of(st.sampled_from(_VALUES), st.text(_VCHAR + " ", max_size=12).map(str.encode))
+fields_st = st.lists(st.tuples(name_st, value_st), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fields=fields_st)
+def test_request_heads_agree_with_parse_request_head(fields: list[tuple[bytes, bytes]]) -> None:
+    names, values = [n for n, _ in fields], [v for _, v in fields]
+    raw = _block(names, values)
+    heads = RequestHeads(REQUEST_DROP)
+    for http10 in (False, True, False):  # each twice from the same cache: the second one is a hit
+        try:
+            direct = parse_request_head(b"GET", b"/", names, values, http10=http10)
+        except BadRequest as exc:
+            for _ in range(2):
+                with pytest.raises(BadRequest) as e:
+                    heads.parse(b"GET", b"/", names, values, http10, raw)
+                assert e.value.reason == exc.reason
+            assert heads.known(raw, http10) is None
+            continue
+        cached = heads.parse(b"GET", b"/", names, values, http10, raw)
+        assert _request_view(cached) == _request_view(direct)
+        assert heads.parse(b"GET", b"/", names, values, http10, raw) is cached
+        assert heads.known(raw, http10) is cached
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=fields_st,
+    status=st.sampled_from([200, 204, 304, 404]),
+    http10=st.booleans(),
+    flags=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+)
+def test_response_heads_agree_with_parse_response_head(
+    fields: list[tuple[bytes, bytes]], status: int, http10: bool, flags: tuple[bool, bool, bool]
+) -> None:
+    names, values = [n for n, _ in fields], [v for _, v in fields]
+    raw = b"HTTP/1.%d %d X\r\n" % (0 if http10 else 1, status) + _block(names, values)
+    head_request, keep_alive, http10_peer = flags
+    heads = ResponseHeads()
+    kw = {"head_request": head_request, "keep_alive": keep_alive, "http10_peer": http10_peer}
+    try:
+        direct = parse_response_head(status, b"X", names, values, http10_upstream=http10, **kw)
+    except BadResponse:
+        for _ in range(2):
+            with pytest.raises(BadResponse):
+                heads.parse(status, b"X", names, values, raw, **kw)
+        assert heads.known(raw, *flags) is None
+        return
+    cached = heads.parse(status, b"X", names, values, raw, **kw)
+    assert _response_view(cached) == _response_view(direct)
+    assert heads.parse(status, b"X", names, values, raw, **kw) is cached
+    assert heads.known(raw, *flags) is cached
+
+
+_PLAIN_NAME = st.text(_NAME_CHARS, min_size=1, max_size=10).map(str.encode).filter(
+    lambda n: n.lower() not in (b"host", b"content-length", b"transfer-encoding", b"connection", b"expect", b"upgrade")
+)
+# Values as the parser gives them: no surrounding whitespace (inner spaces and obs-text are fine).
+_PLAIN_VALUE = st.text(_VCHAR + " " + "".join(map(chr, range(0x80, 0x100))), max_size=20).map(
+    lambda s: s.strip(" ").encode("latin-1")
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fields=st.lists(st.tuples(_PLAIN_NAME, _PLAIN_VALUE), max_size=8),
+    host=st.booleans(),
+    http10=st.booleans(),
+    method=st.sampled_from([b"GET", b"OPTIONS", b"DELETE"]),
+    target=st.text(string.ascii_lowercase + "/?=&", max_size=30).map(lambda t: b"/" + t.encode()),
+)
+def test_head_size_is_the_bytes_on_the_wire(
+    fields: list[tuple[bytes, bytes]], host: bool, http10: bool, method: bytes, target: bytes
+) -> None:
+    if host or not http10:
+        fields = [(b"Host", b"inventory"), *fields]
+    names, values = [n for n, _ in fields], [v for _, v in fields]
+    head = parse_request_head(method, target, names, values, http10=http10, drop=frozenset())
+    block = _block(names, values)
+    wire = b"%s %s HTTP/1.%d\r\n%s\r\n" % (method, target, 0 if http10 else 1, block)
+    assert head.fields_size == len(block)
+    assert head.size(method, target) == len(wire)
+    # Nothing dropped and nothing stripped: the forwarded fields are the block itself.
+    assert head.fields == block
