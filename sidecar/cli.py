@@ -23,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from . import logs
 from .annotations import PodRuntime, annotations_mode
@@ -90,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--path", required=True, metavar="PATH", help="request target as sent, e.g. /api/stock/42")
     p.add_argument("--workload", metavar="KIND/NAME",
                    help="with -f on a manifest of several workloads: which one (e.g. Deployment/inventory)")
+    jwt = p.add_mutually_exclusive_group()
+    jwt.add_argument("--jwt-subject", metavar="SPIFFE_ID",
+                     help="for a step-up rule: the request carries a valid JWT-SVID for the rule's audience with "
+                          "this subject")
+    jwt.add_argument("--jwt-token", metavar="FILE", type=Path,
+                     help="for a step-up rule: a JWT-SVID (compact form) whose sub and aud claims are used; its "
+                          "signature and times are NOT checked here (the sidecar checks them)")
 
     p = command("callers", "who calls me: requests per caller, by rule and decision",
                 "Each caller with its requests by rule and decision, denies and when it was last seen, from a "
@@ -211,7 +219,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         if inbound is None or inbound.policy is None:
             print("error: the config has no inbound policy to explain", file=sys.stderr)
             return EXIT_USAGE
-        return _explain(inbound.policy, args.caller, args.method, args.path)
+        return _explain(inbound.policy, args.caller, args.method, args.path, args)
     return _run(settings, args.loop)
 
 
@@ -313,7 +321,7 @@ def _explain_file(args: argparse.Namespace) -> int:
         what = "matches none" if not chosen else "is ambiguous"
         print(f"error: --workload {args.workload or '(not given)'} {what}; choose one of: {names}", file=sys.stderr)
         return EXIT_USAGE
-    return _explain(chosen[0].policy, args.caller, args.method, args.path)
+    return _explain(chosen[0].policy, args.caller, args.method, args.path, args)
 
 
 def _describe_source(settings: Settings) -> str:
@@ -335,9 +343,9 @@ def _describe_policy(described: object) -> list[str]:
     return [str(described)]
 
 
-def _explain(policy: Policy, caller: str, method: str, raw_path: str) -> int:
+def _explain(policy: Policy, caller: str, method: str, raw_path: str, args: argparse.Namespace) -> int:
     from .http1 import BadRequest
-    from .policy import explain
+    from .policy import check_jwt, explain
 
     try:
         peer = SpiffeId.parse(caller)
@@ -353,12 +361,54 @@ def _explain(policy: Policy, caller: str, method: str, raw_path: str) -> int:
         print("decision: reject (400 bad request: the sidecar never forwards this target)")
         print(f"reason: {exc}")
         return EXIT_FAIL
-    note = " (audit mode: logged, still forwarded)" if decision.verdict is Verdict.WOULD_DENY else ""
+    status = ""
+    if decision.jwt is not None:
+        req = decision.jwt
+        subject, problem = _explain_token(args, req.audience)
+        if subject is _USAGE:
+            return EXIT_USAGE
+        print(f"step-up: {req.describe()}")
+        assert not isinstance(subject, str)
+        decision, challenge = check_jwt(decision, peer, subject, problem)
+        if decision.verdict is Verdict.DENY:
+            status = " (401, WWW-Authenticate: Bearer)" if challenge else " (403)"
+    note = " (audit mode: logged, still forwarded)" if decision.verdict is Verdict.WOULD_DENY else status
     print(f"decision: {decision.verdict}{note}")
     print(f"rule: {decision.rule}")
     print(f"mode: {decision.mode}")
     print(f"reason: {decision.reason}")
     return EXIT_OK if decision.allowed else EXIT_FAIL
+
+
+_USAGE: Final = "usage"
+
+
+def _explain_token(args: argparse.Namespace, audience: str) -> tuple[SpiffeId | str | None, str]:
+    """(the token subject to assume, why there is none) from --jwt-subject or --jwt-token; (_USAGE, "") on
+    bad input (printed)."""
+    if args.jwt_subject:
+        try:
+            return SpiffeId.parse(args.jwt_subject), ""
+        except IdentityError as exc:
+            print(f"error: --jwt-subject: {exc}", file=sys.stderr)
+            return _USAGE, ""
+    if args.jwt_token is None:
+        return None, "no --jwt-subject or --jwt-token given"
+    from .jwtsvid import unverified_claims
+
+    try:
+        claims = unverified_claims(_read(args.jwt_token).strip())
+    except ValueError as exc:
+        print(f"error: --jwt-token {args.jwt_token}: {exc}", file=sys.stderr)
+        return _USAGE, ""
+    aud = claims.get("aud")
+    auds = [aud] if isinstance(aud, str) else [a for a in aud if isinstance(a, str)] if isinstance(aud, list) else []
+    if audience not in auds:
+        return None, f"the token's audience {auds} does not include {audience!r}"
+    try:
+        return SpiffeId.parse(str(claims.get("sub", ""))), ""
+    except IdentityError as exc:
+        return None, f"the token's subject is not a SPIFFE ID: {exc.reason}"
 
 
 def _print_problems(exc: ConfigError) -> None:

@@ -22,7 +22,8 @@ Response side (what the caller gets):
     AWAITING --head_end--> DONE                (a response without a body: HEAD, 204, 304)
     AWAITING --switch--> TUNNEL                (101 to an authorised Upgrade)
     AWAITING --local--> DONE                   (the app failed before its head: 502 / 504)
-    any --abort--> ABORTED                     (mid-response failure, caller gone, stalled peer)
+    any --abort--> ABORTED                     (mid-response failure, caller gone, stalled peer; a DONE
+                                               exchange stays DONE: aborting a finished one changes nothing)
 
 The exchange is over (audited once) when the response side is DONE or ABORTED; a response that ends
 while the request body still streams closes the connection (the unread rest cannot be skipped safely).

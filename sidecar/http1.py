@@ -563,8 +563,16 @@ def parse_response_head(
     else:
         framing = ResponseFraming.CLOSE
     # A close-delimited body is re-framed as chunked for HTTP/1.1 peers, so keep-alive survives.
-    chunked_down = (framing is ResponseFraming.CHUNKED) or (framing is ResponseFraming.CLOSE and not http10_peer)
-    keep_alive = keep_alive and (framing is not ResponseFraming.CLOSE or chunked_down)
+    # An HTTP/1.0 caller gets no Transfer-Encoding (RFC 9112 §6.1): a chunked body reaches it de-chunked and
+    # delimited by the connection closing (codings before chunked could not be announced to it: 502).
+    if http10_peer and other_codings:
+        raise BadResponse("protocol")
+    chunked_down = framing is not ResponseFraming.NONE and framing is not ResponseFraming.CONTENT_LENGTH and (
+        not http10_peer
+    )
+    keep_alive = keep_alive and (
+        framing is ResponseFraming.NONE or framing is ResponseFraming.CONTENT_LENGTH or chunked_down
+    )
     parts = [b"HTTP/1.1 %d " % status, reason, _CRLF]
     if not connection and _RESPONSE_DROP.isdisjoint(lnames):
         parts.append(b"".join(map(_FIELD.__mod__, zip(names, map(bytes.rstrip, values), strict=True))))

@@ -1083,6 +1083,9 @@ class Exchange(ExchangeState):
 
     def response_interim(self, status: int, reason: bytes, names: list[bytes], values: list[bytes]) -> None:
         self.response(RespEvent.INTERIM)
+        head = self.head
+        if head is not None and head.http10:
+            return  # no 1xx to an HTTP/1.0 caller (RFC 9110 §15.2)
         if not (status == 100 and self.sent_continue):
             self.conn.write(interim_head(status, reason, names, values))
 

@@ -10,6 +10,8 @@ config, and the long-running commands (webhook, run, callers --admin, inject).
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import logging
 import os
 import subprocess
@@ -509,3 +511,25 @@ async def test_callers_from_a_running_admin_endpoint_and_watch() -> None:
         await admin.stop()
     dead = sidecar("callers", "--admin", f"127.0.0.1:{port}")  # nothing listens any more
     assert dead.returncode == 1 and "is the sidecar running?" in dead.stderr
+
+
+def test_explain_a_step_up_rule(cli_main: Cli, tmp_path: Path) -> None:
+    base = ["explain", "-c", str(CONFIG / "inventory.yaml"), "--caller", CHECKOUT, "--method", "POST",
+            "--path", "/api/stock/42/reserve"]  # fmt: skip
+    result = cli_main(*base)
+    assert result.returncode == 1
+    assert "step-up: jwt aud=inventory sub=* " not in result.stdout  # bound is the default: not printed
+    assert "step-up: jwt aud=inventory sub=*" in result.stdout
+    assert "decision: deny (401, WWW-Authenticate: Bearer)" in result.stdout and "no valid JWT-SVID" in result.stdout
+    result = cli_main(*base, "--jwt-subject", CHECKOUT)
+    assert result.returncode == 0 and "decision: allow" in result.stdout
+    result = cli_main(*base, "--jwt-subject", "spiffe://example.org/ns/shop/sa/reporting")
+    assert result.returncode == 1 and "decision: deny (403)" in result.stdout and "not the mTLS peer" in result.stdout
+    claims = base64.urlsafe_b64encode(json.dumps({"sub": CHECKOUT, "aud": ["inventory"]}).encode()).rstrip(b"=")
+    token = tmp_path / "token"
+    token.write_bytes(b"eyJhbGciOiJFUzI1NiJ9." + claims + b".c2ln")
+    result = cli_main(*base, "--jwt-token", str(token))
+    assert result.returncode == 0 and "decision: allow" in result.stdout
+    token.write_text("not-a-token")
+    result = cli_main(*base, "--jwt-token", str(token))
+    assert result.returncode == 2 and "not a compact JWS" in result.stderr and "not-a-token" not in result.stderr

@@ -654,7 +654,7 @@ def test_repeated_equal_content_length_is_one() -> None:
     assert rh.head.count(b"ontent-length") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a chunked response is relayed chunked to an HTTP/1.0 caller")
+
 def test_no_transfer_encoding_is_sent_to_an_http10_caller() -> None:
     # RFC 9112 §6.1: "A server MUST NOT send a response containing Transfer-Encoding unless the
     # corresponding request indicates HTTP/1.1". An HTTP/1.0 client reads chunk-size lines as content; the

@@ -751,14 +751,19 @@ def test_line_numbers_and_prefix() -> None:
 def test_describe_and_dict() -> None:
     policy = load_inventory()
     lines = policy.describe()
-    assert lines[0].endswith("mode enforce, 2 rule(s), default deny")
+    assert lines[0].endswith("mode enforce, 3 rule(s), default deny")
     assert lines[1] == (
         "  1. checkout-reads-stock: allow GET /api/stock/* from spiffe://example.org/ns/shop/sa/checkout"
     )
-    assert lines[2] == "  2. no-admin: deny * /admin/** from *"
+    assert lines[2] == (
+        "  2. checkout-reserves-stock: allow POST /api/stock/*/reserve from spiffe://example.org/ns/shop/sa/checkout"
+        " with jwt aud=inventory sub=*"
+    )
+    assert lines[3] == "  3. no-admin: deny * /admin/** from *"
     d = policy.to_dict()
     assert d["mode"] == "enforce" and d["default"] == "deny"
-    assert d["rules"][1] == {
+    assert d["rules"][1]["jwt"] == {"audience": "inventory", "subjects": ["*"], "bind": True}
+    assert d["rules"][2] == {
         "name": "no-admin",
         "action": "deny",
         "mode": "enforce",
