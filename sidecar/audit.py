@@ -39,7 +39,8 @@ class DecisionLike(Protocol):
 
 
 ACCESS_FIELDS: Final = (
-    "request_id", "trace_id", "authority", "user_agent", "protocol", "tls", "source", "upstream_failure",
+    "request_id", "trace_id", "authority", "user_agent", "protocol", "tls", "source", "jwt_subject", "jwt_audience",
+    "jwt_kid", "upstream_failure",
 )  # fmt: skip
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -51,7 +52,8 @@ def access_members(**fields: str) -> str:
     `request_id` X-Request-Id (the caller's, or the one we made and forwarded); `trace_id` the trace-id of
     the W3C traceparent forwarded; `authority` Host (or an absolute-form target's authority); `user_agent`;
     `protocol` (`HTTP/1.1`, `HTTP/1.0`, `tcp`); `tls` the caller's TLS version ("" for the app on
-    loopback); `source` the caller's address; `upstream_failure` why a 502/504 happened
+    loopback); `source` the caller's address; `jwt_subject`, `jwt_audience`, `jwt_kid` of a step-up rule's
+    validated JWT-SVID (never the token); `upstream_failure` why a 502/504 happened
     (`connect_refused`, `connect_timeout`, `timeout`, `reset`, `closed_early`, `protocol`, ...).
     The data plane renders the parts that do not change (per connection, per request head) once and
     joins them per request."""

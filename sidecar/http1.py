@@ -93,6 +93,9 @@ HOP_BY_HOP: Final = frozenset(
     }
 )
 XFCC: Final = b"x-forwarded-client-cert"
+# What a validated step-up token said (sent to the app by us; never taken from outside, like XFCC).
+JWT_SUBJECT: Final = b"x-spiffe-jwt-subject"
+JWT_AUDIENCE: Final = b"x-spiffe-jwt-audience"
 # Fields a `Connection` token may not name (see the module docstring): 400 rather than removed.
 _CONNECTION_PROTECTED: Final = frozenset({b"host", b"content-length", b"transfer-encoding", XFCC})
 # Request fields common frameworks read to override the routed path or method (IIS/ASP.NET and Symfony
@@ -110,7 +113,7 @@ ROUTING_OVERRIDE_HEADERS: Final = (
 # Protocols whose upgraded stream is covered by the decision on the upgrade request itself (RFC 6455).
 UPGRADE_PROTOCOLS: Final = frozenset({b"websocket"})
 # Dropped from both directions before we re-add our own framing (and, for requests, our XFCC).
-_DROP: Final = HOP_BY_HOP | {b"content-length", XFCC}
+_DROP: Final = HOP_BY_HOP | {b"content-length", XFCC, JWT_SUBJECT, JWT_AUDIENCE}
 # What a request loses by default: the above plus the routing-override fields.
 REQUEST_DROP: Final = _DROP | {h.encode("ascii") for h in ROUTING_OVERRIDE_HEADERS}
 # What a response loses before we re-add our own framing.
@@ -141,12 +144,14 @@ class RequestHead:
     Connection left out). Immutable: `RequestHeads` shares one between identical heads."""
 
     __slots__ = (
-        "access", "fields", "fields_size", "framing", "host", "http10", "request_id", "traceparent", "user_agent",
+        "access", "authorization", "fields", "fields_size", "framing", "host", "http10", "request_id", "traceparent",
+        "user_agent",
     )  # fmt: skip
 
     def __init__(
         self, framing: RequestFraming, host: bytes | None, fields: bytes, fields_size: int, http10: bool,
         request_id: bytes | None = None, traceparent: bytes | None = None, user_agent: bytes | None = None,
+        authorization: bytes | None = None,
     ) -> None:  # fmt: skip
         self.framing = framing
         self.host = host
@@ -157,6 +162,7 @@ class RequestHead:
         self.request_id = request_id
         self.traceparent = traceparent
         self.user_agent = user_agent
+        self.authorization = authorization  # for a step-up rule's JWT-SVID (never logged)
         self.access: str | None = None  # a memo of the data plane: this head's access-log members
 
     def size(self, method: bytes, target: bytes) -> int:
@@ -246,6 +252,7 @@ def parse_request_head(
     return RequestHead(
         framing, host, fields, size, http10, _field(lnames, values, b"x-request-id"),
         _field(lnames, values, b"traceparent"), _field(lnames, values, b"user-agent"),
+        _field(lnames, values, b"authorization"),
     )  # fmt: skip
 
 
@@ -384,6 +391,13 @@ _HOST_PREFIX: Final = b"host: "
 CHUNK_END: Final = b"0\r\n\r\n"
 
 
+def without_field(fields: bytes, name: bytes) -> bytes:
+    """`fields` (`name: value CRLF` lines) without the lines of field `name` (lower case)."""
+    return b"".join(
+        line + b"\r\n" for line in fields.split(b"\r\n")[:-1] if line.partition(b":")[0].lower() != name
+    )
+
+
 def chunk(data: bytes) -> bytes:
     """One chunk of a chunked body (RFC 9112 §7.1); `data` must not be empty (that is `CHUNK_END`)."""
     return b"%x\r\n%s\r\n" % (len(data), data)
@@ -397,11 +411,12 @@ def request_head(
     identity: bytes,
     host_fallback: bytes | None,
     extra: bytes = b"",
+    fields: bytes | None = None,
 ) -> bytes:
     """The HTTP/1.1 head sent upstream: the normalised `target`, the forwarded fields, `identity` (a whole
     `x-forwarded-client-cert: ...\\r\\n` line, or b""), `extra` lines of ours, and our own framing."""
     f = head.framing
-    parts = [method, b" ", target, _REQ_TAIL, head.fields]
+    parts = [method, b" ", target, _REQ_TAIL, head.fields if fields is None else fields]
     if head.host is None and host_fallback is not None:
         parts += (_HOST_PREFIX, host_fallback, _CRLF)  # HTTP/1.0 without Host; 1.1 requires one
     parts.append(identity)
@@ -708,6 +723,10 @@ RESPONSE_413: Final = _fixed(413, "Content Too Large", "content too large", clos
 RESPONSE_431: Final = _fixed(431, "Request Header Fields Too Large", "request header fields too large", close=True)
 # A denial keeps the connection (the body, if any, is drained); no policy detail is given.
 RESPONSE_403: Final = _fixed(403, "Forbidden", "forbidden", close=False)
+# A step-up rule without a valid JWT-SVID (RFC 6750 §3: the challenge; invalid_token covers a missing one too).
+_CHALLENGE: Final = b'\r\nwww-authenticate: Bearer error="invalid_token"\r\n'
+RESPONSE_401: Final = _fixed(401, "Unauthorized", "unauthorized", close=False).replace(b"\r\n", _CHALLENGE, 1)
+RESPONSE_401_CLOSE: Final = _fixed(401, "Unauthorized", "unauthorized", close=True).replace(b"\r\n", _CHALLENGE, 1)
 RESPONSE_403_CLOSE: Final = _fixed(403, "Forbidden", "forbidden", close=True)
 RESPONSE_403_HEAD: Final = head_only(RESPONSE_403)
 # Upstream failures: closing is the safe default (the request body may be half sent).

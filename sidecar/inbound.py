@@ -19,13 +19,25 @@ from collections.abc import Callable
 from typing import Final
 
 from .config import InboundSettings, Limits, ListenerMode, Timeouts
+from .errors import JwtSvidError
 from .http1 import RESPONSE_502, RESPONSE_503, RequestHeads, request_drop
 from .identity import SpiffeId
+from .jwtsource import JwtBundleHolder
+from .jwtsvid import JwtValidationCache, bearer_token
 from .listener import Listener, Peer, TlsGate
 from .metrics import Metrics
 from .observer import AuditSink, Observer
-from .policy import Decision, Policy, RequestAttrs, Target, authorize, authorize_connection, normalize_target
-from .proxy import DialFailure, Grant, HttpConnection, HttpContext
+from .policy import (
+    Decision,
+    Policy,
+    RequestAttrs,
+    Target,
+    authorize,
+    authorize_connection,
+    check_jwt,
+    normalize_target,
+)
+from .proxy import DialFailure, Grant, HttpConnection, HttpContext, StepUp
 from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -86,9 +98,15 @@ class AppDialer:
 class PolicyAuthorizer:
     """The inbound policy as the data plane's authorizer (module docstring)."""
 
-    def __init__(self, ref: PolicyRef, dialer: AppDialer) -> None:
+    def __init__(
+        self, ref: PolicyRef, dialer: AppDialer, *, jwt_bundles: JwtBundleHolder | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
         self._ref = ref
         self._dialer = dialer
+        self._jwt_bundles = jwt_bundles
+        self._jwt_cache = JwtValidationCache()
+        self._wall = wall
         self._targets: dict[bytes, Target] = {}
         self._policy: Policy | None = None
         self._grants: dict[tuple[SpiffeId | None, bytes, str, bytes | None], Grant] = {}
@@ -125,6 +143,31 @@ class PolicyAuthorizer:
         decision: Decision = authorize_connection(self._ref.policy, peer.spiffe_id)
         return Grant(decision, self._dialer if decision.forward else None)
 
+    def step_up(self, decision: Decision, peer: Peer, authorization: bytes | None) -> StepUp:
+        """Validate the request's JWT-SVID (`Authorization: Bearer`, JWT-SVID §5) for the rule's audience
+        against the bundle of its subject's trust domain, cached until the token expires (a repeated
+        token costs a dict lookup), then `check_jwt`. The token never reaches a log or an error."""
+        req = decision.jwt
+        assert req is not None and peer.spiffe_id is not None
+        subject = None
+        token: tuple[str, str, str] | None = None
+        problem = ""
+        holder = self._jwt_bundles
+        if holder is None:
+            problem = "this sidecar has no JWT bundles to validate tokens with"
+        else:
+            try:
+                bundles, generation = holder.current
+                claims = self._jwt_cache.validate(bearer_token(authorization), audience=req.audience,
+                                                  bundles=bundles, generation=generation, now=self._wall())
+            except JwtSvidError as exc:
+                problem = f"{exc.reason}: {exc.detail}"
+            else:
+                subject = claims.subject
+                token = (str(claims.subject), req.audience, claims.kid)
+        final, challenge = check_jwt(decision, peer.spiffe_id, subject, problem)
+        return StepUp(final, challenge, token if final.forward else None)
+
 
 class InboundServer:
     """The inbound listener (HTTP or TCP mode) in front of the app at `settings.app`."""
@@ -142,6 +185,7 @@ class InboundServer:
         audit: AuditSink,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        jwt_bundles: JwtBundleHolder | None = None,
     ) -> None:
         self.settings = settings
         self.timeouts = timeouts
@@ -158,7 +202,7 @@ class InboundServer:
             idle_timeout=min(timeouts.idle, _UPSTREAM_IDLE_MAX),
         )
         self.dialer = AppDialer(self.pool, str(settings.app).encode("ascii"))
-        self.authorizer = PolicyAuthorizer(policy, self.dialer)
+        self.authorizer = PolicyAuthorizer(policy, self.dialer, jwt_bundles=jwt_bundles)
         gate = TlsGate(tls, observer)
         factory: Callable[[TlsSnapshot, str], HttpConnection | TcpRelay]
         self.listener = listener = Listener(

@@ -63,7 +63,7 @@ from .listener import AppGate, Listener, Peer
 from .metrics import Metrics
 from .observer import AuditSink, Observer, RateLimitedLog
 from .policy import Decision, Mode, Target, Verdict, normalize_target
-from .proxy import DialFailure, Grant, HttpConnection, HttpContext
+from .proxy import DialFailure, Grant, HttpConnection, HttpContext, StepUp
 from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot, verify_peer_connection
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -321,6 +321,9 @@ class RouteAuthorizer:
     def check_connection(self, peer: Peer) -> Grant:
         assert self.single is not None
         return self._grants[self.single.name]
+
+    def step_up(self, decision: Decision, peer: Peer, authorization: bytes | None) -> StepUp:
+        raise AssertionError("a route's decision never asks for a step-up")
 
 
 class OutboundServer:

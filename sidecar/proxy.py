@@ -45,8 +45,12 @@ from .exchange import ExchangeState, ProtocolViolation, Req, ReqEvent, Resp, Res
 from .h1reader import RequestReader, ResponseReader
 from .http1 import (
     CHUNK_END,
+    JWT_AUDIENCE,
+    JWT_SUBJECT,
     RESPONSE_100,
     RESPONSE_400,
+    RESPONSE_401,
+    RESPONSE_401_CLOSE,
     RESPONSE_403,
     RESPONSE_403_CLOSE,
     RESPONSE_413,
@@ -65,6 +69,7 @@ from .http1 import (
     interim_head,
     request_head,
     switching_head,
+    without_field,
 )
 from .listener import Gate, Listener, Peer, transport_of
 from .observer import Observer
@@ -140,6 +145,19 @@ class Authorizer(Protocol):
     def check_connection(self, peer: Peer) -> Grant:
         """Decide a TCP-mode connection on the caller alone."""
         ...
+
+    def step_up(self, decision: Decision, peer: Peer, authorization: bytes | None) -> StepUp:
+        """The final decision of a step-up rule (`decision.jwt`) for the request's Authorization value."""
+        ...
+
+
+class StepUp(NamedTuple):
+    """A step-up check: the final decision, whether a refusal is a 401 challenge, and the validated token's
+    subject, audience and key id (for the app and the audit line), or None."""
+
+    decision: Decision
+    challenge: bool
+    token: tuple[str, str, str] | None
 
 
 class DialFailure(NamedTuple):
@@ -664,6 +682,7 @@ class Exchange(ExchangeState):
         "t0",
         "target",
         "task",
+        "token",
         "trace",
         "tunnel_pending",
         "upstream",
@@ -704,6 +723,7 @@ class Exchange(ExchangeState):
         self.peer_text: str | None = None  # the audited peer when it is not the connection's
         self.request_id: bytes | None = None  # the X-Request-Id we made (None: the caller's, or none yet)
         self.trace: bytes | None = None  # the traceparent forwarded (the caller's or one we started)
+        self.token: tuple[str, str, str] | None = None  # a validated step-up JWT-SVID: subject, audience, kid
         self.failure = ""  # why the upstream failed (access log), "" when it did not
         self.tunnel_pending = b""  # bytes after an Upgrade request's head (the tunnel's first)
 
@@ -741,6 +761,19 @@ class Exchange(ExchangeState):
         self.keep_alive = framing.keep_alive
         grant = ctx.authorizer.check(peer, self.method, target, self.authority or head.host)
         self.decision = decision = grant.decision
+        if decision.jwt is not None:
+            su = ctx.authorizer.step_up(decision, peer, head.authorization)
+            self.decision = decision = su.decision
+            self.token = su.token
+            if not decision.forward:
+                bodiless = framing.body is BodyFraming.NONE or framing.content_length == 0
+                keep = bodiless and framing.upgrade is None
+                if su.challenge:
+                    self.respond_local(RESPONSE_401 if keep else RESPONSE_401_CLOSE)
+                else:
+                    self.respond_local(RESPONSE_403 if keep else RESPONSE_403_CLOSE)
+                self.finish(keep_alive=self.keep_alive and keep)
+                return
         if grant.refusal is not None:
             if grant.error_kind is not None:
                 ctx.observer.upstream_error(grant.error_kind)
@@ -897,10 +930,14 @@ class Exchange(ExchangeState):
         # Every forwarded request carries an X-Request-Id and a W3C traceparent: the caller's, or ours.
         # A trace we start has our request id as its trace-id (one draw for both).
         extra = b""
+        token = self.token
+        if token is not None:
+            # The app learns the step-up happened (and for whom); the token itself is not forwarded.
+            extra = b"%s: %s\r\n%s: %s\r\n" % (JWT_SUBJECT, token[0].encode(), JWT_AUDIENCE, token[1].encode())
         rid = head.request_id
         if rid is None:
             rid = self.request_id = _new_id()
-            extra = b"x-request-id: " + rid + b"\r\n"
+            extra += b"x-request-id: " + rid + b"\r\n"
         trace = head.traceparent
         if trace is None:
             trace = b"00-%s-%016x-00" % (rid if len(rid) == 32 and _HEX32.fullmatch(rid) else _new_id(),
@@ -908,7 +945,8 @@ class Exchange(ExchangeState):
             extra += b"traceparent: " + trace + b"\r\n"
         self.trace = trace
         data = request_head(self.method, target.forward, head, identity=peer.identity,
-                            host_fallback=dialer.authority, extra=extra)  # fmt: skip
+                            host_fallback=dialer.authority, extra=extra,
+                            fields=None if token is None else without_field(head.fields, b"authorization"))  # fmt: skip
         if self.pending is not None:
             body = b"".join(self.pending)
             self.pending = None
@@ -1347,6 +1385,9 @@ class Exchange(ExchangeState):
             members = access_members(authority=self.authority.decode("ascii", "replace")) + members.replace(
                 ',"authority":', ',"host":', 1)  # fmt: skip
         text = ids + members + conn.access
+        token = self.token
+        if token is not None:
+            text += access_members(jwt_subject=token[0], jwt_audience=token[1], jwt_kid=token[2])
         if self.failure:
             text += ',"upstream_failure":"' + self.failure + '"'
         return text

@@ -310,9 +310,10 @@ async def start_sidecar(
     timeouts: Timeouts | None = None,
     limits: Limits | None = None,
     strip: tuple[str, ...] | None = None,
+    jwt_bundles: Any = None,
 ) -> Sidecar:
     """An InboundServer for inventory on 127.0.0.1 (ephemeral port) in front of `app_port`; audit lines
-    are kept as dicts. The caller drains it (`sidecar_with` does)."""
+    are kept as dicts. The caller drains it (`sidecar_with` does). `jwt_bundles`: a JwtBundleHolder."""
     metrics = Metrics()
     lines: list[dict[str, Any]] = []
     audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics,
@@ -330,6 +331,7 @@ async def start_sidecar(
         policy=ref,
         audit=audit,
         metrics=metrics,
+        jwt_bundles=jwt_bundles,
     )
     port = await server.start()
     return Sidecar(server, tls, ref, metrics, lines, port)

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import aiohttp
 import pytest
@@ -1107,3 +1107,83 @@ async def test_access_log_names_the_upstream_failure(pki: Pki) -> None:
     finally:
         await sc.server.drain(1)
         await sa.runner.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Issue 13: JWT-SVID step-up on a high-risk path
+
+
+STEP_UP_POLICY = {"rules": [
+    *INBOUND_POLICY["rules"],
+    {"name": "reserve-needs-token", "action": "allow", "methods": ["POST"], "paths": ["/api/stock/*/reserve"],
+     "callers": [CHECKOUT], "jwt": {"audience": "inventory"}},
+]}  # fmt: skip
+
+
+def _jwt_key_and_bundles() -> tuple[Any, Any]:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sidecar.identity import TrustDomain
+    from sidecar.jwtsource import JwtBundleHolder
+    from sidecar.jwtsvid import JwtBundle
+    from sidecar.sources import JwtBundles
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    td = TrustDomain.parse(TD)
+    holder = JwtBundleHolder()
+    holder.set(JwtBundles({td: JwtBundle.from_keys(td, {"k1": key.public_key()})}, 1))
+    return key, holder
+
+
+def _token(key: Any, sub: str, aud: str = "inventory", exp: float | None = None, kid: str = "k1") -> str:
+    import time
+
+    import jwt
+
+    now = time.time()
+    return jwt.encode({"sub": sub, "aud": aud, "exp": exp or now + 300, "iat": now}, key, algorithm="ES256",
+                      headers={"kid": kid, "typ": "JWT"})  # fmt: skip
+
+
+async def test_step_up_requires_a_valid_bound_jwt_svid(pki: Pki, app: App) -> None:
+    key, holder = _jwt_key_and_bundles()
+    sc = await start_sidecar(pki, app.port, policy=STEP_UP_POLICY, jwt_bundles=holder)
+    path = "/api/stock/42/reserve"
+    try:
+        # No token: 401 with the RFC 6750 challenge; the app sees nothing.
+        out = await raw_exchange(pki, sc.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n" % path.encode())  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 401 ") and b'www-authenticate: Bearer error="invalid_token"' in out
+        assert app.seen == []
+        line = sc.audit_lines[-1]
+        assert line["decision"] == "deny" and line["status"] == 401 and "no valid JWT-SVID" in line["reason"]
+        # A valid token whose subject is checkout (the mTLS peer): 200; the app learns the subject and
+        # audience, never the token; a spoofed subject header from the caller is dropped.
+        good = _token(key, CHECKOUT)
+        code, _, err = await curl(pki, sc.port, path, pki.checkout, "-X", "POST", "-H", f"Authorization: Bearer {good}",
+                                  "-H", "X-Spiffe-Jwt-Subject: spiffe://example.org/ns/shop/sa/admin")
+        assert code == 200, err
+        seen = app.seen[-1].headers
+        assert seen.getall("X-Spiffe-Jwt-Subject") == [CHECKOUT] and seen["X-Spiffe-Jwt-Audience"] == "inventory"
+        assert "Authorization" not in seen
+        line = sc.audit_lines[-1]
+        assert (line["decision"], line["jwt_subject"], line["jwt_audience"], line["jwt_kid"]) == (
+            "allow", CHECKOUT, "inventory", "k1")
+        assert good not in json.dumps(sc.audit_lines)  # the token never reaches the audit log
+        # A valid token for another workload (binding fails): 403. Expired, wrong audience, unknown key: 401.
+        for token, status, fragment in [
+            (_token(key, REPORTING), 403, "is not the mTLS peer"),
+            (_token(key, CHECKOUT, exp=1_000_000_000), 401, "expired"),
+            (_token(key, CHECKOUT, aud="orders"), 401, "wrong_audience"),
+            (_token(key, CHECKOUT, kid="other"), 401, "unknown_kid"),
+        ]:
+            code, _, err = await curl(pki, sc.port, path, pki.checkout, "-X", "POST", "-H",
+                                      f"Authorization: Bearer {token}")  # fmt: skip
+            assert code == status, (fragment, err)
+            assert fragment in sc.audit_lines[-1]["reason"], sc.audit_lines[-1]["reason"]
+        assert len(app.seen) == 1
+        # The rest of the policy needs no token.
+        code, _, _ = await curl(pki, sc.port, "/api/stock/42", pki.checkout)
+        assert code == 200
+    finally:
+        await sc.server.drain(1)
