@@ -16,13 +16,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from .config import InboundSettings, Limits, ListenerMode, Timeouts
 from .errors import JwtSvidError
 from .http1 import RESPONSE_502, RESPONSE_503, RequestHeads, request_drop
 from .identity import SpiffeId
-from .jwtsource import JwtBundleHolder
 from .jwtsvid import JwtValidationCache, bearer_token
 from .listener import Listener, Peer, TlsGate
 from .metrics import Metrics
@@ -42,6 +41,9 @@ from .relay import RelayContext, TcpRelay
 from .tls import TlsContexts, TlsSnapshot
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 from .upstream import UpstreamSink as _Sink
+
+if TYPE_CHECKING:  # the holder is handed in (sidecar.jwtsource, fed by the SVID source)
+    from .jwtsource import JwtBundleHolder
 
 __all__ = ["AppDialer", "AuditSink", "InboundServer", "PolicyAuthorizer", "PolicyRef"]
 
