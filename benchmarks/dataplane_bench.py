@@ -16,9 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, _REPO)  # tests.pki
-sys.path.insert(0, os.environ.get("SIDECAR_ROOT", _REPO))  # a tree whose sidecar/ wins (build/compiled)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.pki
+sys.path.insert(0, os.environ.get("SIDECAR_ROOT", sys.path[0]))  # a tree whose sidecar/ wins (build/compiled)
 import uvloop
 
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
