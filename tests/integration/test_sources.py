@@ -1,8 +1,8 @@
 """sidecar.sources against real sockets and real files.
 
 The Workload API source talks to a tiny grpclib Workload API server defined here (serving certificates
-from tests/pki.py) over a real unix socket / loopback TCP. The lead will switch these to the embedded
-SPIRE once it lands. PEM sources read real files rewritten the way cert-manager and spiffe-helper do.
+from tests/pki.py) over a real unix socket / loopback TCP, and for JWT bundles to the embedded SPIRE (its
+JWT key rotation) as well. PEM sources read real files rewritten the way cert-manager and spiffe-helper do.
 """
 
 from __future__ import annotations
@@ -11,12 +11,15 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -30,10 +33,23 @@ from hypothesis import strategies as st
 from sidecar._proto import workload_pb2
 from sidecar._proto.workload_grpc import SpiffeWorkloadAPIBase
 from sidecar.endpoint import TcpEndpoint, UnixEndpoint
-from sidecar.errors import SourceError
+from sidecar.errors import JwtSvidError, SourceError
 from sidecar.identity import SpiffeId, TrustDomain
-from sidecar.sources import PemFileSource, SourceEvent, WorkloadApiSource, endpoint_from_env
+from sidecar.jwtsource import JwtBundleHolder
+from sidecar.jwtsvid import validate
+from sidecar.sources import (
+    NO_JWT_BUNDLES,
+    JwtBundles,
+    PemFileSource,
+    SourceEvent,
+    WorkloadApiSource,
+    endpoint_from_env,
+)
 from sidecar.svid import X509Context
+from spire.ca import JwtAuthority, new_jwt_authority
+from spire.entries import parse_config
+from spire.jwtsvid import jwks_json
+from spire.server import EmbeddedSpire
 from tests.pki import CA, Leaf, duplicate_extension, utcnow
 
 pytestmark = pytest.mark.timeout(60)
@@ -645,3 +661,362 @@ def test_pem_files_of_any_bytes_never_stop_the_source(files: dict[int, bytes]) -
 
     with tempfile.TemporaryDirectory() as d:
         asyncio.run(scenario((Path(d) / "tls.crt", Path(d) / "tls.key", Path(d) / "ca.crt")))
+
+
+# ----------------------------------------------------------------------------------------------- JWT bundles
+# The FetchJWTBundles stream beside the X.509 one, and JWKS files beside the PEM files: against the embedded
+# SPIRE (its JWT key rotation) where it can serve the case, and the fake above where a fault must hit one
+# stream only.
+
+EX = TrustDomain.parse("example.org")
+PARTNER = TrustDomain.parse("partner.org")
+CHECKOUT = "spiffe://example.org/ns/shop/sa/checkout"
+INVENTORY = "spiffe://example.org/ns/shop/sa/inventory"
+SPIRE_CONFIG = f"""
+trust_domain: example.org
+federation:
+  - trust_domain: partner.org
+entries:
+  - spiffe_id: {CHECKOUT}
+    socket: checkout.sock
+    federates_with: [partner.org]
+  - spiffe_id: {INVENTORY}
+    socket: inventory.sock
+"""
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="src-", dir="/tmp"))  # unix socket paths must stay short
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def kids(snap: JwtBundles, td: TrustDomain = EX) -> set[str]:
+    return set(snap.bundles[td].keys)
+
+
+def ok(token: str, snap: JwtBundles, audience: str = "inventory") -> str:
+    now = dt.datetime.now(dt.UTC).timestamp()
+    return str(validate(token, audience=audience, bundles=snap.bundles, now=now).subject)
+
+
+def refused(token: str, snap: JwtBundles, now: float) -> str:
+    with pytest.raises(JwtSvidError) as ei:
+        validate(token, audience="inventory", bundles=snap.bundles, now=now)
+    return ei.value.reason
+
+
+async def test_jwt_bundles_arrive_and_rotate_live_beside_the_x509_stream(sock_dir: Path) -> None:
+    t = [dt.datetime.now(dt.UTC)]
+    spire = EmbeddedSpire(parse_config(SPIRE_CONFIG, socket_dir=str(sock_dir)), now=lambda: t[0])
+    log = EventLog()
+    src = new_source(spire.socket_path_for(INVENTORY), log)
+    holder = JwtBundleHolder()
+    holder.follow(src)
+    assert holder.current == NO_JWT_BUNDLES
+    async with spire, running(src):
+        await src.wait_ready(WAIT)
+        first = await holder.wait_for(1, WAIT)
+        assert set(first.bundles) == {EX}  # inventory does not federate with partner.org
+        assert kids(first) == {a.kid for a in spire.jwt_authorities()}
+        old = spire.mint_jwt_svid(CHECKOUT, ["inventory"])
+        assert ok(old, first) == CHECKOUT
+        assert refused(spire.mint_jwt_svid("spiffe://partner.org/pay", ["inventory"]), first,
+                       t[0].timestamp()) == "untrusted_trust_domain"
+
+        spire.rotate_jwt_key()  # new kid signs; the old key stays while its token lives
+        second = await holder.wait_for(2, WAIT)
+        assert len(kids(second)) == 2 and kids(first) < kids(second)
+        new = spire.mint_jwt_svid(CHECKOUT, ["inventory"])
+        assert ok(old, second) == ok(new, second) == CHECKOUT
+
+        old_exp = jwt.decode(old, options={"verify_signature": False})["exp"]
+        t[0] = dt.datetime.fromtimestamp(old_exp, dt.UTC)
+        spire.tick()  # the old key's last token has expired: it leaves the bundle (full state, §4.4)
+        third = await holder.wait_for(3, WAIT)
+        assert kids(third) == {jwt.get_unverified_header(new)["kid"]}
+        assert refused(old, third, old_exp - 1) == "unknown_kid"  # within exp, but its key is gone
+        assert src.jwt_bundles() is third and holder.current is third
+        assert first.generation == 1 and second.generation == 2  # snapshots are never mutated
+    assert log.count("jwt_update") == 3 and log.count("jwt_connected") == 1
+    assert log.count("update") == 1  # JWT key changes never re-published the X.509 context
+    assert log.count("jwt_stream_error") == 0 and log.count("stream_error") == 0
+
+
+async def test_jwt_keys_rotate_on_their_own_with_a_short_key_ttl(sock_dir: Path) -> None:
+    config = parse_config(SPIRE_CONFIG, socket_dir=str(sock_dir), jwt_key_ttl=2.0, jwt_ttl=1.0)
+    log = EventLog()
+    async with EmbeddedSpire(config) as spire:
+        src = new_source(spire.socket_path_for(CHECKOUT), log)
+        holder = JwtBundleHolder()
+        holder.follow(src)
+        async with running(src):
+            first = await holder.wait_for(1, WAIT)
+            assert set(first.bundles) == {EX, PARTNER}  # checkout federates with partner.org
+            # prepare (a key joins), activate (the unused old key leaves): two generations per key lifetime
+            later = await holder.wait_for(first.generation + 3, WAIT)
+            assert kids(later).isdisjoint(kids(first))
+            assert ok(spire.mint_jwt_svid(CHECKOUT, ["inventory"]), src.jwt_bundles()) == CHECKOUT
+    assert log.count("jwt_stream_error") == 0 and log.count("update") == 1
+
+
+async def test_jwt_bundles_follow_an_agent_restart(sock_dir: Path) -> None:
+    spire = EmbeddedSpire(parse_config(SPIRE_CONFIG, socket_dir=str(sock_dir)))
+    log = EventLog()
+    src = new_source(spire.socket_path_for(INVENTORY), log)
+    holder = JwtBundleHolder()
+    holder.follow(src)
+    async with running(src):
+        async with spire:
+            first = await holder.wait_for(1, WAIT)
+            ctx = await src.wait_ready(WAIT)
+        # Agent gone: both streams fail and back off; the last bundles and the SVID stay in use.
+        await log.wait("jwt_backoff", 2)
+        await log.wait("backoff", 2)
+        assert holder.current.generation == 1 and src.current() is ctx
+        async with spire:
+            await log.wait("jwt_connected", 2)
+            await log.wait("connected", 2)
+            active = spire.rotate_jwt_key()  # the old key signed nothing: it leaves at once
+            assert kids(await holder.wait_for(2, WAIT)) == {active.kid} != kids(first)
+    assert all(e.delay is not None and e.delay <= 0.5 for e in log.events if e.kind == "jwt_backoff")
+    assert "does not exist" in next(e for e in log.events if e.kind == "jwt_stream_error").detail
+
+
+class JwtFakeApi(FakeWorkloadApi):
+    """FakeWorkloadApi plus FetchJWTBundles: the current JWT state first, then each pushed one; `break_jwt`
+    ends the open JWT streams with a status while the X.509 streams go on."""
+
+    def __init__(self, state: workload_pb2.X509SVIDResponse, jwt_state: workload_pb2.JWTBundlesResponse) -> None:
+        super().__init__(state)
+        self.jwt_state = jwt_state
+        self.jwt_calls = 0
+        self._jwt_queues: list[asyncio.Queue[workload_pb2.JWTBundlesResponse | Status]] = []
+
+    def push_jwt(self, item: workload_pb2.JWTBundlesResponse | Status) -> None:
+        if isinstance(item, workload_pb2.JWTBundlesResponse):
+            self.jwt_state = item
+        for q in self._jwt_queues:
+            q.put_nowait(item)
+
+    async def FetchJWTBundles(self, stream: Any) -> None:
+        self.jwt_calls += 1
+        self._transports.append(stream._stream._transport)
+        await stream.recv_message()
+        q: asyncio.Queue[workload_pb2.JWTBundlesResponse | Status] = asyncio.Queue()
+        self._jwt_queues.append(q)
+        try:
+            await stream.send_message(self.jwt_state)
+            while True:
+                item = await q.get()
+                if isinstance(item, Status):
+                    raise GRPCError(item, f"{item.name} on purpose")
+                await stream.send_message(item)
+        finally:
+            self._jwt_queues.remove(q)
+
+
+def jwt_response(*authorities: JwtAuthority, extra: dict[str, bytes] | None = None) -> workload_pb2.JWTBundlesResponse:
+    bundles = {authorities[0].trust_domain.id_string(): jwks_json(authorities)} if authorities else {}
+    return workload_pb2.JWTBundlesResponse(bundles={**bundles, **(extra or {})})
+
+
+def jwt_key(td: TrustDomain = A) -> JwtAuthority:
+    return new_jwt_authority(td, 3600, dt.datetime.now(dt.UTC))
+
+
+async def test_a_broken_jwt_stream_reconnects_alone(root_a: CA, sock: Path) -> None:
+    k1, k2 = jwt_key(), jwt_key()
+    api = JwtFakeApi(response(svid_msg(root_a.leaf("spiffe://a.test/web"), root_a)), jwt_response(k1))
+    log = EventLog()
+    src = new_source(sock, log)
+    holder = JwtBundleHolder()
+    holder.follow(src)
+    async with serving(api, sock), running(src):
+        ctx = await src.wait_ready(WAIT)
+        assert kids(await holder.wait_for(1, WAIT), A) == {k1.kid}
+        api.push_jwt(Status.UNAVAILABLE)
+        err = await log.wait("jwt_stream_error")
+        assert err.detail == "FetchJWTBundles: UNAVAILABLE: UNAVAILABLE on purpose"
+        await log.wait("jwt_connected", 2)
+        # The same full state again after the reconnect: no new generation (nothing changed).
+        api.push_jwt(jwt_response(k1, k2))
+        assert kids(await holder.wait_for(2, WAIT), A) == {k1.kid, k2.kid}
+        assert holder.current.generation == 2
+        assert src.current() is ctx
+    assert api.calls == 1 and api.jwt_calls == 2
+    assert log.count("connected") == 1 and log.count("stream_error") == 0 and log.count("update") == 1
+
+
+async def test_a_failing_x509_stream_leaves_the_jwt_stream_alone(root_a: CA, sock: Path) -> None:
+    api = JwtFakeApi(response(svid_msg(root_a.leaf("spiffe://a.test/late"), root_a)), jwt_response(jwt_key()))
+    api.refuse = [Status.PERMISSION_DENIED] * 3
+    log = EventLog()
+    src = new_source(sock, log)
+    async with serving(api, sock), running(src):
+        await src.wait_ready(WAIT)
+        assert src.jwt_bundles().generation == 1
+    assert log.count("stream_error") == 3 and log.count("jwt_stream_error") == 0 and api.jwt_calls == 1
+
+
+async def test_bad_jwt_messages_are_discarded_last_good_kept(root_a: CA, sock: Path) -> None:
+    good = jwt_key()
+    api = JwtFakeApi(response(svid_msg(root_a.leaf(), root_a)), jwt_response(good))
+    log = EventLog()
+    src = new_source(sock, log)
+    async with serving(api, sock), running(src):
+        await src.wait_ready(WAIT)
+        await log.wait("jwt_update")
+        first = src.jwt_bundles()
+        bad = [
+            (jwt_response(), "no bundles"),  # §6.2.2: MUST include the own trust domain
+            (jwt_response(extra={"spiffe://a.test": b"{not json"}), "not a JSON JWK Set"),
+            (jwt_response(extra={"spiffe://a.test": b'{"keys": {}}'}), "MUST be an array"),
+            (jwt_response(extra={"spiffe://a.test/path": jwks_json([good])}), "with a path"),
+            (jwt_response(good, extra={"b.test": b'{"keys": 1}'}), "b.test"),  # one bad bundle: all refused
+        ]
+        for msg, why in bad:
+            seen = len(log.events)
+            api.push_jwt(msg)
+            ev = await log.wait_after(seen, ("jwt_rejected", "jwt_update", "jwt_stream_error"))
+            assert ev.kind == "jwt_rejected" and why in ev.detail, (why, ev)
+            assert src.jwt_bundles() is first
+        # A key the bundle cannot use is dropped with a reason; the rest of the bundle loads.
+        weak = {"kty": "RSA", "kid": "weak", "n": "AQAB", "e": "AQAB"}
+        added = jwt_key()
+        keys = json.loads(jwks_json([good, added]))["keys"] + [weak]
+        api.push_jwt(jwt_response(extra={"spiffe://a.test": json.dumps({"keys": keys}).encode()}))
+        ev = await log.wait("jwt_update", 2)
+        assert "a.test: 2 key(s), 1 ignored" in ev.detail and "'weak'" in ev.detail
+        assert src.jwt_bundles().generation == 2 and kids(src.jwt_bundles(), A) == {good.kid, added.kid}
+        # Keys reordered, the weak one gone: the same usable keys, so no new generation.
+        api.push_jwt(jwt_response(added, good))
+        api.push_jwt(jwt_response(extra={"spiffe://a.test": b"{"}))  # a marker: processed after the above
+        await log.wait("jwt_rejected", len(bad) + 1)
+        assert src.jwt_bundles().generation == 2
+    assert log.count("jwt_stream_error") == 0
+
+
+async def test_unimplemented_jwt_bundles_stop_only_the_jwt_stream(root_a: CA, sock: Path) -> None:
+    # FakeWorkloadApi answers FetchJWTBundles with Unimplemented, as an agent with the JWT profile turned off
+    # would: not retried (Workload Endpoint §6), and X.509 is served as ever.
+    api = FakeWorkloadApi(response(svid_msg(root_a.leaf(), root_a)))
+    log = EventLog()
+    src = new_source(sock, log)
+    async with serving(api, sock), running(src) as task:
+        await src.wait_ready(WAIT)
+        ev = await log.wait("jwt_stopped")
+        assert "UNIMPLEMENTED" in ev.detail and "not retrying" in ev.detail
+        assert not task.done() and src.jwt_bundles() is NO_JWT_BUNDLES
+    assert log.count("jwt_backoff") == 0
+
+
+async def test_jwt_stream_can_be_left_closed(root_a: CA, sock: Path) -> None:
+    api = JwtFakeApi(response(svid_msg(root_a.leaf(), root_a)), jwt_response(jwt_key()))
+    src = new_source(sock, EventLog(), fetch_jwt_bundles=False)
+    async with serving(api, sock), running(src):
+        await src.wait_ready(WAIT)
+    assert api.jwt_calls == 0 and src.jwt_bundles() is NO_JWT_BUNDLES
+
+
+# -- JWKS files beside the PEM files
+
+
+def jwks_source(d: Path, log: Callable[[SourceEvent], None], files: dict[TrustDomain, str], **kw: Any
+                ) -> PemFileSource:
+    return PemFileSource(d / "tls.crt", d / "tls.key", d / "ca.crt", on_event=log,
+                         jwt_bundles={td: d / name for td, name in files.items()}, **kw)
+
+
+async def test_pem_jwks_files_reload_and_a_bad_file_is_kept_out(root_a: CA, tmp_path: Path) -> None:
+    spire = EmbeddedSpire(parse_config(SPIRE_CONFIG, socket_dir=str(tmp_path)))  # keys only, not served
+    write_set(tmp_path, root_a.leaf("spiffe://a.test/v1"), root_a)
+    write_atomic(tmp_path / "partner.json", spire.jwt_bundle_json(PARTNER))
+    log = EventLog()
+    src = jwks_source(tmp_path, log, {EX: "example.json", PARTNER: "partner.json"})
+    assert await src.poll_once()  # X.509 ready without the JWT bundles
+    assert "missing file(s)" in log.events[-1].detail and log.events[-1].kind == "jwt_rejected"
+    assert src.jwt_bundles() is NO_JWT_BUNDLES
+
+    write_atomic(tmp_path / "example.json", spire.jwt_bundle_json())  # SPIFFE bundle form (use: jwt-svid)
+    assert await src.poll_jwt_once()
+    first = src.jwt_bundles()
+    assert first.generation == 1 and set(first.bundles) == {EX, PARTNER}
+    old = spire.mint_jwt_svid(CHECKOUT, ["inventory"])
+    assert ok(old, first) == CHECKOUT
+    assert not await src.poll_jwt_once()  # unchanged
+
+    spire.rotate_jwt_key()
+    write_atomic(tmp_path / "example.json", jwks_json(spire.jwt_authorities()))  # plain JWK Set form
+    assert await src.poll_jwt_once()
+    second = src.jwt_bundles()
+    assert second.generation == 2 and len(kids(second)) == 2
+    assert ok(spire.mint_jwt_svid(CHECKOUT, ["inventory"]), second) == ok(old, second) == CHECKOUT
+    assert kids(second, PARTNER) == kids(first, PARTNER)
+
+    good_partner = (tmp_path / "partner.json").read_bytes()
+    bad_files = [
+        ("example.json", b"", "example.json: example.org: not a JSON JWK Set"),
+        ("example.json", b'{"keys": [], "keys": []}', "duplicate member"),
+        ("example.json", b'{"keys": "none"}', "MUST be an array"),
+        ("partner.json", b"\xff\xfe garbage", "partner.json: partner.org: not a JSON JWK Set"),
+        ("partner.json", b"[" * 100_000, "partner.org: not a JSON JWK Set"),
+    ]
+    for name, data, why in bad_files:
+        write_atomic(tmp_path / name, data)
+        assert not await src.poll_jwt_once()
+        ev = log.events[-1]
+        assert ev.kind == "jwt_rejected" and why in ev.detail and "keeping the last good set" in ev.detail, ev
+        assert src.jwt_bundles() is second  # one bad file: the whole JWKS set waits, both trust domains
+        write_atomic(tmp_path / "example.json", jwks_json(spire.jwt_authorities()))
+        write_atomic(tmp_path / "partner.json", good_partner)
+
+    # A bad JWKS file does not hold back a certificate rotation, nor a bad certificate the JWT bundles.
+    write_atomic(tmp_path / "example.json", b"{")
+    write_set(tmp_path, root_a.leaf("spiffe://a.test/v2"), root_a)
+    assert await src.poll_once()
+    assert str(src.current().default_svid.spiffe_id) == "spiffe://a.test/v2"  # type: ignore[union-attr]
+    assert src.jwt_bundles() is second
+    write_atomic(tmp_path / "tls.key", root_a.leaf().key_pem())  # mismatched key: X.509 set rejected
+    spire.rotate_jwt_key()
+    write_atomic(tmp_path / "example.json", spire.jwt_bundle_json())
+    assert not await src.poll_once()
+    assert src.jwt_bundles().generation == 3 and len(kids(src.jwt_bundles())) == 3
+    assert log.count("rejected") == 1 and log.count("fatal") == 0
+
+
+async def test_pem_jwks_spiffe_bundle_takes_only_jwt_svid_keys(root_a: CA, tmp_path: Path) -> None:
+    k = jwt_key(EX)
+    doc = json.loads(jwks_json([k], spiffe_bundle=True))
+    x509_entry = {"kty": "EC", "use": "x509-svid", "crv": "P-256", "x": doc["keys"][0]["x"],
+                  "y": doc["keys"][0]["y"], "kid": "x509-key"}
+    no_use = {**doc["keys"][0], "kid": "no-use"}
+    no_use.pop("use")
+    doc["keys"] += [x509_entry, no_use, {"kty": "OKP", "use": "wit-svid", "kid": "w"}]
+    write_set(tmp_path, root_a.leaf(), root_a)
+    write_atomic(tmp_path / "ex.json", json.dumps({"spiffe_sequence": 7, **doc}).encode())
+    log = EventLog()
+    src = jwks_source(tmp_path, log, {EX: "ex.json"})
+    await src.poll_once()
+    bundle = src.jwt_bundles().bundles[EX]
+    # Trust Domain and Bundle §4.2: a missing or another `use` is ignored, not an error.
+    assert set(bundle.keys) == {k.kid} and bundle.sequence == 7 and bundle.rejected == ()
+
+
+async def test_pem_jwks_reload_live_while_running(root_a: CA, tmp_path: Path) -> None:
+    spire = EmbeddedSpire(parse_config(SPIRE_CONFIG, socket_dir=str(tmp_path)))
+    write_set(tmp_path, root_a.leaf(), root_a)
+    write_atomic(tmp_path / "ex.json", spire.jwt_bundle_json())
+    log = EventLog()
+    src = jwks_source(tmp_path, log, {EX: "ex.json"}, poll_interval=0.02)
+    holder = JwtBundleHolder()
+    holder.follow(src)
+    async with running(src) as task:
+        assert len(kids(await holder.wait_for(1, WAIT))) == 1
+        write_atomic(tmp_path / "ex.json", b"\x00" * 64)
+        await _first(task, log.wait("jwt_rejected"))
+        active = spire.rotate_jwt_key()
+        write_atomic(tmp_path / "ex.json", spire.jwt_bundle_json())
+        assert kids(await holder.wait_for(2, WAIT)) == {active.kid}
+    assert log.count("jwt_update") == 2
