@@ -90,6 +90,8 @@ class PemSourceSettings:
     trust_domain: TrustDomain | None = None
     federated: tuple[tuple[TrustDomain, Path], ...] = ()
     poll_interval: float = 1.0
+    # One JWKS file per trust domain: the JWT bundles JWT-SVIDs are validated against (reloaded live).
+    jwt_bundles: tuple[tuple[TrustDomain, Path], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +418,9 @@ _PROXY_KEYS: Final = frozenset({"listen", "routes"})
 _PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect"})
 _SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
 _WORKLOAD_API_KEYS: Final = frozenset({"socket"})
-_PEM_KEYS: Final = frozenset({"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated"})
+_PEM_KEYS: Final = frozenset(
+    {"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated", "jwt_bundles"}
+)
 _INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file", "strip_request_headers"})
 _ADMIN_KEYS: Final = frozenset({"listen"})
 _AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
@@ -595,9 +599,28 @@ def _parse_pem(c: Problems, value: Any, path: str, base_dir: Path) -> PemSourceS
         except IdentityError as exc:
             c.add(_join(path, "trust_domain"), str(exc))
     poll_interval = _duration(c, m, "poll_interval", path, 1.0)
-    federated: list[tuple[TrustDomain, Path]] = []
-    fpath = _join(path, "federated")
-    f_m = m.get("federated")
+    federated = _bundle_files(c, m, "federated", path, base_dir)
+    jwt_bundles = _bundle_files(c, m, "jwt_bundles", path, base_dir)
+    if len(c) != before or cert_chain is None or key is None or bundle is None:
+        return None
+    return PemSourceSettings(
+        cert_chain=cert_chain,
+        key=key,
+        bundle=bundle,
+        trust_domain=trust_domain,
+        federated=federated,
+        poll_interval=poll_interval,
+        jwt_bundles=jwt_bundles,
+    )
+
+
+def _bundle_files(
+    c: Problems, m: Mapping[str, Any], key: str, path: str, base_dir: Path
+) -> tuple[tuple[TrustDomain, Path], ...]:
+    """A mapping trust domain name -> file (`federated` PEM bundles, `jwt_bundles` JWKS files)."""
+    out: list[tuple[TrustDomain, Path]] = []
+    fpath = _join(path, key)
+    f_m = m.get(key)
     if f_m is not None and not isinstance(f_m, dict):
         c.add(fpath, f"expected a mapping of trust domain -> bundle file, got {_kind(f_m)}")
     elif f_m:
@@ -610,17 +633,8 @@ def _parse_pem(c: Problems, value: Any, path: str, base_dir: Path) -> PemSourceS
             if not isinstance(file, str) or not file:
                 c.add(_join(fpath, td_name), f"expected a bundle file name, got {file!r}")
                 continue
-            federated.append((td, base_dir / file))
-    if len(c) != before or cert_chain is None or key is None or bundle is None:
-        return None
-    return PemSourceSettings(
-        cert_chain=cert_chain,
-        key=key,
-        bundle=bundle,
-        trust_domain=trust_domain,
-        federated=tuple(federated),
-        poll_interval=poll_interval,
-    )
+            out.append((td, base_dir / file))
+    return tuple(out)
 
 
 def _parse_inbound(
@@ -837,6 +851,7 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
                 "bundle": str(src.bundle),
                 "trust_domain": None if src.trust_domain is None else src.trust_domain.name,
                 "federated": {td.name: str(p) for td, p in src.federated},
+                "jwt_bundles": {td.name: str(p) for td, p in src.jwt_bundles},
                 "poll_interval": src.poll_interval,
             }
         }

@@ -185,6 +185,57 @@ def test_pem_source_paths_are_relative_to_the_config_file() -> None:
     assert [(td.name, p) for td, p in s.source.federated] == [("other.org", Path("/cfg/other-ca.pem"))]
 
 
+def test_pem_jwt_bundles_one_jwks_file_per_trust_domain() -> None:
+    s = parse(
+        """\
+        svid_source:
+          pem:
+            cert_chain: tls.crt
+            key: tls.key
+            bundle: ca.crt
+            jwt_bundles: {example.org: jwks.json, partner.org: /etc/partner/jwks.json}
+        inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}
+        """
+    )
+    assert isinstance(s.source, PemSourceSettings)
+    assert [(td.name, p) for td, p in s.source.jwt_bundles] == [
+        ("example.org", Path("/cfg/jwks.json")),
+        ("partner.org", Path("/etc/partner/jwks.json")),
+    ]
+    assert describe_settings(s)["svid_source"]["pem"]["jwt_bundles"] == {
+        "example.org": "/cfg/jwks.json", "partner.org": "/etc/partner/jwks.json"
+    }  # fmt: skip
+
+
+def test_pem_jwt_bundles_problems_carry_file_line_and_field() -> None:
+    found = problems(
+        """\
+        svid_source:
+          pem:
+            cert_chain: tls.crt
+            key: tls.key
+            bundle: ca.crt
+            jwt_bundles:
+              Example.ORG: jwks.json
+              example.org: ""
+        inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}
+        """
+    )
+    assert len(found) == 2
+    assert found[0].startswith("side.yaml:7: svid_source.pem.jwt_bundles.Example.ORG: ")
+    assert found[1] == "side.yaml:8: svid_source.pem.jwt_bundles.example.org: expected a bundle file name, got ''"
+    listed = problems(
+        """\
+        svid_source:
+          pem: {cert_chain: a, key: b, bundle: c, jwt_bundles: [jwks.json]}
+        inbound: {listen: "127.0.0.1:0", app: "127.0.0.1:1", policy_file: policy.yaml}
+        """
+    )
+    assert listed == [
+        "side.yaml:2: svid_source.pem.jwt_bundles: expected a mapping of trust domain -> bundle file, got a list"
+    ]
+
+
 def test_tcp_mode_needs_connection_level_rules() -> None:
     tcp_policy = 'rules:\n  - {name: db-clients, action: allow, callers: ["spiffe://example.org/ns/shop/**"]}\n'
     tcp = MINIMAL + "  mode: tcp\n"
