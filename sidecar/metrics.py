@@ -464,6 +464,22 @@ class Metrics:
         self.rotations = Counter(
             "spiffe_sidecar_svid_rotations", "New X.509 contexts (SVID or bundle updates) applied.", registry=r
         )
+        # JWT-SVIDs (sidecar/jwtsource.py): the bundles tokens are validated against, and the app's tokens.
+        self.jwt_bundles_generation = Gauge(
+            "spiffe_sidecar_jwt_bundles_generation",
+            "Generation of the JWT bundles in use (grows on every change); 0 until the first arrive.",
+            registry=r,
+        )
+        self.jwt_bundles_updated = Gauge(
+            "spiffe_sidecar_jwt_bundles_updated_timestamp_seconds",
+            "When the JWT bundles in use last changed (their age is time() minus this).",
+            registry=r,
+        )
+        self.jwt_svid_fetch_errors = Counter(
+            "spiffe_sidecar_jwt_svid_fetch_errors",
+            "Failed FetchJWTSVID calls for outbound calls (first fetches and background renewals).",
+            registry=r,
+        )
         self.policy_reloads = Counter(
             "spiffe_sidecar_policy_reloads", "Policy reload attempts, by result.", ["result"], registry=r
         )
