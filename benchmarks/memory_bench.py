@@ -283,9 +283,11 @@ def markdown(res: dict[str, Any]) -> str:
         ]
         if on.get("trims"):
             lines.append(f"- trims: {'; '.join(on['trims'])}")
-    if not all(m["all_held_at_once"] for m in res["servers"].values()):
-        lines.append("- not every connection of a round was held at once (the machine opened them slower than "
-                     "the head deadline): KiB figures use the count that was held")  # fmt: skip
+    partial = [name for name, m in res["servers"].items() if not m["all_held_at_once"]]
+    if partial:
+        lines.append(f"- {', '.join(partial)}: not every connection of a round was open at the server when "
+                     "sampled (opened slower than the head deadline, or not yet accepted): KiB figures use the "
+                     "count held")  # fmt: skip
     return "\n".join(lines)
 
 
