@@ -101,6 +101,14 @@ class RequestReader:
         """Read nothing past the current message (the caller closes after it, or switches protocols)."""
         self.stopped = True
 
+    def release(self) -> None:
+        """The connection is gone: drop the sink and the parser (which refers back to this reader), so that
+        nothing of the connection waits for the cyclic GC."""
+        self.stopped = True
+        self.sink = _GONE
+        self._parser = _GONE_PARSER
+        self._piece = b""
+
     @property
     def at_message_start(self) -> bool:
         """No byte of the next request has been fed yet, and requests are still read."""
@@ -144,9 +152,10 @@ class RequestReader:
             self.stopped = True
             self.sink.request_upgrade(data[int(exc.args[0]) :] + tail)
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if not isinstance(cause, _Stop):
-                raise (cause if cause is not None else exc) from None  # the sink's own error, not the parser's
+            # No local names the _Stop: its traceback holds this frame, and a local would make a cycle that
+            # keeps the connection for the cyclic GC.
+            if not isinstance(exc.__context__, _Stop):
+                raise (exc.__context__ or exc) from None  # the sink's own error, not the parser's
         except httptools.HttpParserError as exc:
             self._error(RESPONSE_400, "malformed", str(exc))
 
@@ -215,6 +224,32 @@ class RequestReader:
         self.sink.request_end()
         if self.stopped:
             raise _Stop
+
+
+class _GoneSink:
+    """The sink of a released reader: ignores everything (nothing is fed to a released reader)."""
+
+    def request_head(
+        self, method: bytes, target: bytes, names: list[bytes], values: list[bytes], http10: bool,
+        raw: bytes | None,
+    ) -> None:  # fmt: skip
+        pass
+
+    def request_body(self, data: bytes) -> None:
+        pass
+
+    def request_end(self) -> None:
+        pass
+
+    def request_upgrade(self, rest: bytes) -> None:
+        pass
+
+    def request_error(self, response: bytes, label: str, detail: str) -> None:
+        pass
+
+
+_GONE: Final = _GoneSink()
+_GONE_PARSER: Final = httptools.HttpRequestParser(_GONE)
 
 
 class ResponseSink(Protocol):
@@ -325,9 +360,10 @@ class ResponseReader:
             if sink is not None:
                 sink.response_switch(data[int(exc.args[0]) :] + tail)
         except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if not isinstance(cause, _Stop):
-                raise (cause if cause is not None else exc) from None  # the sink's own error, not the parser's
+            # No local names the _Stop: its traceback holds this frame, and a local would make a cycle that
+            # keeps the connection for the cyclic GC.
+            if not isinstance(exc.__context__, _Stop):
+                raise (exc.__context__ or exc) from None  # the sink's own error, not the parser's
         except httptools.HttpParserError:
             self._fail("protocol")
 

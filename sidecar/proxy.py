@@ -391,7 +391,7 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         for t in (self.deadline, self._write_stall, self._body_stall):
             if t is not None:
-                t.cancel()
+                t.close()  # drops its callback too: no cycle left for the GC to find
         h = self._expiry
         if h is not None:
             self._expiry = None
@@ -409,7 +409,9 @@ class HttpConnection(asyncio.Protocol):
         # Drop the transport (and with it the TLS buffers) now rather than when the cyclic GC finds this
         # protocol: long-lived connections reach the oldest generation, which is rarely collected.
         self.transport = None
-        self.reader = None
+        if self.reader is not None:
+            self.reader.release()
+            self.reader = None
 
     # -- reading control ---------------------------------------------------------------------------------
 

@@ -160,10 +160,10 @@ class TcpRelay(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.idle.cancel()
+        self.idle.close()  # the deadlines drop their callbacks: no cycle left for the GC to find
         for t in (self._write_stall, self._up_stall):
             if t is not None:
-                t.cancel()
+                t.close()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None

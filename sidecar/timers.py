@@ -14,6 +14,10 @@ from collections.abc import Callable
 __all__ = ["Deadline"]
 
 
+def _nothing(_kind: int) -> None:
+    pass
+
+
 class Deadline:
     """`callback(kind)` runs once the latest `set(seconds, kind)` passes without a `clear()`.
 
@@ -47,6 +51,12 @@ class Deadline:
         """Disarm (only if armed for `kind`, when given); the handle fires later and stops."""
         if kind is None or kind == self.kind:
             self._at = None
+
+    def close(self) -> None:
+        """For good (the owner is closing): `cancel`, and the callback goes too, so that the owner and this
+        object do not keep each other alive until the cyclic GC runs."""
+        self.cancel()
+        self._callback = _nothing
 
     def cancel(self) -> None:
         self._at = None
