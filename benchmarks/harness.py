@@ -5,6 +5,9 @@ Shapes (the app is nginx serving /p1k and /p64k; every proxy runs one worker pro
 * `baseline`           load -> app
 * `inbound-<impl>`     mTLS load (client certificate) -> inbound proxy -> app (keep-alive pool)
 * `chain-<impl>`       load -> outbound proxy -> mTLS (keep-alive pool) -> inbound proxy -> app
+* `chain-jwt-sidecar`  the chain with a step-up on every request: checkout's sidecar attaches a JWT-SVID
+                       (FetchJWTSVID, held and renewed), inventory's validates it (cached by token hash)
+                       against a rule `jwt: {audience: inventory}`; ours only (the others have no JWT-SVIDs)
 
 impl is `sidecar` (this project), `nginx` or `haproxy`. SVIDs are ECDSA P-256 X.509-SVIDs issued by the
 embedded SPIRE (`spiffe-spire run`); our sidecar fetches them over the Workload API, nginx and HAProxy read
@@ -434,21 +437,32 @@ POLICY = f"""    rules:
 """
 
 
-def sidecar_inbound(w: World, sock_dir: Path, tag: str = "") -> Proxy:
+JWT_POLICY = f"""    rules:
+      - name: clients-read-with-token
+        action: allow
+        methods: [GET]
+        paths: ["/p1k", "/p64k", "/api/stock/*"]
+        callers: ["{CHECKOUT}"]
+        jwt: {{audience: inventory}}
+"""
+
+
+def sidecar_inbound(w: World, sock_dir: Path, tag: str = "", policy: str = POLICY) -> Proxy:
     port = free_port()
     extra = (f'inbound:\n  listen: "127.0.0.1:{port}"\n  app: "127.0.0.1:{w.app_port}"\n  mode: http\n'
-             f"  policy:\n{POLICY}")
+             f"  policy:\n{policy}")
     conf, admin = sidecar_config(w, f"inbound-sidecar{tag}", sock_dir, "inventory", extra)
     return start_sidecar(w, f"inbound-sidecar{tag}", conf, port, admin)
 
 
-def sidecar_outbound(w: World, sock_dir: Path, inbound_port: int, tag: str = "") -> Proxy:
+def sidecar_outbound(w: World, sock_dir: Path, inbound_port: int, tag: str = "", jwt: bool = False) -> Proxy:
     port = free_port()
     # The checkout pod's own inbound listener is required by the config; it idles during the run.
     extra = (f'inbound:\n  listen: "127.0.0.1:{free_port()}"\n  app: "127.0.0.1:{w.app_port}"\n'
              f'  policy:\n    rules: []\n'
              f'outbound:\n  - name: inventory\n    listen: "127.0.0.1:{port}"\n'
-             f'    target: "127.0.0.1:{inbound_port}"\n    expect: "{INVENTORY}"\n    mode: http\n')
+             f'    target: "127.0.0.1:{inbound_port}"\n    expect: "{INVENTORY}"\n    mode: http\n'
+             + ("    jwt: {audience: inventory}\n" if jwt else ""))
     conf, admin = sidecar_config(w, f"outbound-sidecar{tag}", sock_dir, "checkout", extra)
     return start_sidecar(w, f"outbound-sidecar{tag}", conf, port, admin)
 
@@ -643,7 +657,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="spiffe-sidecar latency/throughput benchmark (loopback only)")
     ap.add_argument("--quick", action="store_true", help="about a minute: fewer loads, 3 s each")
     ap.add_argument("--impl", default="sidecar,nginx,haproxy", help="comma-separated proxies to compare")
-    ap.add_argument("--shapes", default="inbound,chain", help="inbound,chain (baseline always runs)")
+    ap.add_argument("--shapes", default="inbound,chain,chain-jwt",
+                    help="inbound,chain,chain-jwt (baseline always runs; chain-jwt: our sidecar only)")
     ap.add_argument("--no-rotation", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
@@ -692,6 +707,14 @@ def main() -> None:
                 out = outs[impl](inb.port)
                 try:
                     run_shape(w, f"chain-{impl}", [out, inb], out.port, None, a.quick, results)
+                finally:
+                    out.stop()
+                    inb.stop()
+            if "chain-jwt" in shapes and impl == "sidecar":
+                inb = sidecar_inbound(w, sock_dir, "-jwt", JWT_POLICY)
+                out = sidecar_outbound(w, sock_dir, inb.port, "-jwt", jwt=True)
+                try:
+                    run_shape(w, "chain-jwt-sidecar", [out, inb], out.port, None, a.quick, results)
                 finally:
                     out.stop()
                     inb.stop()

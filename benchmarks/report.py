@@ -66,6 +66,18 @@ def add_derived(results: dict[str, Any]) -> None:
                 r[f"{name} CPU per request (ours/nginx)"] = f"{round(ca / cb, 2)} ({us})"
         ratios[kind] = r
     results["ratios_vs_nginx"] = ratios
+    # What the step-up costs: the chain with a JWT-SVID attached and validated on every request, minus the
+    # plain chain, CPU per request of both sidecars (same run, same loads).
+    plain, jwt = results["shapes"].get("chain-sidecar"), results["shapes"].get("chain-jwt-sidecar")
+    if plain and jwt:
+        cost: dict[str, str] = {}
+        for name, res in jwt["loads"].items():
+            other = plain["loads"].get(name)
+            ca = sum(v["cpu_s_per_1000_req"] for v in res.get("proxies", {}).values())
+            cb = sum(v["cpu_s_per_1000_req"] for v in (other or {}).get("proxies", {}).values())
+            if ca and cb:
+                cost[name] = f"{round((ca - cb) * 1000)} us ({round(ca * 1000)} us vs {round(cb * 1000)} us)"
+        results["jwt_step_up_cpu_per_request"] = cost
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -118,6 +130,12 @@ def markdown(results: dict[str, Any]) -> str:
         for kind, r in ratios.items():
             for k, v in r.items():
                 lines.append(f"- {kind}: {k} = {v}")
+        lines.append("")
+    cost = results.get("jwt_step_up_cpu_per_request", {})
+    if cost:
+        lines += ["## JWT-SVID step-up: added CPU per request (chain-jwt-sidecar minus chain-sidecar, both sidecars)",
+                  ""]
+        lines += [f"- {name}: {v}" for name, v in cost.items()]
         lines.append("")
     return "\n".join(lines)
 

@@ -14,7 +14,9 @@ objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annot
 | `inbound-mode` | `http` (per-request policy, default) or `tcp` (decided once per connection) |
 | `inbound-policy` | the policy: a YAML block with the config file's schema, or one rule per line |
 | `policy-mode` | `enforce` (default) or `audit` (dry run: denies are logged and forwarded) |
-| `outbound` | one target per line: `127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://...` |
+| `outbound` | one target per line: `127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://...`, |
+|  | then optionally `jwt aud=<AUD> [path=<PREFIX>] [authorization=replace|keep]` (repeatable): attach a |
+|  | JWT-SVID for AUD to requests under PREFIX (default `/`), replacing (default) or keeping the app's own |
 | `cpu-request` `memory-request` `cpu-limit` `memory-limit` | Kubernetes quantities for the sidecar |
 | `native-sidecar` | `true`/`false`: override the injector's default (native initContainer vs classic) |
 | `strict-bypass-check` | `true`: the sidecar refuses to become ready while the app port answers on the pod IP |
@@ -52,14 +54,25 @@ import yaml
 
 from . import config as _config
 from .addr import HostPort, is_loopback
-from .config import ListenerMode, OutboundRoute, OutboundTarget, parse_yaml
+from .config import AuthorizationMode, ListenerMode, OutboundJwt, OutboundRoute, OutboundTarget, parse_yaml
 from .errors import ConfigError, Problem
 from .hints import did_you_mean
 from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import PatternKind
 from .policy import AUDIT, Mode, Policy, compile_policy
 from .problems import Problems
-from .values import Invalid, endpoint, env_port, header_name_list, host_port, one_of, port_number, server_pattern
+from .values import (
+    Invalid,
+    endpoint,
+    env_port,
+    header_name_list,
+    host_port,
+    jwt_audience,
+    one_of,
+    path_prefix,
+    port_number,
+    server_pattern,
+)
 
 __all__ = [
     "DEFAULT_ADMIN_PORT",
@@ -464,8 +477,12 @@ def _outbound(c: Problems, text: str) -> tuple[OutboundLine, ...]:
     seen: dict[HostPort, int] = {}
     for n, s in _lines(c, key, text) or ():
         tokens = s.split()
-        if len(tokens) != 5 or tokens[1] != "->" or tokens[3] != "expect":
-            c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID>'", line=n)
+        if len(tokens) < 5 or tokens[1] != "->" or tokens[3] != "expect":
+            c.add(key, "expected '<listen host:port> -> <target host:port> expect <SPIFFE ID> [jwt aud=<audience> "
+                  "[path=<prefix>] [authorization=replace|keep]]...'", line=n)  # fmt: skip
+            continue
+        jwt = _outbound_jwt(c, key, tokens[5:], n)
+        if jwt is None:
             continue
         listen = host_port(tokens[0], allow_zero=False)
         if isinstance(listen, Invalid):
@@ -490,7 +507,47 @@ def _outbound(c: Problems, text: str) -> tuple[OutboundLine, ...]:
             c.add(key, f"listen address {listen} already used on line {seen[listen]}", line=n)
             continue
         seen[listen] = n
-        out.append(OutboundLine(listen, OutboundTarget(target, expect), n))
+        out.append(OutboundLine(listen, OutboundTarget(target, expect, jwt), n))
+    return tuple(out)
+
+
+def _outbound_jwt(c: Problems, key: str, tokens: list[str], n: int) -> tuple[OutboundJwt, ...] | None:
+    """The `jwt aud=<audience> [path=<prefix>] [authorization=replace|keep]` clauses after `expect`: attach
+    a JWT-SVID for that audience to requests under that path (the YAML form's `jwt:` list)."""
+    if tokens and tokens[0] != "jwt":
+        c.add(key, f"after the expected server ID only 'jwt aud=<audience> ...' may follow, got {tokens[0]!r}", line=n)
+        return None
+    clauses: list[list[str]] = []
+    for tok in tokens:
+        if tok == "jwt":
+            clauses.append([])
+        else:
+            clauses[-1].append(tok)
+    out: list[OutboundJwt] = []
+    for options in clauses:
+        fields: dict[str, str] = {}
+        for opt in options:
+            name, eq, value = opt.partition("=")
+            if not eq or name not in ("aud", "path", "authorization") or name in fields:
+                c.add(key, f"after 'jwt' expected aud=<audience>, path=<prefix> or authorization=replace|keep, "
+                      f"got {opt!r}", line=n)  # fmt: skip
+                return None
+            fields[name] = value
+        if "aud" not in fields:
+            c.add(key, "'jwt' needs aud=<audience> (the audience of the JWT-SVID to attach)", line=n)
+            return None
+        audience = jwt_audience(fields["aud"])
+        prefix = path_prefix(fields.get("path", "/"))
+        mode = one_of(fields.get("authorization", "replace"), AuthorizationMode)
+        for what, got in (("aud", audience), ("path", prefix), ("authorization", mode)):
+            if isinstance(got, Invalid):
+                c.add(key, f"jwt {what}: {got.message}", line=n)
+                return None
+        assert isinstance(audience, str) and isinstance(prefix, str) and isinstance(mode, AuthorizationMode)
+        if any(j.path_prefix.rstrip("/") == prefix.rstrip("/") for j in out):
+            c.add(key, f"jwt path={prefix} appears twice", line=n)
+            return None
+        out.append(OutboundJwt(audience, prefix, mode))
     return tuple(out)
 
 

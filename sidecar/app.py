@@ -30,10 +30,11 @@ from .admin import AdminServer, MetricsServer, config_view
 from .annotations import PodRuntime, load_annotations_policy
 from .audit import AuditLog, open_writer
 from .bypass import BypassCheck, BypassMonitor
-from .config import HostPort, ListenerMode, PemSourceSettings, Settings, load_policy
+from .config import HostPort, ListenerMode, PemSourceSettings, Settings, WorkloadApiSettings, load_policy
 from .errors import ConfigError, SourceError
 from .hints import policy_warnings
 from .inbound import InboundServer, PolicyRef
+from .jwtsource import JwtBundleHolder, JwtBundles, JwtSvidFetcher
 from .memory import configure as configure_allocator
 from .memory import reclaimer
 from .metrics import Metrics
@@ -174,6 +175,7 @@ def _make_source(
             trust_domain=src.trust_domain,
             federated=dict(src.federated),
             poll_interval=src.poll_interval,
+            jwt_bundles=dict(src.jwt_bundles),
             on_event=on_event,
         )
     return WorkloadApiSource(src.endpoint, on_event=on_event)
@@ -189,7 +191,20 @@ _EVENT_LEVELS = {
     "expired": logging.WARNING,
     "subscriber_error": logging.ERROR,
     "fatal": logging.ERROR,
+    # JWT bundles (their own stream or files) and the app's JWT-SVIDs (sidecar.jwtsource)
+    "jwt_update": logging.INFO,  # trust domains and key counts, never key material
+    "jwt_connected": logging.DEBUG,
+    "jwt_backoff": logging.DEBUG,
+    "jwt_rejected": logging.WARNING,
+    "jwt_stream_error": logging.WARNING,
+    "jwt_stopped": logging.WARNING,
+    "jwt_svid_error": logging.WARNING,
+    "jwt_svid_idle": logging.DEBUG,
 }
+# Failures logged once a minute while they repeat, by group: both Workload API streams failing for one
+# cause (an absent socket) are one group, so the cause is said once.
+_REPEATING = {"stream_error": "stream", "jwt_stream_error": "stream", "jwt_svid_error": "jwt_svid"}
+_RECOVERED = {"connected": "stream", "update": "stream", "jwt_connected": "stream", "jwt_update": "stream"}
 
 
 @dataclass(slots=True)
@@ -203,25 +218,35 @@ def _source_metrics(metrics: Metrics) -> Callable[[SourceEvent], None]:
     """Log each source event and keep spiffe_sidecar_svid_source_up / _errors_total (the alerts read them).
 
     A stream error repeated on every reconnect (an absent agent socket) is logged at WARNING the first time
-    and after that once a minute, with the number of attempts; the others go to DEBUG."""
-    last = _Repeat()
+    and after that once a minute, with the number of attempts; the others go to DEBUG. The X.509 stream,
+    the JWT bundle stream and JWT-SVID fetches are counted apart (one can fail while the others work).
+    `jwt_svid_error` also counts in spiffe_sidecar_jwt_svid_fetch_errors_total."""
+    repeats = {group: _Repeat() for group in set(_REPEATING.values())}
 
     def on_event(event: SourceEvent) -> None:
-        if event.kind == "stream_error" and event.detail == last.detail:
+        group = _REPEATING.get(event.kind)
+        last = None if group is None else repeats[group]
+        detail = event.detail
+        if event.kind == "jwt_stream_error":
+            detail = detail.partition(": ")[2] or detail  # "FetchJWTBundles: <cause>": the cause alone
+        if last is not None and detail == last.detail:
             last.count += 1
             now = time.monotonic()
             if now - last.logged < 60.0:
-                log.debug("svid source %s: stream_error (again): %s", event.source, event.detail)
+                log.debug("svid source %s: %s (again): %s", event.source, event.kind, event.detail)
             else:
                 last.logged = now
                 log.warning("svid source %s: still failing after %d attempts: %s", event.source, last.count,
                             event.detail)  # fmt: skip
         else:
-            if event.kind == "stream_error":
-                last.detail, last.count, last.logged = event.detail, 1, time.monotonic()
-            elif event.kind in ("connected", "update"):
-                last.detail, last.count = "", 0
+            if last is not None:
+                last.detail, last.count, last.logged = detail, 1, time.monotonic()
+            elif event.kind in _RECOVERED:
+                again = repeats[_RECOVERED[event.kind]]
+                again.detail, again.count = "", 0
             _source_event(event)
+        if event.kind == "jwt_svid_error":
+            metrics.jwt_svid_fetch_errors.inc()
         if event.kind in ("connected", "update"):
             metrics.source_connected.set(1)
         elif event.kind in ("stream_error", "fatal", "expired"):
@@ -279,8 +304,22 @@ async def run(
     )
     tls = TlsContexts()
     state = _State()
-    source = _make_source(settings, _source_metrics(metrics))
+    on_source_event = _source_metrics(metrics)
+    source = _make_source(settings, on_source_event)
     stop = asyncio.Event()
+    # JWT bundles (step-up rules validate against them) follow the source; JWT-SVIDs for outbound routes
+    # with `jwt` come from FetchJWTSVID (the config refuses such routes with the PEM source).
+    jwt_bundles = JwtBundleHolder()
+
+    def on_jwt_bundles(snap: JwtBundles) -> None:
+        jwt_bundles.set(snap)
+        metrics.jwt_bundles_generation.set(jwt_bundles.current.generation)
+        if jwt_bundles.updated_at is not None:
+            metrics.jwt_bundles_updated.set(jwt_bundles.updated_at)
+
+    jwt_svids = None
+    if isinstance(settings.source, WorkloadApiSettings) and _wants_jwt_svids(settings):
+        jwt_svids = JwtSvidFetcher(settings.source.endpoint, on_event=on_source_event)
 
     def on_context(ctx: X509Context) -> None:
         # Called on the loop for every new snapshot (SVID rotation or bundle change).
@@ -314,8 +353,9 @@ async def run(
             policy=policy_ref,
             audit=audit,
             metrics=metrics,
+            jwt_bundles=jwt_bundles,
         )
-    outbound = _make_outbound(settings, tls, audit, metrics)
+    outbound = _make_outbound(settings, tls, audit, metrics, jwt_svids)
     listeners: list[InboundServer | OutboundServer] = [*outbound] if inbound is None else [inbound, *outbound]
     bypass = None
     if pod is not None and pod.pod_ip is not None:
@@ -352,9 +392,13 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     unsubscribe = source.subscribe(on_context)
+    on_jwt_bundles(source.jwt_bundles())
+    unsubscribe_jwt = source.subscribe_jwt(on_jwt_bundles)
     try:
         async with asyncio.TaskGroup() as tg:
             background = [tg.create_task(guard_source(), name="svid-source")]
+            if jwt_svids is not None:
+                background.append(tg.create_task(jwt_svids.run(), name="jwt-svids"))
             background.append(tg.create_task(reclaim.run(lambda: sum(s.open_connections for s in listeners))))
             try:
                 await admin.start()
@@ -442,6 +486,7 @@ async def run(
                 task.cancel()
     finally:
         unsubscribe()
+        unsubscribe_jwt()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with contextlib.suppress(Exception):
@@ -461,19 +506,29 @@ async def run(
     return 0
 
 
-def _make_outbound(settings: Settings, tls: TlsContexts, audit: AuditLog, metrics: Metrics) -> list[OutboundServer]:
+def _wants_jwt_svids(settings: Settings) -> bool:
+    targets = [r.to for r in settings.outbound]
+    if settings.outbound_proxy is not None:
+        targets += [to for _, to in settings.outbound_proxy.routes]
+    return any(to.jwt for to in targets)
+
+
+def _make_outbound(
+    settings: Settings, tls: TlsContexts, audit: AuditLog, metrics: Metrics, jwt_svids: JwtSvidFetcher | None
+) -> list[OutboundServer]:
     """One listener per fixed outbound route, plus the HTTP proxy port when configured."""
     common = {"timeouts": settings.timeouts, "limits": settings.limits, "tls": tls, "audit": audit, "metrics": metrics}
     servers: list[OutboundServer] = []
     for r in settings.outbound:
         size = settings.limits.max_connections if r.mode is ListenerMode.TCP else settings.limits.upstream_pool_size
-        routes = build_routes([(r.name, r.to)], tls=tls, metrics=metrics, timeouts=settings.timeouts, pool_size=size)
+        routes = build_routes([(r.name, r.to)], tls=tls, metrics=metrics, timeouts=settings.timeouts, pool_size=size,
+                              jwt_svids=jwt_svids)  # fmt: skip
         servers.append(OutboundServer(r.name, r.listen, routes, by_host=False, mode=r.mode, **common))  # type: ignore[arg-type]
     proxy = settings.outbound_proxy
     if proxy is not None:
         routes = build_routes(
             proxy.routes, tls=tls, metrics=metrics, timeouts=settings.timeouts,
-            pool_size=settings.limits.upstream_pool_size,
+            pool_size=settings.limits.upstream_pool_size, jwt_svids=jwt_svids,
         )  # fmt: skip
         servers.append(OutboundServer("proxy", proxy.listen, routes, by_host=True, **common))  # type: ignore[arg-type]
     return servers

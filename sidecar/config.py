@@ -29,7 +29,17 @@ from .http1 import ROUTING_OVERRIDE_HEADERS
 from .identity import CallerPattern, TrustDomain
 from .policy import Policy, compile_policy
 from .problems import Problems
-from .values import Invalid, endpoint, env_port, header_name_list, host_port, one_of, server_pattern
+from .values import (
+    Invalid,
+    endpoint,
+    env_port,
+    header_name_list,
+    host_port,
+    jwt_audience,
+    one_of,
+    path_prefix,
+    server_pattern,
+)
 
 
 class ListenerMode(enum.Enum):
@@ -104,15 +114,41 @@ class InboundSettings:
     # Request fields never forwarded to the app (routing/method overrides, http1.ROUTING_OVERRIDE_HEADERS);
     # lower-case names. Replaces the default list when configured; [] forwards them all.
     strip_request_headers: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
+    # A validated step-up JWT-SVID is not forwarded to the app by default (the app gets its subject and
+    # audience in x-spiffe-jwt-subject / -audience); true forwards the Authorization field as received.
+    forward_jwt: bool = False
+
+
+class AuthorizationMode(enum.Enum):
+    """What an attached JWT-SVID does to an `Authorization` field the app sent itself."""
+
+    REPLACE = "replace"  # ours replaces it: a token the app holds (perhaps its own caller's) never leaves
+    KEEP = "keep"  # the app's is sent as it is and ours is not attached
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundJwt:
+    """Attach a JWT-SVID for `audience` (fetched with FetchJWTSVID, renewed at half-life) as
+    `Authorization: Bearer` to requests whose path is `path_prefix` or below it (whole segments)."""
+
+    audience: str
+    path_prefix: str = "/"
+    authorization: AuthorizationMode = AuthorizationMode.REPLACE
 
 
 @dataclass(frozen=True, slots=True)
 class OutboundTarget:
     """Where an outbound route goes and which server SPIFFE ID it must present (checked after the
-    handshake, before a byte is sent). `target.host` may be a DNS name: resolved per connection attempt."""
+    handshake, before a byte is sent). `target.host` may be a DNS name: resolved per connection attempt.
+    `jwt`: the JWT-SVIDs attached to its requests, by path prefix (the longest matching prefix wins)."""
 
     target: HostPort
     expect: CallerPattern
+    jwt: tuple[OutboundJwt, ...] = ()
+
+    @property
+    def http_only_options(self) -> bool:
+        return bool(self.jwt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +394,14 @@ def _number(c: Problems, m: Mapping[str, Any], key: str, path: str, default: flo
     return float(value)
 
 
+def _bool(c: Problems, m: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    value = m.get(key, default)
+    if not isinstance(value, bool):
+        c.add(_join(path, key), f"expected true or false, got {value!r}")
+        return default
+    return value
+
+
 def _string(c: Problems, m: Mapping[str, Any], key: str, path: str) -> str | None:
     value = m.get(key)
     if value is None:
@@ -413,15 +457,18 @@ _TOP_KEYS: Final = frozenset(
     }
 )  # fmt: skip
 _METRICS_KEYS: Final = frozenset({"listen", "max_callers"})
-_OUTBOUND_KEYS: Final = frozenset({"name", "listen", "target", "expect", "mode"})
+_OUTBOUND_KEYS: Final = frozenset({"name", "listen", "target", "expect", "mode", "jwt"})
 _PROXY_KEYS: Final = frozenset({"listen", "routes"})
-_PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect"})
+_PROXY_ROUTE_KEYS: Final = frozenset({"target", "expect", "jwt"})
+_OUTBOUND_JWT_KEYS: Final = frozenset({"audience", "path", "authorization"})
 _SOURCE_KEYS: Final = frozenset({"workload_api", "pem"})
 _WORKLOAD_API_KEYS: Final = frozenset({"socket"})
 _PEM_KEYS: Final = frozenset(
     {"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated", "jwt_bundles"}
 )
-_INBOUND_KEYS: Final = frozenset({"listen", "app", "mode", "policy", "policy_file", "strip_request_headers"})
+_INBOUND_KEYS: Final = frozenset(
+    {"listen", "app", "mode", "policy", "policy_file", "strip_request_headers", "forward_jwt"}
+)
 _ADMIN_KEYS: Final = frozenset({"listen"})
 _AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
 _TIMEOUT_KEYS: Final = frozenset(f.name for f in fields(Timeouts))
@@ -456,6 +503,8 @@ def parse_settings(
     outbound = _parse_outbound(c, top.get("outbound"))
     outbound_proxy = _parse_outbound_proxy(c, top["outbound_proxy"]) if "outbound_proxy" in top else None
     _check_listen_clash(c, outbound, outbound_proxy)
+    if isinstance(svid_source, PemSourceSettings):
+        _check_no_outbound_jwt(c, outbound, outbound_proxy)
     if "inbound" not in top and "outbound_proxy" not in top and not top.get("outbound"):
         # A sidecar with no listener would only hold an SVID; an outbound-only one (a pure client) is fine.
         c.add("", "nothing to run: configure at least one of inbound, outbound or outbound_proxy")
@@ -687,11 +736,13 @@ def _parse_inbound(
         strip, problems = header_name_list(m["strip_request_headers"])
         for problem in problems:
             c.add(_join(path, "strip_request_headers"), problem)
+    forward_jwt = _bool(c, m, "forward_jwt", path, False)
     if listen is None or app is None or policy is None:
         return None
     return InboundSettings(
-        listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file, strip_request_headers=strip
-    )
+        listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file, strip_request_headers=strip,
+        forward_jwt=forward_jwt,
+    )  # fmt: skip
 
 
 def _loopback_listen(c: Problems, m: Mapping[str, Any], path: str) -> HostPort | None:
@@ -714,9 +765,48 @@ def _outbound_target(c: Problems, m: Mapping[str, Any], path: str) -> OutboundTa
             c.add(_join(path, "expect"), pattern.message)
         else:
             expect = pattern
-    if target is None or expect is None:
+    jwt = _outbound_jwt(c, m.get("jwt"), _join(path, "jwt")) if "jwt" in m else ()
+    if target is None or expect is None or jwt is None:
         return None
-    return OutboundTarget(target, expect)
+    return OutboundTarget(target, expect, jwt)
+
+
+def _outbound_jwt(c: Problems, value: Any, path: str) -> tuple[OutboundJwt, ...] | None:
+    """`jwt: {audience, path, authorization}` or a list of them (one per path prefix)."""
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        c.add(path, "expected {audience: <aud>, path: <prefix>, authorization: replace|keep} or a list of them")
+        return None
+    before = len(c)
+    out: list[OutboundJwt] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        ipath = f"{path}[{i}]" if isinstance(value, list) else path
+        m = _mapping(c, item, ipath, _OUTBOUND_JWT_KEYS)
+        if m is None:
+            continue
+        audience = jwt_audience(m.get("audience"))
+        if "audience" not in m:
+            c.add(_join(ipath, "audience"), "required: the audience of the JWT-SVID to attach (JWT-SVID §3)")
+        elif isinstance(audience, Invalid):
+            c.add(_join(ipath, "audience"), audience.message)
+        prefix = path_prefix(m.get("path", "/"))
+        if isinstance(prefix, Invalid):
+            c.add(_join(ipath, "path"), prefix.message)
+        elif (prefix.rstrip("/") or "/") in seen:  # /api/stock and /api/stock/ cover the same paths
+            c.add(_join(ipath, "path"), f"path prefix {prefix!r} already has a JWT-SVID on this route")
+        else:
+            seen.add(prefix.rstrip("/") or "/")
+        mode = AuthorizationMode.REPLACE
+        if "authorization" in m:
+            got = one_of(m["authorization"], AuthorizationMode)
+            if isinstance(got, Invalid):
+                c.add(_join(ipath, "authorization"), got.message)
+            else:
+                mode = got
+        if isinstance(audience, str) and isinstance(prefix, str):
+            out.append(OutboundJwt(audience, prefix, mode))
+    return None if len(c) != before else tuple(out)
 
 
 def _parse_outbound(c: Problems, value: Any) -> tuple[OutboundRoute, ...]:
@@ -737,6 +827,8 @@ def _parse_outbound(c: Problems, value: Any) -> tuple[OutboundRoute, ...]:
         listen = _loopback_listen(c, m, rpath)
         to = _outbound_target(c, m, rpath)
         mode = _listener_mode(c, m, rpath)
+        if mode is ListenerMode.TCP and to is not None and to.jwt:
+            c.add(_join(rpath, "jwt"), "a tcp route carries no HTTP fields: a JWT-SVID needs mode http")
         name = _string(c, m, "name", rpath) or (str(to.target) if to is not None else f"route{i}")
         if name in names:
             c.add(_join(rpath, "name"), f"duplicate route name {name!r}")
@@ -774,6 +866,18 @@ def _parse_outbound_proxy(c: Problems, value: Any) -> OutboundProxySettings | No
     if len(c) != before or listen is None:
         return None
     return OutboundProxySettings(listen, tuple(routes))
+
+
+def _check_no_outbound_jwt(
+    c: Problems, outbound: tuple[OutboundRoute, ...], proxy: OutboundProxySettings | None
+) -> None:
+    # JWT-SVIDs are minted by the Workload API (FetchJWTSVID); PEM files hold none to attach.
+    named = [(f"outbound[{i}].jwt", r.to) for i, r in enumerate(outbound)]
+    if proxy is not None:
+        named += [(f"outbound_proxy.routes.{host}.jwt", to) for host, to in proxy.routes]
+    for where, to in named:
+        if to.jwt:
+            c.add(where, "attaching a JWT-SVID needs svid_source.workload_api (the PEM source cannot mint one)")
 
 
 def _check_listen_clash(
@@ -837,6 +941,10 @@ def warnings(settings: Settings) -> list[str]:
     return out
 
 
+def _describe_jwt(to: OutboundTarget) -> list[dict[str, str]]:
+    return [{"audience": j.audience, "path": j.path_prefix, "authorization": j.authorization.value} for j in to.jwt]
+
+
 def describe_settings(settings: Settings) -> dict[str, Any]:
     """The effective settings as JSON-ready data (for /config and `check`). Paths, never file contents."""
     src = settings.source
@@ -863,13 +971,14 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
             "app": str(ib.app),
             "mode": ib.mode.value,
             "policy_file": None if ib.policy_file is None else str(ib.policy_file),
+            "forward_jwt": ib.forward_jwt,
         }
     return {
         "svid_source": source,
         "inbound": inbound,
         "outbound": [
             {"name": r.name, "listen": str(r.listen), "target": str(r.to.target), "expect": r.to.expect.text,
-             "mode": r.mode.value}
+             "mode": r.mode.value, "jwt": _describe_jwt(r.to)}
             for r in settings.outbound
         ],
         "outbound_proxy": None
@@ -877,7 +986,8 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
         else {
             "listen": str(settings.outbound_proxy.listen),
             "routes": {
-                h: {"target": str(t.target), "expect": t.expect.text} for h, t in settings.outbound_proxy.routes
+                h: {"target": str(t.target), "expect": t.expect.text, "jwt": _describe_jwt(t)}
+                for h, t in settings.outbound_proxy.routes
             },
         },
         "admin": {"listen": str(settings.admin.listen)},

@@ -245,7 +245,9 @@ async def start_app(name: str) -> DemoApp:
 
     async def handler(request: web.Request) -> web.Response:
         xfcc = request.headers.get("X-Forwarded-Client-Cert", "")
-        seen.append({"method": request.method, "path": request.raw_path, "xfcc": xfcc})
+        seen.append({"method": request.method, "path": request.raw_path, "xfcc": xfcc,
+                     "jwt_subject": request.headers.get("X-Spiffe-Jwt-Subject", ""),
+                     "authorization": "present" if "Authorization" in request.headers else ""})  # fmt: skip
         return web.json_response({"app": name, "path": request.raw_path, "xfcc": xfcc})
 
     application = web.Application()
@@ -339,8 +341,8 @@ class Cluster:
             app = await start_app(name)
             self.apps[name] = app
             self._stack.push_async_callback(app.runner.cleanup)
-        for key in ("inventory", "impostor", "checkout_out", "checkout_impostor_out", "reporting_proxy",
-                    "checkout_in", "reporting_in"):  # fmt: skip
+        for key in ("inventory", "impostor", "checkout_out", "checkout_impostor_out", "checkout_plain_out",
+                    "reporting_proxy", "checkout_in", "reporting_in"):  # fmt: skip
             self.ports[key] = free_port()
         configs = {
             "inventory": self._inventory_config("inventory", self.ports["inventory"]),
@@ -382,11 +384,17 @@ class Cluster:
     def _checkout_config(self) -> dict[str, Any]:
         cfg = self._common(self._load("checkout.yaml"), "checkout", self.ports["checkout_in"], "checkout")
         base = cfg["outbound"][0]
+        inventory = f"localhost:{self.ports['inventory']}"
         cfg["outbound"] = [
-            {**base, "listen": f"127.0.0.1:{self.ports['checkout_out']}",
-             "target": f"localhost:{self.ports['inventory']}"},
+            # checkout.yaml's route with the JWT-SVID its comment describes (the demo runs checkout on the
+            # Workload API): calls under /api/stock carry a token for inventory's step-up rule.
+            {**base, "listen": f"127.0.0.1:{self.ports['checkout_out']}", "target": inventory,
+             "jwt": {"audience": "inventory", "path": "/api/stock"}},
             {**base, "name": "inventory-impostor", "listen": f"127.0.0.1:{self.ports['checkout_impostor_out']}",
              "target": f"localhost:{self.ports['impostor']}"},
+            # The same target without a JWT-SVID: mTLS alone (what a step-up rule refuses).
+            {**base, "name": "inventory-mtls-only", "listen": f"127.0.0.1:{self.ports['checkout_plain_out']}",
+             "target": inventory},
         ]  # fmt: skip
         return cfg
 
@@ -521,6 +529,18 @@ async def run_service_stage(config_dir: Path, work: Path, report: Report, *, svi
         status, body = await c.call(p["checkout_out"], "POST", "/admin/reset")
         report.check("checkout -> inventory POST /admin/reset", "403", str(status), status == 403,
                      _short(await c.audit_for("inventory", "POST", "/admin/reset", checkout)))  # fmt: skip
+
+        reserve = "/api/stock/42/reserve"  # a step-up rule: mTLS as checkout and a JWT-SVID for inventory
+        status, body = await c.call(p["checkout_plain_out"], "POST", reserve)
+        report.check(f"checkout -> inventory POST {reserve}, mTLS only", "401 (step-up: no JWT-SVID)", str(status),
+                     status == 401, _short(await c.audit_for("inventory", "POST", reserve, checkout)))  # fmt: skip
+        status, body = await c.call(p["checkout_out"], "POST", reserve)
+        got = c.apps["inventory"].seen[-1] if c.apps["inventory"].seen else {}
+        report.check(f"checkout -> inventory POST {reserve}, JWT-SVID attached by checkout's sidecar",
+                     "200, inventory's app told the token's subject",
+                     f"{status}, x-spiffe-jwt-subject: {_short(got.get('jwt_subject') or '-', 50)}",
+                     status == 200 and got.get("jwt_subject") == checkout and not got.get("authorization"),
+                     _short(await c.audit_for("inventory", "POST", reserve, checkout)))  # fmt: skip
 
         status, body = await c.call(p["reporting_proxy"], "GET", "/api/stock/42", proxy_host=INVENTORY_HOST)
         report.check("reporting -> inventory GET /api/stock/42", "403", f"{status} (via reporting's HTTP proxy port)",

@@ -221,6 +221,7 @@ class InboundServer:
             hctx = HttpContext(
                 listener, gate, self.authorizer, observer, timeouts, limits,
                 RequestHeads(request_drop(settings.strip_request_headers)), upstream_peer=False, clock=clock,
+                forward_jwt=settings.forward_jwt,
             )  # fmt: skip
             factory = lambda snap, addr: HttpConnection(hctx, snap, addr)  # noqa: E731
 

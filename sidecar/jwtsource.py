@@ -242,6 +242,11 @@ class JwtSvidFetcher:
             slot.used = True
         return held.token
 
+    def info(self, audience: str) -> JwtSvidInfo | None:
+        """What may be shown of the token held for `audience` (None when none is held)."""
+        slot = self._slots.get(audience)
+        return None if slot is None or slot.held is None else slot.held.info
+
     def describe(self) -> list[JwtSvidInfo]:
         """The held tokens' information (no tokens), for /config and logs."""
         return [s.held.info for s in self._slots.values() if s.held is not None]

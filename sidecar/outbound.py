@@ -55,10 +55,20 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
-from .config import HostPort, InboundSettings, Limits, ListenerMode, OutboundTarget, Timeouts
-from .errors import SidecarError, SvidError
+from .config import (
+    AuthorizationMode,
+    HostPort,
+    InboundSettings,
+    Limits,
+    ListenerMode,
+    OutboundJwt,
+    OutboundTarget,
+    Timeouts,
+)
+from .errors import SidecarError, SourceError, SvidError
 from .http1 import RequestHeads, request_drop
 from .identity import SpiffeId
+from .jwtsource import JwtSvidFetcher
 from .listener import AppGate, Listener, Peer
 from .metrics import Metrics
 from .observer import AuditSink, Observer, RateLimitedLog
@@ -101,6 +111,61 @@ def _fixed_json(status: int, reason: str, body: Mapping[str, str]) -> bytes:
     return head.encode("ascii") + data
 
 
+class Bearer:
+    """One `jwt` entry of a route: the JWT-SVID for `audience` attached to requests under `prefix`.
+
+    The field line is built once per token (the fetcher renews at half-life): a request with a held token
+    costs a dictionary lookup and an identity check. The token is never logged or shown (JWT-SVID §7.1)."""
+
+    __slots__ = ("_info", "_line", "_svids", "_token", "audience", "grant", "prefix", "replace", "route")
+
+    def __init__(self, jwt: OutboundJwt, svids: JwtSvidFetcher, route: str) -> None:
+        self.audience = jwt.audience
+        self.prefix = jwt.path_prefix.rstrip("/")  # "" for the root: every path
+        self.replace = jwt.authorization is AuthorizationMode.REPLACE
+        self.route = route
+        self._svids = svids
+        self._token: str | None = None
+        self._line = b""
+        self._info = ("-", jwt.audience, "-")
+        self.grant: Grant | None = None  # set by the route (its decision, itself as dialer, this bearer)
+
+    def covers(self, path: str) -> bool:
+        """`path` is the prefix or below it, on whole segments (/api/stock covers /api/stock/42, not
+        /api/stockpile)."""
+        p = self.prefix
+        return not p or path == p or (path.startswith(p) and path[len(p)] == "/")
+
+    def line(self) -> bytes | None:
+        token = self._svids.cached(self.audience)
+        if token is None:
+            return None
+        if token is not self._token:
+            info = self._svids.info(self.audience)
+            self._line = b"authorization: Bearer " + token.encode("ascii") + b"\r\n"
+            self._token = token
+            if info is not None:
+                self._info = (str(info.spiffe_id), info.audience, info.kid or "-")
+        return self._line
+
+    async def fetch(self) -> bytes:
+        await self._svids.get(self.audience)  # the fetcher's deadline; SourceError on failure
+        line = self.line()
+        if line is None:
+            raise SourceError(f"JWT-SVID for audience {self.audience!r}: expired on arrival")
+        return line
+
+    def info(self) -> tuple[str, str, str]:
+        return self._info
+
+    def refusal(self, reason: str) -> bytes:
+        return _fixed_json(503, "Service Unavailable", {"error": "no JWT-SVID to attach", "route": self.route,
+                                                        "detail": reason})  # fmt: skip
+
+    def __repr__(self) -> str:
+        return f"<Bearer {self.route} {self.prefix or '/'} aud={self.audience}>"
+
+
 class Route:
     """One target: its pool, its expected server ID, its health. Shared by every exchange to it."""
 
@@ -115,6 +180,7 @@ class Route:
         pool_size: int,
         clock: Callable[[], float] = time.monotonic,
         down_backoff: float | None = None,
+        jwt_svids: JwtSvidFetcher | None = None,
     ) -> None:
         self.name = name
         self.target = to.target
@@ -133,6 +199,15 @@ class Route:
         mismatch = f"server SPIFFE ID does not match {to.expect.text}"
         self.refused_id = Decision(Verdict.DENY, name, mismatch, Mode.ENFORCE)
         self.refused_cert = Decision(Verdict.DENY, name, "server certificate failed the SPIFFE check", Mode.ENFORCE)
+        if to.jwt and jwt_svids is None:
+            raise ValueError(f"outbound route {name}: attaching JWT-SVIDs needs a JwtSvidFetcher")
+        # Longest prefix first: the first that covers a path is its most specific entry.
+        self.bearers: tuple[Bearer, ...] = tuple(
+            sorted((Bearer(j, jwt_svids, name) for j in to.jwt if jwt_svids is not None), key=lambda b: -len(b.prefix))
+        )
+        self.grant = Grant(self.decision, self)
+        for b in self.bearers:
+            b.grant = Grant(self.decision, self, bearer=b)
         # Client snapshots handed to new connections, newest last; and the verified server ID of each
         # live connection (keyed by its SSLObject, gone with it).
         self._snapshots: collections.deque[TlsSnapshot] = collections.deque(maxlen=_SNAPSHOTS_KEPT)
@@ -195,6 +270,14 @@ class Route:
         seconds (("-", 0.0) if unknown: treated as expired by the TCP relay)."""
         obj = up.transport.get_extra_info("ssl_object") if up.transport is not None else None
         return ("-", 0.0) if obj is None else self._server_ids.get(obj, ("-", 0.0))
+
+    def grant_for(self, path: str) -> Grant:
+        """The grant of a request to this route: with the JWT-SVID of the most specific `jwt` entry."""
+        for b in self.bearers:
+            if b.covers(path):
+                assert b.grant is not None
+                return b.grant
+        return self.grant
 
     def server_id_of(self, up: UpstreamConnection) -> str:
         """The SPIFFE ID verified on this connection's server certificate ("-" if unknown)."""
@@ -278,9 +361,11 @@ def build_routes(
     metrics: Metrics,
     timeouts: Timeouts,
     pool_size: int,
+    jwt_svids: JwtSvidFetcher | None = None,
 ) -> dict[str, Route]:
     return {
-        key: Route(key, to, tls=tls, metrics=metrics, timeouts=timeouts, pool_size=pool_size) for key, to in targets
+        key: Route(key, to, tls=tls, metrics=metrics, timeouts=timeouts, pool_size=pool_size, jwt_svids=jwt_svids)
+        for key, to in targets
     }
 
 
@@ -295,7 +380,6 @@ class RouteAuthorizer:
     def __init__(self, routes: Mapping[str, Route], single: Route | None) -> None:
         self.routes = dict(routes)
         self.single = single
-        self._grants = {key: Grant(r.decision, r) for key, r in self.routes.items()}
 
     def route_for(self, host: bytes | None) -> Route | None:
         if self.single is not None:
@@ -309,18 +393,16 @@ class RouteAuthorizer:
         return normalize_target(origin), authority
 
     def check(self, peer: Peer, method: bytes, target: Target, authority: bytes | None) -> Grant:
-        if self.single is not None:
-            return self._grants[self.single.name]
-        route = self.route_for(authority)
+        route = self.single if self.single is not None else self.route_for(authority)
         if route is None:
             shown = (authority or b"").decode("ascii", "replace")
             body = _fixed_json(502, "Bad Gateway", {"error": "no outbound route for this host", "host": shown})
             return Grant(_NO_ROUTE, None, body, "no_route")
-        return self._grants[route.name]
+        return route.grant if not route.bearers else route.grant_for(target.path)
 
     def check_connection(self, peer: Peer) -> Grant:
         assert self.single is not None
-        return self._grants[self.single.name]
+        return self.single.grant
 
     def step_up(self, decision: Decision, peer: Peer, authorization: bytes | None) -> StepUp:
         raise AssertionError("a route's decision never asks for a step-up")

@@ -41,6 +41,7 @@ from typing import Final, NamedTuple, Protocol
 
 from .audit import access_members
 from .config import Limits, Timeouts
+from .errors import SourceError
 from .exchange import ExchangeState, ProtocolViolation, Req, ReqEvent, Resp, RespEvent
 from .h1reader import RequestReader, ResponseReader
 from .http1 import (
@@ -130,6 +131,29 @@ class Grant(NamedTuple):
     dialer: Dialer | None
     refusal: bytes | None = None
     error_kind: str | None = None
+    bearer: Bearer | None = None  # outbound: a JWT-SVID to attach to the forwarded request
+
+
+class Bearer(Protocol):
+    """Outbound: the JWT-SVID a route attaches to requests under one path prefix (sidecar.outbound)."""
+
+    replace: bool  # True: ours replaces an Authorization field from the app; False: the app's is kept
+
+    def line(self) -> bytes | None:
+        """The `authorization: Bearer ...` field line when a usable token is held (no await), else None."""
+        ...
+
+    async def fetch(self) -> bytes:
+        """The field line, fetching a token under a deadline; SourceError with a one-line reason."""
+        ...
+
+    def info(self) -> tuple[str, str, str]:
+        """Subject, audience and key id of the token of the last line (the audit line's jwt_* members)."""
+        ...
+
+    def refusal(self, reason: str) -> bytes:
+        """The app's answer when no token could be had (503)."""
+        ...
 
 
 class Authorizer(Protocol):
@@ -217,6 +241,7 @@ class HttpContext:
     upstream_peer: bool  # audit the upstream's SPIFFE ID as `peer` (outbound) instead of the caller's
     clock: Callable[[], float]
     response_heads: ResponseHeads = dataclasses.field(default_factory=ResponseHeads)
+    forward_jwt: bool = False  # inbound: forward a validated step-up token to the app (else stripped)
 
     @property
     def head_room(self) -> int:
@@ -654,7 +679,9 @@ class Exchange(ExchangeState):
     connection's sink and its response reader's sink while leased. It is its own `ExchangeState`."""
 
     __slots__ = (
+        "auth_line",
         "authority",
+        "bearer",
         "bytes_in",
         "bytes_out",
         "chunked_down",
@@ -725,7 +752,10 @@ class Exchange(ExchangeState):
         self.peer_text: str | None = None  # the audited peer when it is not the connection's
         self.request_id: bytes | None = None  # the X-Request-Id we made (None: the caller's, or none yet)
         self.trace: bytes | None = None  # the traceparent forwarded (the caller's or one we started)
-        self.token: tuple[str, str, str] | None = None  # a validated step-up JWT-SVID: subject, audience, kid
+        # A validated step-up JWT-SVID (inbound) or the one attached (outbound): subject, audience, kid.
+        self.token: tuple[str, str, str] | None = None
+        self.bearer: Bearer | None = None  # outbound: the JWT-SVID to attach
+        self.auth_line: bytes | None = None  # ... as the field line sent upstream
         self.failure = ""  # why the upstream failed (access log), "" when it did not
         self.tunnel_pending = b""  # bytes after an Upgrade request's head (the tunnel's first)
 
@@ -799,7 +829,15 @@ class Exchange(ExchangeState):
             self.respond_local(down)
             self.finish(keep_alive=False)
             return
+        bearer = grant.bearer
         st.response(RespEvent.LEASE)
+        if bearer is not None and (bearer.replace or head.authorization is None):
+            self.bearer = bearer
+            line = self.auth_line = bearer.line()
+            if line is None:  # no usable token held: fetched by the lease task first
+                self.task = conn.loop.create_task(self.lease())
+                return
+            self.token = bearer.info()
         up = dialer.acquire_idle(self)
         if up is not None:  # fast path: a warm pooled connection, no task needed
             self.attach(up)
@@ -879,6 +917,18 @@ class Exchange(ExchangeState):
         ctx = conn.ctx
         dialer = self.dialer
         assert dialer is not None
+        bearer = self.bearer
+        if bearer is not None and self.auth_line is None:
+            try:
+                self.auth_line = await bearer.fetch()  # under the fetcher's deadline
+            except SourceError as exc:
+                ctx.observer.upstream_error("jwt_svid")
+                self.failure = "jwt_svid"
+                self.fail(bearer.refusal(exc.args[0] if exc.args else "no JWT-SVID"))
+                return
+            self.token = bearer.info()
+            if self.over or conn.closed:
+                return
         t = ctx.timeouts
         try:
             async with asyncio.timeout(t.upstream_connect + t.upstream_response):
@@ -933,9 +983,17 @@ class Exchange(ExchangeState):
         # A trace we start has our request id as its trace-id (one draw for both).
         extra = b""
         token = self.token
-        if token is not None:
-            # The app learns the step-up happened (and for whom); the token itself is not forwarded.
+        fields = None
+        if self.auth_line is not None:  # outbound: our JWT-SVID, in place of any the app sent
+            extra = self.auth_line
+            if head.authorization is not None:
+                fields = without_field(head.fields, b"authorization")
+        elif token is not None:
+            # Inbound: the app learns the step-up happened (and for whom); the token is forwarded only when
+            # configured (inbound.forward_jwt).
             extra = b"%s: %s\r\n%s: %s\r\n" % (JWT_SUBJECT, token[0].encode(), JWT_AUDIENCE, token[1].encode())
+            if not ctx.forward_jwt:
+                fields = without_field(head.fields, b"authorization")
         rid = head.request_id
         if rid is None:
             rid = self.request_id = _new_id()
@@ -947,8 +1005,7 @@ class Exchange(ExchangeState):
             extra += b"traceparent: " + trace + b"\r\n"
         self.trace = trace
         data = request_head(self.method, target.forward, head, identity=peer.identity,
-                            host_fallback=dialer.authority, extra=extra,
-                            fields=None if token is None else without_field(head.fields, b"authorization"))  # fmt: skip
+                            host_fallback=dialer.authority, extra=extra, fields=fields)  # fmt: skip
         if self.pending is not None:
             body = b"".join(self.pending)
             self.pending = None

@@ -26,7 +26,9 @@ __all__ = [
     "env_port",
     "header_name_list",
     "host_port",
+    "jwt_audience",
     "one_of",
+    "path_prefix",
     "port_number",
     "server_pattern",
 ]
@@ -116,3 +118,25 @@ def header_name_list(values: object) -> tuple[tuple[str, ...], list[str]]:
         elif v.lower() not in out:
             out.append(v.lower())
     return tuple(out), problems
+
+
+_AUDIENCE_RE: Final = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces: one `aud` value
+
+
+def jwt_audience(text: object) -> str | Invalid:
+    """The audience of a JWT-SVID the sidecar asks for (JWT-SVID §3.2: at least one, never empty); printable
+    ASCII without spaces, as audiences are written in SPIRE entries and annotations."""
+    if isinstance(text, str) and _AUDIENCE_RE.fullmatch(text):
+        return text
+    return Invalid("an audience (printable ASCII, no spaces, at most 256 characters)", text)
+
+
+def path_prefix(text: object) -> str | Invalid:
+    """A request path prefix: starts with '/', no query, no spaces or control characters. Matched on whole
+    segments: `/api/stock` covers /api/stock and /api/stock/42, not /api/stockpile."""
+    if not isinstance(text, str) or not text.startswith("/"):
+        return Invalid("a path prefix starting with '/'", text)
+    if "?" in text or "#" in text or any(ch <= " " or ch == "\x7f" for ch in text):
+        why = f"path prefix {text!r}: no query, spaces or control characters"
+        return Invalid("a path prefix starting with '/'", text, why)
+    return text

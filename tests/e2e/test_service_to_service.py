@@ -43,6 +43,30 @@ async def test_admin_is_denied_to_checkout(cluster: Cluster) -> None:
     assert "no-admin" in await cluster.audit_for("inventory", "POST", "/admin/reset", CHECKOUT)
 
 
+async def test_step_up_needs_the_jwt_svid_checkouts_sidecar_attaches(cluster: Cluster) -> None:
+    reserve = "/api/stock/42/reserve"  # inventory's checkout-reserves-stock: mTLS as checkout + a JWT-SVID
+    status, _ = await cluster.call(cluster.ports["checkout_plain_out"], "POST", reserve)
+    assert status == 401
+    line = await cluster.audit_for("inventory", "POST", reserve, CHECKOUT)
+    assert line.startswith("deny") and "no valid JWT-SVID" in line, line
+    status, body = await cluster.call(cluster.ports["checkout_out"], "POST", reserve)
+    assert status == 200, body
+    seen = cluster.apps["inventory"].seen[-1]
+    assert seen["path"] == reserve and seen["jwt_subject"] == CHECKOUT and seen["authorization"] == ""
+    assert (await cluster.audit_for("inventory", "POST", reserve, CHECKOUT)).startswith("allow")
+    # Both ends name the token (subject, audience, kid), neither logs it.
+    inv = [x for x in cluster.sidecars["inventory"].audit_lines() if x.get("jwt_subject")][-1]
+    assert inv["rule"] == "checkout-reserves-stock" and inv["status"] == 200
+    out = [x for x in cluster.sidecars["checkout"].audit_lines() if x.get("jwt_audience")][-1]
+    assert (inv["jwt_subject"], inv["jwt_audience"]) == (out["jwt_subject"], out["jwt_audience"]) == (
+        CHECKOUT, "inventory")
+    assert inv["jwt_kid"] == out["jwt_kid"] != "-"
+    for sc in ("inventory", "checkout"):
+        text = cluster.sidecars[sc].audit_file.read_text(encoding="utf-8")
+        assert "eyJ" not in text and "Bearer" not in text
+    assert await cluster.metric("inventory", "spiffe_sidecar_jwt_bundles_generation") >= 1
+
+
 async def test_reporting_is_denied_through_its_http_proxy_port(cluster: Cluster) -> None:
     status, _ = await cluster.call(cluster.ports["reporting_proxy"], "GET", "/api/stock/42", proxy_host=INVENTORY_HOST)
     assert status == 403
