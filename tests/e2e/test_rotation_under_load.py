@@ -1,4 +1,5 @@
 """Rotation under traffic (issue 3): SVIDs of both sides rotate every ~1.5 s while a client keeps sending.
+And (issue 13) JWT signing keys rotating under step-up traffic: tokens minted by py-spiffe's JwtSource.
 
 The sidecar is a real `spiffe-sidecar run` process whose identity streams from the embedded SPIRE; the
 client gets *its* rotating SVID from py-spiffe's `X509Source` (a Workload API client we did not write)
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import ssl
 import tempfile
@@ -22,7 +24,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import X509Source
+from spiffe import JwtSource, X509Source
 
 from tests.example import CHECKOUT, INVENTORY, POLICY, TD
 from tests.helpers import App, start_app
@@ -188,3 +190,111 @@ audit: {{path: audit.log}}
     # Both sides really rotated during the run: several client SVIDs presented, several server leaves seen.
     assert len(tally.client_leaves) >= 3, tally.client_leaves
     assert len(tally.server_leaves) >= 3, tally.server_leaves
+
+
+JWT_RUN_SECONDS = 9.0
+JWT_ENTRIES = f"""\
+trust_domain: {TD}
+jwt_ttl: 2s
+jwt_key_ttl: 3s
+entries:
+  - spiffe_id: {CHECKOUT}
+    socket: checkout.sock
+  - spiffe_id: {INVENTORY}
+    socket: inventory.sock
+"""
+STEP_UP_POLICY = f"""\
+rules:
+  - name: checkout-reserves-stock
+    action: allow
+    methods: [POST]
+    paths: ["/api/stock/*/reserve"]
+    callers: ["{CHECKOUT}"]
+    jwt: {{audience: inventory}}
+"""
+
+
+def drive_step_up(port: int, socket_path: Path, keydir: Path, stop: threading.Event, tally: Tally) -> None:
+    """POST /api/stock/<i>/reserve with a JWT-SVID fetched from the Workload API by py-spiffe for every
+    request (the outside minter), over one kept-alive mTLS connection (reconnecting when the client
+    SVID on it expires, as above)."""
+    x509 = X509Source(socket_path=f"unix://{socket_path}", timeout_in_seconds=15)
+    tokens = JwtSource(socket_path=f"unix://{socket_path}", timeout_in_seconds=15)
+    try:
+        conn = _connect(port, x509, keydir, tally)
+        i = 0
+        deadline = time.monotonic() + JWT_RUN_SECONDS
+        while time.monotonic() < deadline and not stop.is_set():
+            i += 1
+            token = tokens.fetch_svid({"inventory"}).token
+            for attempt in range(2):
+                try:
+                    conn.request("POST", f"/api/stock/{i}/reserve", body=b"",
+                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                    resp = conn.getresponse()
+                    resp.read()
+                except (OSError, http.client.RemoteDisconnected, http.client.CannotSendRequest) as e:
+                    if attempt:
+                        tally.failures.append(f"request {i}: {type(e).__name__}: {e}")
+                        break
+                    tally.reconnects += 1
+                    conn.close()
+                    conn = _connect(port, x509, keydir, tally)
+                    continue
+                if resp.status != 200:
+                    tally.failures.append(f"request {i}: {resp.status}")
+                else:
+                    tally.ok += 1
+                break
+            time.sleep(0.02)
+        conn.close()
+    finally:
+        tokens.close()
+        x509.close()
+
+
+async def test_jwt_key_rotation_under_step_up_traffic_has_zero_failures(tmp_path: Path) -> None:
+    from spire.entries import parse_config
+    from spire.server import EmbeddedSpire
+
+    state, runner = await start_app()
+    app: App = state
+    keydir = tmp_path / "keys"
+    keydir.mkdir(mode=0o700)
+    try:
+        spire_config = parse_config(JWT_ENTRIES, "entries.yaml", socket_dir=str(tmp_path / "spire"))
+        async with EmbeddedSpire(spire_config) as spire:
+            (tmp_path / "policy.yaml").write_text(STEP_UP_POLICY)
+            config = tmp_path / "inventory.yaml"
+            config.write_text(
+                f"""\
+svid_source: {{workload_api: {{socket: "unix://{spire.socket_path_for(INVENTORY)}"}}}}
+inbound: {{listen: "127.0.0.1:0", app: "127.0.0.1:{app.port}", policy_file: policy.yaml}}
+admin: {{listen: "127.0.0.1:0"}}
+audit: {{path: audit.log}}
+"""
+            )
+            async with running_sidecar(config, rules=1) as sc:
+                tally = Tally()
+                stop = threading.Event()
+                worker = asyncio.to_thread(
+                    drive_step_up, sc.inbound_port, spire.socket_path_for(CHECKOUT), keydir, stop, tally
+                )
+                try:
+                    async with asyncio.timeout(JWT_RUN_SECONDS + 60):
+                        await worker
+                finally:
+                    stop.set()
+                audit = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines() if x.strip()]
+    finally:
+        await runner.cleanup()
+
+    lines = [x for x in audit if x.get("path", "").endswith("/reserve")]
+    kids = {x.get("jwt_kid") for x in lines if x.get("decision") == "allow"}
+    print(f"JWT key rotation under traffic: {tally.ok} ok, {len(tally.failures)} failed, signing keys seen {len(kids)}")
+    assert tally.failures == [], tally.failures[:10]
+    assert tally.ok > 50
+    assert len(lines) == tally.ok and all(x["decision"] == "allow" and x["status"] == 200 for x in lines)
+    assert all(x["jwt_subject"] == CHECKOUT and x["jwt_audience"] == "inventory" for x in lines)
+    assert len(kids) >= 3, kids  # the signing key really rotated (several times) during the run
+    assert len(app.seen) == tally.ok
