@@ -278,7 +278,7 @@ def session(pki: Pki, leaf: Leaf | None = None, limit: int = 1) -> aiohttp.Clien
 # The inbound listener in this process
 
 # The running example plus what the inbound tests exercise beyond GET /api/stock/* (uploads, WebSocket).
-CHECKOUT_TEST_API = {
+CHECKOUT_TEST_API: dict[str, object] = {
     "name": "checkout-test-api", "action": "allow", "methods": ["GET", "POST", "PUT", "HEAD"],
     "paths": ["/api/**", "/ws"], "callers": [CHECKOUT],
 }  # fmt: skip
@@ -311,16 +311,20 @@ async def start_sidecar(
     limits: Limits | None = None,
     strip: tuple[str, ...] | None = None,
     jwt_bundles: Any = None,
+    forward_jwt: bool = False,
 ) -> Sidecar:
     """An InboundServer for inventory on 127.0.0.1 (ephemeral port) in front of `app_port`; audit lines
-    are kept as dicts. The caller drains it (`sidecar_with` does). `jwt_bundles`: a JwtBundleHolder."""
+    are kept as dicts. The caller drains it (`sidecar_with` does). `jwt_bundles`: a JwtBundleHolder;
+    `forward_jwt`: inbound.forward_jwt."""
     metrics = Metrics()
     lines: list[dict[str, Any]] = []
     audit = AuditLog(AuditSettings(), write=lambda s: lines.append(json.loads(s)), metrics=metrics,
                      rng=lambda: 0.0)  # fmt: skip
     tls = TlsContexts(pki.context())
     ref = PolicyRef(compile_policy(policy, "test-policy"))
-    settings = InboundSettings(HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app_port), mode=mode)
+    settings = InboundSettings(
+        HostPort("127.0.0.1", 0), HostPort("127.0.0.1", app_port), mode=mode, forward_jwt=forward_jwt
+    )
     if strip is not None:
         settings = dataclasses.replace(settings, strip_request_headers=strip)
     server = InboundServer(

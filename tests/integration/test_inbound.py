@@ -1114,7 +1114,7 @@ async def test_access_log_names_the_upstream_failure(pki: Pki) -> None:
 
 
 STEP_UP_POLICY = {"rules": [
-    *INBOUND_POLICY["rules"],
+    *cast(list[dict[str, object]], INBOUND_POLICY["rules"]),
     {"name": "reserve-needs-token", "action": "allow", "methods": ["POST"], "paths": ["/api/stock/*/reserve"],
      "callers": [CHECKOUT], "jwt": {"audience": "inventory"}},
 ]}  # fmt: skip
@@ -1185,6 +1185,50 @@ async def test_step_up_requires_a_valid_bound_jwt_svid(pki: Pki, app: App) -> No
         # The rest of the policy needs no token.
         code, _, _ = await curl(pki, sc.port, "/api/stock/42", pki.checkout)
         assert code == 200
+    finally:
+        await sc.server.drain(1)
+
+
+async def test_forward_jwt_passes_the_validated_token_and_only_it_to_the_app(pki: Pki, app: App) -> None:
+    key, holder = _jwt_key_and_bundles()
+    sc = await start_sidecar(pki, app.port, policy=STEP_UP_POLICY, jwt_bundles=holder, forward_jwt=True)
+    path = b"/api/stock/42/reserve"
+    try:
+        good = _token(key, CHECKOUT)
+        code, _, err = await curl(pki, sc.port, path.decode(), pki.checkout, "-X", "POST",
+                                  "-H", f"Authorization: Bearer {good}")  # fmt: skip
+        assert code == 200, err
+        seen = app.seen[-1].headers
+        assert seen.getall("Authorization") == [f"Bearer {good}"]  # as received, once
+        assert seen.getall("X-Spiffe-Jwt-Subject") == [CHECKOUT] and seen["X-Spiffe-Jwt-Audience"] == "inventory"
+        line = sc.audit_lines[-1]
+        assert (line["decision"], line["jwt_subject"], line["jwt_kid"]) == ("allow", CHECKOUT, "k1")
+        assert good not in json.dumps(sc.audit_lines)  # forwarded to the app, still never logged
+        # A second Authorization field was never validated: only the validated one reaches the app.
+        out = await raw_exchange(pki, sc.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\nAuthorization: Bearer %s\r\nauthorization: Bearer forged\r\n"
+                                 b"\r\n" % (path, good.encode()))  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+        assert app.seen[-1].headers.getall("Authorization") == [f"Bearer {good}"]
+        # Forwarding changes nothing about validation: a token for another workload, or none, gets nowhere.
+        code, _, err = await curl(pki, sc.port, path.decode(), pki.checkout, "-X", "POST",
+                                  "-H", f"Authorization: Bearer {_token(key, REPORTING)}")  # fmt: skip
+        assert code == 403, err
+        out = await raw_exchange(pki, sc.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n" % path)  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 401 ")
+        assert len(app.seen) == 2
+    finally:
+        await sc.server.drain(1)
+    # The default (forward_jwt false) keeps every Authorization field from the app, the validated one too.
+    sc = await start_sidecar(pki, app.port, policy=STEP_UP_POLICY, jwt_bundles=holder)
+    try:
+        out = await raw_exchange(pki, sc.port, b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\nAuthorization: Bearer %s\r\nauthorization: Bearer forged\r\n"
+                                 b"\r\n" % (path, _token(key, CHECKOUT).encode()))  # fmt: skip
+        assert out.startswith(b"HTTP/1.1 200 "), out[:200]
+        assert "Authorization" not in app.seen[-1].headers
+        assert app.seen[-1].headers.getall("X-Spiffe-Jwt-Subject") == [CHECKOUT]
     finally:
         await sc.server.drain(1)
 

@@ -22,7 +22,14 @@ from sidecar.annotations import (
     parse_probe_routes,
     policy_from_annotations,
 )
-from sidecar.config import HostPort, ListenerMode, WorkloadApiSettings
+from sidecar.config import (
+    AuthorizationMode,
+    HostPort,
+    ListenerMode,
+    OutboundJwt,
+    WorkloadApiSettings,
+    describe_settings,
+)
 from sidecar.errors import ConfigError
 from sidecar.identity import SpiffeId
 from sidecar.policy import RequestAttrs, authorize
@@ -243,6 +250,95 @@ def test_outbound_duplicate_listen() -> None:
     line = "127.0.0.1:15001 -> a:1 expect spiffe://td/x"
     with pytest.raises(ConfigError, match="already used on line 1"):
         parse_pod_annotations(ann(outbound=f"{line}\n{line}"))
+
+
+
+_INVENTORY_LINE = "127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://example.org/ns/shop/sa/inventory"
+
+
+def test_outbound_jwt_clause_defaults() -> None:
+    a = parse_pod_annotations(ann(outbound=_INVENTORY_LINE + " jwt aud=inventory"))
+    (line,) = a.outbound
+    assert line.to.jwt == (OutboundJwt("inventory", "/", AuthorizationMode.REPLACE),)
+    assert str(line.to.target) == "inventory.shop.svc:8443" and line.line == 1
+    assert parse_pod_annotations(ann(outbound=_INVENTORY_LINE)).outbound[0].to.jwt == ()
+
+
+def test_outbound_jwt_clauses_repeat_one_per_path() -> None:
+    text = (
+        "# app -> inventory, a token on the stock and order APIs\n"
+        f"{_INVENTORY_LINE} jwt aud=inventory path=/api/stock authorization=keep"
+        "   jwt   path=/api/orders/ aud=spiffe://example.org/ns/shop/sa/inventory\n"
+        "127.0.0.1:15002 -> reports.shop.svc:8443 expect spiffe://example.org/ns/shop/sa/reporting\n"
+    )
+    a = parse_pod_annotations(ann(outbound=text))
+    first, second = a.outbound
+    assert first.to.jwt == (
+        OutboundJwt("inventory", "/api/stock", AuthorizationMode.KEEP),
+        OutboundJwt("spiffe://example.org/ns/shop/sa/inventory", "/api/orders/", AuthorizationMode.REPLACE),
+    )
+    assert (first.line, second.line, second.to.jwt) == (2, 3, ())
+    # The clauses reach the sidecar's settings (what the outbound listener attaches, /config shows).
+    env = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spire/agent.sock", "SPIFFE_SIDECAR_APP_PORT": "8080"}
+    settings = ann_mod.settings_from_annotations(a, env)
+    assert [r.to.jwt for r in settings.outbound] == [first.to.jwt, ()]
+    assert describe_settings(settings)["outbound"][0]["jwt"] == [
+        {"audience": "inventory", "path": "/api/stock", "authorization": "keep"},
+        {"audience": "spiffe://example.org/ns/shop/sa/inventory", "path": "/api/orders/", "authorization": "replace"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tail", "message"),
+    [
+        (" jwt", "'jwt' needs aud=<audience> (the audience of the JWT-SVID to attach)"),
+        (" jwt path=/api/stock", "'jwt' needs aud=<audience> (the audience of the JWT-SVID to attach)"),
+        (" jwt aud=inventory jwt", "'jwt' needs aud=<audience> (the audience of the JWT-SVID to attach)"),
+        (" jwt aud=inventory header=x-token",
+         "after 'jwt' expected aud=<audience>, path=<prefix> or authorization=replace|keep, got 'header=x-token'"),
+        (" jwt aud=inventory AUD=other",
+         "after 'jwt' expected aud=<audience>, path=<prefix> or authorization=replace|keep, got 'AUD=other'"),
+        (" jwt aud=inventory aud=other",
+         "after 'jwt' expected aud=<audience>, path=<prefix> or authorization=replace|keep, got 'aud=other'"),
+        (" jwt aud=inventory keep",
+         "after 'jwt' expected aud=<audience>, path=<prefix> or authorization=replace|keep, got 'keep'"),
+        (" jwt aud=", "jwt aud: expected an audience (printable ASCII, no spaces, at most 256 characters), got ''"),
+        (" jwt aud=inventory path=api/stock", "jwt path: expected a path prefix starting with '/', got 'api/stock'"),
+        (" jwt aud=inventory path=/api?x=1",
+         "jwt path: path prefix '/api?x=1': no query, spaces or control characters"),
+        (" jwt aud=inventory path=/api#x", "jwt path: path prefix '/api#x': no query, spaces or control characters"),
+        (" jwt aud=inventory authorization=drop", "jwt authorization: expected replace or keep, got 'drop'"),
+        (" jwt aud=inventory authorization=Keep", "jwt authorization: expected replace or keep, got 'Keep'"),
+        (" jwt aud=a path=/api jwt aud=b path=/api", "jwt path=/api appears twice"),
+        (" jwt aud=a path=/api jwt aud=b path=/api/", "jwt path=/api/ appears twice"),
+        (" jwt aud=a jwt aud=b", "jwt path=/ appears twice"),
+        (" garbage", "after the expected server ID only 'jwt aud=<audience> ...' may follow, got 'garbage'"),
+        (" aud=inventory",
+         "after the expected server ID only 'jwt aud=<audience> ...' may follow, got 'aud=inventory'"),
+    ],
+)  # fmt: skip
+def test_outbound_jwt_clause_errors_name_the_line(tail: str, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(outbound=f"# routes\n\n127.0.0.1:15000 -> a:1 expect spiffe://td/a\n{_INVENTORY_LINE}{tail}"))
+    assert problems(exc) == [f"annotation {PREFIX}outbound:4: {message}"]
+
+
+def test_outbound_jwt_clause_problems_of_several_lines_are_all_listed() -> None:
+    text = f"{_INVENTORY_LINE} jwt\n127.0.0.1:15002 -> b:1 expect spiffe://td/b jwt aud=b authorization=never\n"
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(outbound=text))
+    assert problems(exc) == [
+        f"annotation {PREFIX}outbound:1: 'jwt' needs aud=<audience> (the audience of the JWT-SVID to attach)",
+        f"annotation {PREFIX}outbound:2: jwt authorization: expected replace or keep, got 'never'",
+    ]
+
+
+def test_outbound_without_expect_still_gets_the_usage_message() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(outbound="127.0.0.1:15001 -> a:1 jwt aud=inventory"))
+    (msg,) = problems(exc)
+    assert msg.startswith(f"annotation {PREFIX}outbound:1: expected '<listen host:port> -> <target host:port> "
+                          "expect <SPIFFE ID> [jwt aud=<audience>")  # fmt: skip
 
 
 # Hypothesis: the parser never crashes; it accepts or raises ConfigError with a reason per problem.

@@ -10,8 +10,10 @@ import pytest
 
 from sidecar.config import (
     AuditSettings,
+    AuthorizationMode,
     HostPort,
     ListenerMode,
+    OutboundJwt,
     PemSourceSettings,
     Settings,
     Timeouts,
@@ -672,3 +674,189 @@ def test_duplicate_keys_do_not_hide_the_other_problems() -> None:
     # A config file too: the duplicate and the rest in one report, and nothing is accepted.
     found = problems(MINIMAL + "admin: {listen: '127.0.0.1:1'}\nadmin: {listen: x}\nlimits: {max_connections: 0}\n")
     assert any("duplicate key" in p for p in found) and any("max_connections" in p for p in found)
+
+
+# --- outbound JWT-SVIDs and inbound.forward_jwt ------------------------------------------------------
+
+JWT_ROUTE = CLIENT_ONLY  # its one route ends at line 7 (expect); `jwt:` below is on line 8
+
+
+def test_outbound_jwt_one_mapping_takes_the_defaults() -> None:
+    s = parse(JWT_ROUTE + "    jwt: {audience: inventory}\n")
+    (route,) = s.outbound
+    assert route.to.jwt == (OutboundJwt("inventory", "/", AuthorizationMode.REPLACE),)
+    assert describe_settings(s)["outbound"][0]["jwt"] == [
+        {"audience": "inventory", "path": "/", "authorization": "replace"}
+    ]
+    # A route without `jwt` attaches nothing, and says so in /config.
+    plain = parse(JWT_ROUTE)
+    assert plain.outbound[0].to.jwt == () and describe_settings(plain)["outbound"][0]["jwt"] == []
+
+
+def test_outbound_jwt_list_form_one_entry_per_path() -> None:
+    s = parse(JWT_ROUTE + """\
+    jwt:
+      - {audience: inventory, path: /api/stock, authorization: keep}
+      - audience: spiffe://example.org/ns/shop/sa/inventory
+        path: /api/orders/
+""")
+    assert s.outbound[0].to.jwt == (
+        OutboundJwt("inventory", "/api/stock", AuthorizationMode.KEEP),
+        OutboundJwt("spiffe://example.org/ns/shop/sa/inventory", "/api/orders/", AuthorizationMode.REPLACE),
+    )
+    assert describe_settings(s)["outbound"][0]["jwt"] == [
+        {"audience": "inventory", "path": "/api/stock", "authorization": "keep"},
+        {"audience": "spiffe://example.org/ns/shop/sa/inventory", "path": "/api/orders/", "authorization": "replace"},
+    ]
+
+
+def test_outbound_jwt_on_proxy_routes() -> None:
+    s = parse("""\
+        svid_source: {workload_api: {socket: "unix:///run/spire/agent.sock"}}
+        outbound_proxy:
+          listen: "127.0.0.1:15080"
+          routes:
+            Inventory.Shop.Svc:
+              target: "inventory.shop.svc:8443"
+              expect: "spiffe://example.org/ns/shop/sa/inventory"
+              jwt: [{audience: inventory, path: /api/stock}, {audience: inv-admin, path: /admin, authorization: keep}]
+            reports.shop.svc: {target: "reports.shop.svc:8443", expect: "spiffe://example.org/ns/shop/sa/reporting"}
+    """)
+    assert s.outbound_proxy is not None
+    routes = dict(s.outbound_proxy.routes)
+    assert routes["inventory.shop.svc"].jwt == (
+        OutboundJwt("inventory", "/api/stock"), OutboundJwt("inv-admin", "/admin", AuthorizationMode.KEEP)
+    )
+    assert routes["reports.shop.svc"].jwt == ()
+    view = describe_settings(s)["outbound_proxy"]["routes"]
+    assert view["inventory.shop.svc"]["jwt"] == [
+        {"audience": "inventory", "path": "/api/stock", "authorization": "replace"},
+        {"audience": "inv-admin", "path": "/admin", "authorization": "keep"},
+    ]
+    assert view["reports.shop.svc"]["jwt"] == []
+
+
+_AUDIENCE_RULE = "expected an audience (printable ASCII, no spaces, at most 256 characters)"
+
+
+@pytest.mark.parametrize(
+    ("jwt", "expected"),
+    [
+        ("{}", "outbound[0].jwt.audience: required: the audience of the JWT-SVID to attach (JWT-SVID §3)"),
+        ("{path: /api}", "outbound[0].jwt.audience: required: the audience of the JWT-SVID to attach (JWT-SVID §3)"),
+        ('{audience: ""}', f"outbound[0].jwt.audience: {_AUDIENCE_RULE}, got ''"),
+        ('{audience: "in ventory"}', f"outbound[0].jwt.audience: {_AUDIENCE_RULE}, got 'in ventory'"),
+        ("{audience: 42}", f"outbound[0].jwt.audience: {_AUDIENCE_RULE}, got 42"),
+        ('{audience: "invéntory"}', f"outbound[0].jwt.audience: {_AUDIENCE_RULE}, got 'invéntory'"),
+        ("{audience: a, path: api/stock}",
+         "outbound[0].jwt.path: expected a path prefix starting with '/', got 'api/stock'"),
+        ("{audience: a, path: 7}", "outbound[0].jwt.path: expected a path prefix starting with '/', got 7"),
+        ('{audience: a, path: "/api?x=1"}',
+         "outbound[0].jwt.path: path prefix '/api?x=1': no query, spaces or control characters"),
+        ('{audience: a, path: "/api#top"}',
+         "outbound[0].jwt.path: path prefix '/api#top': no query, spaces or control characters"),
+        ('{audience: a, path: "/api stock"}',
+         "outbound[0].jwt.path: path prefix '/api stock': no query, spaces or control characters"),
+        ("{audience: a, authorization: drop}", "outbound[0].jwt.authorization: expected replace or keep, got 'drop'"),
+        ("{audience: a, authorization: true}", "outbound[0].jwt.authorization: expected replace or keep, got True"),
+        ("{audience: a, header: x-token}",
+         "outbound[0].jwt.header: unknown key (expected one of: audience, authorization, path)"),
+        ("inventory", "outbound[0].jwt: expected a mapping, got a string"),
+        ("[inventory]", "outbound[0].jwt[0]: expected a mapping, got a string"),
+        ("[]", "outbound[0].jwt: expected {audience: <aud>, path: <prefix>, authorization: replace|keep} or a list "
+               "of them"),
+        ("[{audience: a, path: /api}, {audience: b, path: /api}]",
+         "outbound[0].jwt[1].path: path prefix '/api' already has a JWT-SVID on this route"),
+        # A trailing slash covers the same paths (whole segments): the same prefix twice.
+        ("[{audience: a, path: /api}, {audience: b, path: /api/}]",
+         "outbound[0].jwt[1].path: path prefix '/api/' already has a JWT-SVID on this route"),
+        ("[{audience: a}, {audience: b, path: /}]",
+         "outbound[0].jwt[1].path: path prefix '/' already has a JWT-SVID on this route"),
+    ],
+)  # fmt: skip
+def test_outbound_jwt_problems_carry_line_and_field(jwt: str, expected: str) -> None:
+    assert problems(JWT_ROUTE + f"    jwt: {jwt}\n") == [f"side.yaml:8: {expected}"]
+
+
+def test_outbound_jwt_problems_of_every_list_entry_are_listed() -> None:
+    found = problems(JWT_ROUTE + """\
+    jwt:
+      - {audience: inventory, path: /api}
+      - {path: /x, authorization: maybe}
+      - {audience: "a b", path: nope}
+""")
+    assert found == [
+        "side.yaml:10: outbound[0].jwt[1].audience: required: the audience of the JWT-SVID to attach (JWT-SVID §3)",
+        "side.yaml:10: outbound[0].jwt[1].authorization: expected replace or keep, got 'maybe'",
+        f"side.yaml:11: outbound[0].jwt[2].audience: {_AUDIENCE_RULE}, got 'a b'",
+        "side.yaml:11: outbound[0].jwt[2].path: expected a path prefix starting with '/', got 'nope'",
+    ]
+
+
+def test_outbound_jwt_audience_length_limit() -> None:
+    assert parse(JWT_ROUTE + f"    jwt: {{audience: {'a' * 256}}}\n").outbound[0].to.jwt[0].audience == "a" * 256
+    (found,) = problems(JWT_ROUTE + f"    jwt: {{audience: {'a' * 257}}}\n")
+    assert found.startswith(f"side.yaml:8: outbound[0].jwt.audience: {_AUDIENCE_RULE}, got 'aaa")
+
+
+def test_outbound_jwt_needs_an_http_route() -> None:
+    assert problems(JWT_ROUTE + "    mode: tcp\n    jwt: {audience: inventory}\n") == [
+        "side.yaml:9: outbound[0].jwt: a tcp route carries no HTTP fields: a JWT-SVID needs mode http"
+    ]
+    assert parse(JWT_ROUTE + "    mode: http\n    jwt: {audience: inventory}\n").outbound[0].to.jwt
+
+
+def test_outbound_jwt_needs_the_workload_api() -> None:
+    text = """\
+        svid_source:
+          pem: {cert_chain: tls.crt, key: tls.key, bundle: ca.crt}
+        outbound:
+          - listen: "127.0.0.1:15001"
+            target: "inventory.shop.svc:8443"
+            expect: "spiffe://example.org/ns/shop/sa/inventory"
+            jwt: {audience: inventory}
+          - listen: "127.0.0.1:15002"
+            target: "orders.shop.svc:8443"
+            expect: "spiffe://example.org/ns/shop/sa/orders"
+        outbound_proxy:
+          listen: "127.0.0.1:15080"
+          routes:
+            inventory.shop.svc:
+              target: "inventory.shop.svc:8443"
+              expect: "spiffe://example.org/ns/shop/sa/inventory"
+              jwt: [{audience: inventory}]
+    """
+    assert problems(text) == [
+        "side.yaml:7: outbound[0].jwt: attaching a JWT-SVID needs svid_source.workload_api (the PEM source "
+        "cannot mint one)",
+        "side.yaml:17: outbound_proxy.routes.inventory.shop.svc.jwt: attaching a JWT-SVID needs "
+        "svid_source.workload_api (the PEM source cannot mint one)",
+    ]
+    # The same routes without `jwt` are fine with PEM files.
+    pem = parse(text.replace("jwt: {audience: inventory}", "mode: http").replace("jwt: [{audience: inventory}]", ""))
+    assert isinstance(pem.source, PemSourceSettings) and all(not r.to.jwt for r in pem.outbound)
+
+
+def test_the_checkout_example_documents_the_jwt_key() -> None:
+    # checkout.yaml uses PEM files: its route shows `jwt` in a comment only, and loads without it.
+    text = (CONFIG_DIR / "checkout.yaml").read_text()
+    assert "#   jwt: {audience: inventory, path: /api/stock, authorization: replace}" in text
+    assert load_settings(CONFIG_DIR / "checkout.yaml", {}).outbound[0].to.jwt == ()
+
+
+def test_forward_jwt_defaults_to_false_and_takes_a_boolean() -> None:
+    s = parse(MINIMAL)
+    assert s.inbound is not None and s.inbound.forward_jwt is False
+    assert describe_settings(s)["inbound"]["forward_jwt"] is False
+    s = parse(MINIMAL + "  forward_jwt: true\n")
+    assert s.inbound is not None and s.inbound.forward_jwt is True
+    assert describe_settings(s)["inbound"]["forward_jwt"] is True
+    s = parse(MINIMAL + "  forward_jwt: false\n")
+    assert s.inbound is not None and s.inbound.forward_jwt is False
+
+
+@pytest.mark.parametrize(("value", "shown"), [('"true"', "'true'"), ("1", "1"), ("", "None"), ("[true]", "[True]")])
+def test_forward_jwt_must_be_true_or_false(value: str, shown: str) -> None:
+    assert problems(MINIMAL + f"  forward_jwt: {value}\n") == [
+        f"side.yaml:7: inbound.forward_jwt: expected true or false, got {shown}"
+    ]
