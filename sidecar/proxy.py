@@ -990,10 +990,12 @@ class Exchange(ExchangeState):
                 fields = without_field(head.fields, b"authorization")
         elif token is not None:
             # Inbound: the app learns the step-up happened (and for whom); the token is forwarded only when
-            # configured (inbound.forward_jwt).
+            # configured (inbound.forward_jwt), and then only the field that was validated: a second
+            # Authorization field from the caller (never validated) must not reach the app beside it.
             extra = b"%s: %s\r\n%s: %s\r\n" % (JWT_SUBJECT, token[0].encode(), JWT_AUDIENCE, token[1].encode())
-            if not ctx.forward_jwt:
-                fields = without_field(head.fields, b"authorization")
+            fields = without_field(head.fields, b"authorization")
+            if ctx.forward_jwt and head.authorization is not None:
+                extra += b"authorization: " + head.authorization + b"\r\n"
         rid = head.request_id
         if rid is None:
             rid = self.request_id = _new_id()
