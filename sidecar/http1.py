@@ -298,6 +298,37 @@ class RequestHeads:
         """The result for a field block the full path already accepted, else None (the fast path)."""
         return self._cache.get((raw, http10))
 
+    def simple(self, method: bytes, target: bytes, raw: bytes, http10: bool) -> RequestHead | None:
+        """The fast path's head: the cached one, else, for a field block in `_SIMPLE_BLOCK_RE` (a subset of
+        RFC 9112 §5 that llhttp accepts and splits the same way: token names, no space before the colon,
+        values of visible ASCII, SP and HTAB, CRLF line ends, no obs-fold), `parse_request_head` on its
+        fields without the C parser and its per-field callbacks (what traffic with a fresh X-Request-Id or
+        traceparent per request costs). None when the block is outside the subset or the head is refused:
+        the full path then decides, and answers."""
+        key = (raw, http10)
+        head = self._cache.get(key)
+        if head is not None:
+            return head
+        if len(raw) > _HEAD_CACHE_BYTES or _SIMPLE_BLOCK_RE.fullmatch(raw) is None:
+            return None
+        pairs = _SIMPLE_FIELD_RE.findall(raw)
+        try:
+            head = parse_request_head(method, target, [p[0] for p in pairs], [p[1] for p in pairs], http10=http10,
+                                      drop=self.drop)  # fmt: skip
+        except BadRequest:
+            return None
+        if len(self._cache) >= _HEAD_CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = head
+        return head
+
+
+# One field line of the fast path's subset of RFC 9112 §5.1 (see RequestHeads.simple): the value as llhttp
+# reports it, leading whitespace dropped and trailing whitespace kept.
+_SIMPLE_FIELD: Final = rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*((?:[\x21-\x7e][\x20-\x7e\t]*)?)\r\n"
+_SIMPLE_FIELD_RE: Final = re.compile(_SIMPLE_FIELD)
+_SIMPLE_BLOCK_RE: Final = re.compile(b"(?:" + _SIMPLE_FIELD + b")*")
+
 
 def _request_framing(
     lnames: Sequence[bytes], values: Sequence[bytes], http10: bool

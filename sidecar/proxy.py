@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Final, NamedTuple, Protocol
 
-from .audit import access_members
+from .audit import access_members, json_string
 from .config import Limits, Timeouts
 from .errors import SourceError
 from .exchange import ExchangeState, ProtocolViolation, Req, ReqEvent, Resp, RespEvent
@@ -101,6 +101,11 @@ _REQUEST_LINE_RE: Final = re.compile(
 # Request ids and trace ids: unique, not secret (Mersenne Twister seeded from the OS, one draw per id).
 _RANDOM: Final = random.Random(os.urandom(32))  # noqa: S311 - ids must be unique, not secret
 _HEX32: Final = re.compile(rb"[0-9a-f]{32}")
+
+
+# Access-log members of a request head by (Host, User-Agent, HTTP/1.0), bounded (cleared when full).
+_HEAD_MEMBERS: Final[dict[tuple[bytes | None, bytes | None, bool], str]] = {}
+_HEAD_MEMBERS_MAX: Final = 256
 
 
 def _new_id() -> bytes:
@@ -347,8 +352,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _whole_request(self, data: bytes) -> bool:
         """The fast path: one whole request in one read, its field block one the full path (the C parser
-        and `parse_request_head`) already accepted byte for byte, its request line in a conservative
-        subset of RFC 9112 §3 (a token method, an origin-form target of RFC 3986 characters, HTTP/1.x),
+        and `parse_request_head`) already accepted byte for byte or one in the conservative subset of
+        RFC 9112 §5 of `RequestHeads.simple`, its request line in a conservative subset of RFC 9112 §3
+        (a token method, an origin-form target of RFC 3986 characters, HTTP/1.x),
         its body (Content-Length only) complete, nothing after it. The request is handled exactly as if
         the reader had reported it; the parser, still at the start of a message, is not fed."""
         end = data.find(b"\r\n\r\n")
@@ -363,7 +369,7 @@ class HttpConnection(asyncio.Protocol):
             return False  # llhttp knows a fixed set of methods; only common ones skip it
         http10 = m.group(3) == b"0"
         raw = data[line + 2 : end + 2]
-        head = ctx.request_heads.known(raw, http10)
+        head = ctx.request_heads.simple(m.group(1), m.group(2), raw, http10)
         if head is None:
             return False
         framing = head.framing
@@ -1428,7 +1434,7 @@ class Exchange(ExchangeState):
             else:
                 ids = ',"request_id":"' + r + '"'
         elif head.request_id is not None:
-            ids = access_members(request_id=head.request_id.decode("ascii", "replace"))
+            ids = ',"request_id":' + json_string(head.request_id.decode("ascii", "replace"))
         else:
             ids = ',"request_id":"' + _new_id().decode("ascii") + '"'
         if trace is not None and len(trace) >= 35:
@@ -1437,11 +1443,18 @@ class Exchange(ExchangeState):
                     access_members(trace_id=tid.decode("ascii", "replace")))  # fmt: skip
         members = head.access
         if members is None:
-            members = head.access = access_members(
-                authority=head.host.decode("ascii", "replace") if head.host else "",
-                user_agent=head.user_agent.decode("ascii", "replace") if head.user_agent else "",
-                protocol="HTTP/1.0" if head.http10 else "HTTP/1.1",
-            )  # fmt: skip
+            # Heads that differ only in their ids (a fresh X-Request-Id per request) share these members.
+            key = (head.host, head.user_agent, head.http10)
+            members = _HEAD_MEMBERS.get(key)
+            if members is None:
+                if len(_HEAD_MEMBERS) >= _HEAD_MEMBERS_MAX:
+                    _HEAD_MEMBERS.clear()
+                members = _HEAD_MEMBERS[key] = access_members(
+                    authority=head.host.decode("ascii", "replace") if head.host else "",
+                    user_agent=head.user_agent.decode("ascii", "replace") if head.user_agent else "",
+                    protocol="HTTP/1.0" if head.http10 else "HTTP/1.1",
+                )  # fmt: skip
+            head.access = members
         if self.authority is not None:  # an absolute-form target's authority (outbound proxy port)
             members = access_members(authority=self.authority.decode("ascii", "replace")) + members.replace(
                 ',"authority":', ',"host":', 1)  # fmt: skip

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar import audit as audit_module
 from sidecar.audit import AuditLog, access_members, open_writer
@@ -303,3 +305,11 @@ def test_access_members_keep_their_order_escape_and_leave_out_empty_values() -> 
     record = json.loads(lines[0])
     assert list(record)[-4:] == ["request_id", "user_agent", "protocol", "source"]
     assert record["user_agent"] == 'curl "x"\n'
+
+
+@given(st.text())
+def test_json_string_is_the_json_encoders(value: str) -> None:
+    from sidecar.audit import _ENCODE, json_string
+
+    assert json_string(value) == _ENCODE(value)
+    assert json.loads(json_string(value)) == value

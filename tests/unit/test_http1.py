@@ -923,3 +923,101 @@ def test_head_size_is_the_bytes_on_the_wire(
     assert head.size(method, target) == len(wire)
     # Nothing dropped and nothing stripped: the forwarded fields are the block itself.
     assert head.fields == block
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RequestHeads.simple: the fast path's own split of a field block must be the full path's (issue 11)
+
+from sidecar.h1reader import RequestReader  # noqa: E402
+
+
+class _HeadSink:
+    """What the full path (llhttp through RequestReader) reports for one request head."""
+
+    def __init__(self) -> None:
+        self.head: tuple[list[bytes], list[bytes]] | None = None
+        self.error = False
+
+    def request_head(self, method: bytes, target: bytes, names: list[bytes], values: list[bytes], http10: bool,
+                     raw: bytes | None) -> None:  # fmt: skip
+        self.head = (list(names), list(values))
+
+    def request_body(self, data: bytes) -> None:
+        pass
+
+    def request_end(self) -> None:
+        pass
+
+    def request_upgrade(self, rest: bytes) -> None:
+        pass
+
+    def request_error(self, response: bytes, label: str, detail: str) -> None:
+        self.error = True
+
+
+def _full_path(block: bytes) -> RequestHead | BadRequest | None:
+    sink = _HeadSink()
+    RequestReader(sink, head_room=8192, line_room=1024, field_room=8192).feed(b"GET /x HTTP/1.1\r\n" + block + b"\r\n")
+    if sink.error or sink.head is None:
+        return None
+    try:
+        return parse_request_head(b"GET", b"/x", *sink.head, drop=REQUEST_DROP)
+    except BadRequest as exc:
+        return exc
+
+
+_ODD_NAME_BYTES = st.sampled_from([*b"abcXYZ-_~!09", ord(" "), ord(":"), ord("\t"), 0x7F, 0xC3])
+_ODD_VALUE_BYTES = st.sampled_from([*b"abc XYZ/;=,\t\"09", ord(":"), 0x00, 0x0B, 0x7F, 0xC3, ord("\r"), ord("\n")])
+
+
+@st.composite
+def _field_block(draw: st.DrawFn) -> bytes:
+    """Field blocks, mostly well-formed (Host, framing fields, ids), some with odd bytes anywhere."""
+    lines = [b"Host: inventory"]
+    known = st.sampled_from([
+        b"content-length: 0", b"Content-Length: 5", b"content-length: 0, 0", b"transfer-encoding: chunked",
+        b"connection: close", b"Connection: host", b"x-request-id: abc", b"traceparent: 00-a-b-00", b"x_y: 1",
+        b"user-agent:  curl/8  ", b"x-forwarded-client-cert: By=x", b"Host: other", b"authorization: Bearer t",
+        b"upgrade: websocket", b"expect: 100-continue", b" folded", b"x:", b"x:\t",
+    ])  # fmt: skip
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):
+            lines.append(draw(known))
+        else:
+            name = bytes(draw(st.lists(_ODD_NAME_BYTES, min_size=0, max_size=8)))
+            value = bytes(draw(st.lists(_ODD_VALUE_BYTES, min_size=0, max_size=12)))
+            lines.append(name + draw(st.sampled_from([b":", b": ", b" :", b":  "])) + value)
+    if draw(st.booleans()):
+        lines = draw(st.permutations(lines))
+    return b"".join(line + draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"])) for line in lines)
+
+
+_HEAD_ATTRS = ("framing", "host", "fields", "fields_size", "http10", "request_id", "traceparent", "user_agent",
+               "authorization")  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(block=_field_block())
+def test_simple_split_is_the_full_paths(block: bytes) -> None:
+    """Whatever `RequestHeads.simple` accepts, llhttp accepts too and `parse_request_head` makes the same head
+    of; whatever the full path refuses, `simple` refuses (and leaves to the full path, which answers)."""
+    fast = RequestHeads(REQUEST_DROP).simple(b"GET", b"/x", block, False)
+    full = _full_path(block)
+    if fast is None:
+        return  # the full path decides: nothing to compare
+    assert isinstance(full, RequestHead), (block, full)
+    assert [getattr(fast, a) for a in _HEAD_ATTRS] == [getattr(full, a) for a in _HEAD_ATTRS]
+
+
+def test_simple_takes_the_common_heads_and_leaves_the_rest() -> None:
+    heads = RequestHeads(REQUEST_DROP)
+    plain = b"Host: inventory\r\nUser-Agent: bench\r\nx-request-id: 0af7\r\ntraceparent: 00-0af7-b7-01\r\n"
+    head = heads.simple(b"GET", b"/x", plain, False)
+    assert head is not None and head.request_id == b"0af7" and head.host == b"inventory"
+    assert heads.simple(b"GET", b"/x", plain, False) is head  # cached
+    for outside in (b"Host: inventory\r\nx: \xc3\xa9\r\n",  # obs-text: valid, but left to llhttp
+                    b"Host: inventory\r\nx : 1\r\n",  # space before the colon
+                    b"Host: inventory\r\n folded\r\n",  # obs-fold
+                    b"Host: inventory\nx: 1\r\n",  # bare LF
+                    b"Host: a\r\nHost: b\r\n"):  # refused by parse_request_head: the full path answers 400
+        assert heads.simple(b"GET", b"/x", outside, False) is None, outside
