@@ -139,4 +139,10 @@ def path_prefix(text: object) -> str | Invalid:
     if "?" in text or "#" in text or any(ch <= " " or ch == "\x7f" for ch in text):
         why = f"path prefix {text!r}: no query, spaces or control characters"
         return Invalid("a path prefix starting with '/'", text, why)
+    segments = text.split("/")[1:]
+    if "%" in text or "//" in text or any(seg in (".", "..") for seg in segments):
+        # Requests are matched after normalisation (no %-escapes of unreserved characters, no dot segments,
+        # no empty segments): a prefix written otherwise could never match.
+        why = f"path prefix {text!r}: write it normalised (no %-escapes, '.' or '..' segments, or '//')"
+        return Invalid("a path prefix starting with '/'", text, why)
     return text

@@ -757,6 +757,10 @@ _AUDIENCE_RULE = "expected an audience (printable ASCII, no spaces, at most 256 
          "outbound[0].jwt.path: path prefix '/api#top': no query, spaces or control characters"),
         ('{audience: a, path: "/api stock"}',
          "outbound[0].jwt.path: path prefix '/api stock': no query, spaces or control characters"),
+        # Requests are matched after normalisation: a prefix that is not normalised could never match.
+        *[(f'{{audience: a, path: "{bad}"}}',
+           f"outbound[0].jwt.path: path prefix '{bad}': write it normalised (no %-escapes, '.' or '..' segments, "
+           "or '//')") for bad in ("/api/%73tock", "/api/./stock", "/api/../admin", "/api//stock", "/..")],
         ("{audience: a, authorization: drop}", "outbound[0].jwt.authorization: expected replace or keep, got 'drop'"),
         ("{audience: a, authorization: true}", "outbound[0].jwt.authorization: expected replace or keep, got True"),
         ("{audience: a, header: x-token}",
