@@ -12,6 +12,7 @@ objectSelector/namespaceSelector see labels only, kubernetes-notes §2.3). Annot
 | `app-port` | the app's port on 127.0.0.1 (default: the first container's first TCP containerPort) |
 | `inbound-port` | the mTLS port (default 8443) |
 | `inbound-mode` | `http` (per-request policy, default) or `tcp` (decided once per connection) |
+| `app-protocol` | what the app speaks: `http1` (default), `h2c` or `grpc` (HTTP/2 with prior knowledge) |
 | `inbound-policy` | the policy: a YAML block with the config file's schema, or one rule per line |
 | `policy-mode` | `enforce` (default) or `audit` (dry run: denies are logged and forwarded) |
 | `outbound` | one target per line: `127.0.0.1:15001 -> inventory.shop.svc:8443 expect spiffe://...`, |
@@ -29,6 +30,7 @@ Compact policy lines (`#` starts a comment line; blank lines are ignored):
 
     <allow|deny|audit-deny> <METHODS|*> <PATH>... from <CALLER>... [jwt aud=<AUD> [sub=<P>,...] [unbound]]
         [as <rule-name>]
+    <allow|deny|audit-deny> grpc <package.Service/Method|package.Service/*>... from <CALLER>... [...]
 
 METHODS is one token, comma-separated (`GET,HEAD`); paths and callers are whitespace-separated (callers
 also comma-separated). A rule without `as` is named `line-<N>` after its line in the annotation.
@@ -54,7 +56,15 @@ import yaml
 
 from . import config as _config
 from .addr import HostPort, is_loopback
-from .config import AuthorizationMode, ListenerMode, OutboundJwt, OutboundRoute, OutboundTarget, parse_yaml
+from .config import (
+    AppProtocol,
+    AuthorizationMode,
+    ListenerMode,
+    OutboundJwt,
+    OutboundRoute,
+    OutboundTarget,
+    parse_yaml,
+)
 from .errors import ConfigError, Problem
 from .hints import did_you_mean
 from .http1 import ROUTING_OVERRIDE_HEADERS
@@ -111,6 +121,7 @@ KEYS: Final = (
     "app-port",
     "inbound-port",
     "inbound-mode",
+    "app-protocol",
     "inbound-policy",
     "policy-mode",
     "outbound",
@@ -179,6 +190,7 @@ class SidecarAnnotations:
     has_policy: bool  # False when the inbound-policy annotation is absent
     metrics_port: int | None = None  # None: the injector's default
     strip_request_headers: tuple[str, ...] = ROUTING_OVERRIDE_HEADERS
+    app_protocol: AppProtocol = AppProtocol.HTTP1
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +233,10 @@ def _port(text: str) -> int | Invalid:
 
 def _listener_mode(text: str) -> ListenerMode | Invalid:
     return one_of(text, ListenerMode)
+
+
+def _app_protocol(text: str) -> AppProtocol | Invalid:
+    return one_of(text, AppProtocol)
 
 
 def _policy_mode(text: str) -> Mode | Invalid:
@@ -276,6 +292,11 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
     if "inbound-mode" in values:
         mode = _checked(c, "inbound-mode", values["inbound-mode"], _listener_mode) or ListenerMode.HTTP
     policy_mode = _checked(c, "policy-mode", values["policy-mode"], _policy_mode) if "policy-mode" in values else None
+    app_protocol = AppProtocol.HTTP1
+    if "app-protocol" in values:
+        app_protocol = _checked(c, "app-protocol", values["app-protocol"], _app_protocol) or AppProtocol.HTTP1
+        if app_protocol is not AppProtocol.HTTP1 and mode is ListenerMode.TCP:
+            c.add("app-protocol", "applies to inbound-mode http only (a tcp listener relays bytes as they are)")
 
     policy = _policy(c, values.get("inbound-policy"), policy_mode)
     if policy is not None and mode is ListenerMode.TCP and policy.path_specific_rules:
@@ -326,6 +347,7 @@ def parse_pod_annotations(annotations: Mapping[str, str]) -> SidecarAnnotations:
         has_policy="inbound-policy" in values,
         metrics_port=metrics_port,
         strip_request_headers=strip,
+        app_protocol=app_protocol,
     )
 
 
@@ -424,7 +446,8 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
             if jwt is None:
                 continue
         if len(head) < 2:
-            c.add(key, "expected methods (or '*') and at least one path before 'from'", line=n)
+            c.add(key, "expected methods (or '*') and at least one path (or 'grpc' and a method) before 'from'",
+                  line=n)  # fmt: skip
             continue
         callers = [x for tok in callers_tok for x in tok.split(",") if x]
         if not callers:
@@ -434,9 +457,12 @@ def _compact_rules(c: Problems, text: str) -> tuple[dict[str, Any], dict[str, in
         rule: dict[str, Any] = {"name": name, "action": action}
         if mode is not None:
             rule["mode"] = mode
-        if methods != ["*"]:
-            rule["methods"] = methods
-        rule["paths"] = head[1:]
+        if head[0] == "grpc":  # `allow grpc inventory.v1.Inventory/GetStock from ...`: the YAML form's grpc:
+            rule["grpc"] = head[1:]
+        else:
+            if methods != ["*"]:
+                rule["methods"] = methods
+            rule["paths"] = head[1:]
         rule["callers"] = callers
         if jwt is not None:
             rule["jwt"] = jwt
@@ -794,6 +820,7 @@ def settings_from_annotations(
         policy=ann.policy,
         policy_file=annotations_file,
         strip_request_headers=ann.strip_request_headers,
+        app_protocol=ann.app_protocol,
     )
     return _config.Settings(
         source=source,

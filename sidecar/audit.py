@@ -41,7 +41,7 @@ class DecisionLike(Protocol):
 
 ACCESS_FIELDS: Final = (
     "request_id", "trace_id", "authority", "user_agent", "protocol", "tls", "source", "jwt_subject", "jwt_audience",
-    "jwt_kid", "upstream_failure",
+    "jwt_kid", "upstream_failure", "grpc_method", "grpc_status",
 )  # fmt: skip
 _ENCODE: Final = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -55,7 +55,9 @@ def access_members(**fields: str) -> str:
     `protocol` (`HTTP/1.1`, `HTTP/1.0`, `tcp`); `tls` the caller's TLS version ("" for the app on
     loopback); `source` the caller's address; `jwt_subject`, `jwt_audience`, `jwt_kid` of a step-up rule's
     validated JWT-SVID (never the token); `upstream_failure` why a 502/504 happened
-    (`connect_refused`, `connect_timeout`, `timeout`, `reset`, `closed_early`, `protocol`, ...).
+    (`connect_refused`, `connect_timeout`, `timeout`, `reset`, `closed_early`, `protocol`, ...); for HTTP/2
+    streams `protocol` is `h2` or `grpc`, and a gRPC call names its `grpc_method` (`package.Service/Method`)
+    and the `grpc_status` it ended with (ours, or the app's trailers).
     The data plane renders the parts that do not change (per connection, per request head) once and
     joins them per request."""
     if not fields.keys() <= _ACCESS_SET:

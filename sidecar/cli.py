@@ -87,8 +87,11 @@ def _parser() -> argparse.ArgumentParser:
                 "Print the decision, rule and reason the policy gives one request (exit 0 allowed, 1 denied).")
     policy_source(p)
     p.add_argument("--caller", required=True, metavar="SPIFFE_ID", help="the caller's SPIFFE ID")
-    p.add_argument("--method", required=True, metavar="METHOD", help="HTTP method, e.g. GET")
-    p.add_argument("--path", required=True, metavar="PATH", help="request target as sent, e.g. /api/stock/42")
+    p.add_argument("--method", metavar="METHOD", help="HTTP method, e.g. GET (with --grpc: POST, the default)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--path", metavar="PATH", help="request target as sent, e.g. /api/stock/42")
+    target.add_argument("--grpc", metavar="SERVICE/METHOD",
+                        help="a gRPC call, e.g. inventory.v1.Inventory/GetStock (the path /package.Service/Method)")
     p.add_argument("--workload", metavar="KIND/NAME",
                    help="with -f on a manifest of several workloads: which one (e.g. Deployment/inventory)")
     jwt = p.add_mutually_exclusive_group()
@@ -223,6 +226,21 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _run(settings, args.loop)
 
 
+def _explain_target(args: argparse.Namespace) -> bool:
+    """--grpc as --method POST --path /package.Service/Method; False (printed) on bad input."""
+    if args.grpc is None:
+        if args.method is None:
+            print("error: --method is required with --path", file=sys.stderr)
+            return False
+        return True
+    if args.method is not None and args.method != "POST":
+        print(f"error: --method {args.method}: gRPC calls are POSTs (omit --method with --grpc)", file=sys.stderr)
+        return False
+    args.method = "POST"
+    args.path = args.grpc if args.grpc.startswith("/") else "/" + args.grpc
+    return True
+
+
 def _no_core_dumps() -> None:
     """A core file or a same-uid debugger would expose the SVID private key: turn both off (Linux)."""
     import resource
@@ -343,10 +361,15 @@ def _describe_policy(described: object) -> list[str]:
     return [str(described)]
 
 
-def _explain(policy: Policy, caller: str, method: str, raw_path: str, args: argparse.Namespace) -> int:
+def _explain(policy: Policy, caller: str, method: str | None, raw_path: str | None,
+             args: argparse.Namespace) -> int:  # fmt: skip
     from .http1 import BadRequest
     from .policy import check_jwt, explain
 
+    if not _explain_target(args):
+        return EXIT_USAGE
+    method, raw_path = args.method, args.path
+    assert isinstance(method, str) and isinstance(raw_path, str)
     try:
         peer = SpiffeId.parse(caller)
     except IdentityError as exc:

@@ -47,6 +47,16 @@ class ListenerMode(enum.Enum):
     TCP = "tcp"
 
 
+class AppProtocol(enum.Enum):
+    """What the app behind the inbound listener speaks. HTTP/2 callers (ALPN h2) reach an `http1` app
+    translated to HTTP/1.1 (gRPC cannot be: it needs trailers); an `h2c` app gets HTTP/2 with prior knowledge
+    over a few multiplexed connections; a `grpc` app too, and non-gRPC requests are refused (415)."""
+
+    HTTP1 = "http1"
+    H2C = "h2c"
+    GRPC = "grpc"
+
+
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     """Deadlines in seconds; every await on the request path runs under one of these."""
@@ -117,6 +127,7 @@ class InboundSettings:
     # A validated step-up JWT-SVID is not forwarded to the app by default (the app gets its subject and
     # audience in x-spiffe-jwt-subject / -audience); true forwards the Authorization field as received.
     forward_jwt: bool = False
+    app_protocol: AppProtocol = AppProtocol.HTTP1
 
 
 class AuthorizationMode(enum.Enum):
@@ -467,7 +478,7 @@ _PEM_KEYS: Final = frozenset(
     {"cert_chain", "key", "bundle", "trust_domain", "poll_interval", "federated", "jwt_bundles"}
 )
 _INBOUND_KEYS: Final = frozenset(
-    {"listen", "app", "mode", "policy", "policy_file", "strip_request_headers", "forward_jwt"}
+    {"listen", "app", "mode", "policy", "policy_file", "strip_request_headers", "forward_jwt", "app_protocol"}
 )
 _ADMIN_KEYS: Final = frozenset({"listen"})
 _AUDIT_KEYS: Final = frozenset({"path", "sample_allows", "deny_per_second", "deny_burst"})
@@ -737,11 +748,17 @@ def _parse_inbound(
         for problem in problems:
             c.add(_join(path, "strip_request_headers"), problem)
     forward_jwt = _bool(c, m, "forward_jwt", path, False)
+    app_protocol = one_of(m.get("app_protocol", AppProtocol.HTTP1.value), AppProtocol)
+    if isinstance(app_protocol, Invalid):
+        c.add(_join(path, "app_protocol"), app_protocol.message)
+        app_protocol = AppProtocol.HTTP1
+    elif app_protocol is not AppProtocol.HTTP1 and mode is ListenerMode.TCP:
+        c.add(_join(path, "app_protocol"), "applies to mode http only (a tcp listener relays bytes as they are)")
     if listen is None or app is None or policy is None:
         return None
     return InboundSettings(
         listen=listen, app=app, mode=mode, policy=policy, policy_file=policy_file, strip_request_headers=strip,
-        forward_jwt=forward_jwt,
+        forward_jwt=forward_jwt, app_protocol=app_protocol,
     )  # fmt: skip
 
 
@@ -972,6 +989,7 @@ def describe_settings(settings: Settings) -> dict[str, Any]:
             "mode": ib.mode.value,
             "policy_file": None if ib.policy_file is None else str(ib.policy_file),
             "forward_jwt": ib.forward_jwt,
+            "app_protocol": ib.app_protocol.value,
         }
     return {
         "svid_source": source,

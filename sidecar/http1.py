@@ -126,6 +126,11 @@ def request_drop(extra: Sequence[str]) -> frozenset[bytes]:
     return _DROP | {h.lower().encode("ascii") for h in extra}
 
 
+def valid_host(value: bytes) -> bool:
+    """`uri-host [":" port]` without userinfo (RFC 9110 §7.2, RFC 3986 §3.2.2): a Host or `:authority`."""
+    return _HOST_RE.fullmatch(value) is not None
+
+
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip(_OWS).lower() for t in value.split(b",") if t.strip(_OWS)]
 

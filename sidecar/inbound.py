@@ -2,8 +2,13 @@
 
 A composition of the shared data plane (`sidecar.proxy`, `sidecar.relay`, `sidecar.listener`):
 
-    inbound = Listener(TlsGate, HttpConnection(PolicyAuthorizer, AppDialer, Observer))   # mode http
+    inbound = Listener(TlsGate, AlpnSwitch(HttpConnection(PolicyAuthorizer, AppDialer, Observer),   # mode http
+                                           Http2Connection(PolicyAuthorizer, AppDialer | H2cPool, Observer)))
             | Listener(TlsGate, TcpRelay(PolicyAuthorizer, AppDialer, Observer))         # mode tcp
+
+In mode http the listener offers ALPN `h2` and `http/1.1`: a caller that picks `h2` is served by
+`sidecar.h2conn` with the same authorizer, dialer and observer; the app is reached over HTTP/1.1 (its
+keep-alive pool) or, for `app_protocol: h2c | grpc`, over a few multiplexed h2c connections.
 
 `PolicyAuthorizer` is the policy: it normalises request targets and decides (caller, method, path),
 both cached (pure functions of their inputs; the decision cache is dropped when the policy is swapped);
@@ -13,17 +18,19 @@ both cached (pure functions of their inputs; the decision cache is dropped when 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from .config import InboundSettings, Limits, ListenerMode, Timeouts
+from .config import AppProtocol, InboundSettings, Limits, ListenerMode, Timeouts
 from .errors import JwtSvidError
+from .h2conn import H2Context, H2cPool, Http2Connection, server_config
 from .http1 import RESPONSE_502, RESPONSE_503, RequestHeads, request_drop
 from .identity import SpiffeId
 from .jwtsvid import JwtValidationCache, bearer_token
-from .listener import Listener, Peer, TlsGate
+from .listener import AlpnSwitch, Listener, Peer, TlsGate
 from .metrics import Metrics
 from .observer import AuditSink, Observer
 from .policy import (
@@ -66,11 +73,13 @@ class PolicyRef:
 
 
 class AppDialer:
-    """The app on loopback, through a bounded keep-alive pool."""
+    """The app on loopback, through a bounded keep-alive pool. `refusal`: what an HTTP/1.1 request gets when
+    the app does not speak HTTP/1.1 (app_protocol h2c or grpc), instead of a lease."""
 
-    def __init__(self, pool: UpstreamPool, authority: bytes) -> None:
+    def __init__(self, pool: UpstreamPool, authority: bytes, refusal: bytes | None = None) -> None:
         self.pool = pool
         self.authority = authority
+        self.refusal = refusal
 
     def acquire_idle(self, sink: _Sink) -> UpstreamConnection | None:
         return self.pool.acquire_idle(sink)
@@ -82,7 +91,7 @@ class AppDialer:
         self.pool.release(up, reusable=reusable)
 
     def unavailable(self) -> bytes | None:
-        return None
+        return self.refusal
 
     def failure(self, exc: UpstreamError) -> DialFailure:
         return DialFailure(RESPONSE_502, 502, None, "-")
@@ -203,13 +212,19 @@ class InboundServer:
             connect_timeout=timeouts.upstream_connect,
             idle_timeout=min(timeouts.idle, _UPSTREAM_IDLE_MAX),
         )
-        self.dialer = AppDialer(self.pool, str(settings.app).encode("ascii"))
+        h2c_app = settings.app_protocol is not AppProtocol.HTTP1
+        # An HTTP/1.1 caller cannot reach an app that speaks only HTTP/2: a 502 rather than a lease.
+        self.dialer = AppDialer(self.pool, str(settings.app).encode("ascii"), RESPONSE_502 if h2c_app else None)
+        self.h2c: H2cPool | None = None
+        if h2c_app and not tcp:
+            self.h2c = H2cPool(settings.app.host, settings.app.port, connect_timeout=timeouts.upstream_connect,
+                               idle_timeout=min(timeouts.idle, _UPSTREAM_IDLE_MAX))  # fmt: skip
         self.authorizer = PolicyAuthorizer(policy, self.dialer, jwt_bundles=jwt_bundles)
         gate = TlsGate(tls, observer)
-        factory: Callable[[TlsSnapshot, str], HttpConnection | TcpRelay]
+        factory: Callable[[TlsSnapshot, str], asyncio.Protocol]
         self.listener = listener = Listener(
             settings.listen, gate=gate, factory=lambda snap, addr: factory(snap, addr), timeouts=timeouts,
-            limits=limits, observer=observer,
+            limits=limits, observer=observer, alpn=not tcp,
         )  # fmt: skip
         if tcp:
             rctx = RelayContext(
@@ -218,12 +233,23 @@ class InboundServer:
             )  # fmt: skip
             factory = lambda snap, addr: TcpRelay(rctx, snap, addr)  # noqa: E731
         else:
+            drop = request_drop(settings.strip_request_headers)
             hctx = HttpContext(
-                listener, gate, self.authorizer, observer, timeouts, limits,
-                RequestHeads(request_drop(settings.strip_request_headers)), upstream_peer=False, clock=clock,
-                forward_jwt=settings.forward_jwt,
+                listener, gate, self.authorizer, observer, timeouts, limits, RequestHeads(drop),
+                upstream_peer=False, clock=clock, forward_jwt=settings.forward_jwt,
             )  # fmt: skip
-            factory = lambda snap, addr: HttpConnection(hctx, snap, addr)  # noqa: E731
+            h2ctx = H2Context(
+                listener, gate, self.authorizer, observer, timeouts, limits, settings.app_protocol, drop, clock,
+                h2c=self.h2c, forward_jwt=settings.forward_jwt, config=server_config(limits),
+            )  # fmt: skip
+
+            def http1(snap: TlsSnapshot, addr: str) -> asyncio.Protocol:
+                return HttpConnection(hctx, snap, addr)
+
+            def http2(snap: TlsSnapshot, addr: str) -> asyncio.Protocol:
+                return Http2Connection(h2ctx, snap, addr)
+
+            factory = lambda snap, addr: AlpnSwitch(snap, addr, http1, http2)  # noqa: E731
 
     async def start(self) -> int:
         """Bind and start accepting; returns the bound port (listen port 0 picks a free one)."""
@@ -245,3 +271,5 @@ class InboundServer:
         """Stop accepting; in-flight requests finish for up to `deadline` seconds; then close the rest."""
         await self.listener.drain(deadline)
         await self.pool.close()
+        if self.h2c is not None:
+            await self.h2c.close()

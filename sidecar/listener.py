@@ -33,7 +33,7 @@ from .identity import SpiffeId
 from .observer import Observer
 from .tls import TlsContexts, TlsSnapshot, classify_handshake_error, verify_peer_connection
 
-__all__ = ["AppGate", "Gate", "Listener", "Peer", "TlsGate", "Tracked"]
+__all__ = ["AlpnSwitch", "AppGate", "Gate", "Listener", "Peer", "TlsGate", "Tracked"]
 
 
 class Peer:
@@ -145,9 +145,35 @@ class Tracked(Protocol):
     def abort(self) -> None: ...
 
 
+class AlpnSwitch(asyncio.Protocol):
+    """The protocol of a TLS connection until its handshake is done: then the protocol ALPN chose serves it
+    (`h2`: `http2(snap, addr)`; `http/1.1` or none: `http1(snap, addr)`, RFC 7301 §3.2) and this object is
+    gone. Once per connection: nothing of it sits on the path of a request."""
+
+    __slots__ = ("addr", "http1", "http2", "snap")
+
+    def __init__(
+        self, snap: TlsSnapshot, addr: str, http1: Callable[[TlsSnapshot, str], asyncio.Protocol],
+        http2: Callable[[TlsSnapshot, str], asyncio.Protocol],
+    ) -> None:  # fmt: skip
+        self.snap = snap
+        self.addr = addr
+        self.http1 = http1
+        self.http2 = http2
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = transport_of(transport)
+        ssl_object = t.get_extra_info("ssl_object")
+        chosen = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        proto = (self.http2 if chosen == "h2" else self.http1)(self.snap, self.addr)
+        t.set_protocol(proto)
+        proto.connection_made(t)
+
+
 class Listener:
     """Accepts on `listen`; `factory(snapshot, addr)` makes the protocol of each connection. Connections
-    call `track`/`untrack` (once verified / when lost) and `released()` exactly once when they end."""
+    call `track`/`untrack` (once verified / when lost) and `released()` exactly once when they end.
+    `alpn`: handshake with the snapshot's HTTP/2 server context (ALPN `h2`, `http/1.1`; see AlpnSwitch)."""
 
     def __init__(
         self,
@@ -158,8 +184,10 @@ class Listener:
         timeouts: Timeouts,
         limits: Limits,
         observer: Observer,
+        alpn: bool = False,
     ) -> None:
         self.listen = listen
+        self.alpn = alpn
         self.gate = gate
         self.factory = factory
         self.timeouts = timeouts
@@ -277,7 +305,9 @@ class Listener:
             self.released()
             return
         hs = self.timeouts.handshake
-        ctx: ssl.SSLContext | None = snap.server if self.gate.tls_side else None
+        ctx: ssl.SSLContext | None = None
+        if self.gate.tls_side:
+            ctx = snap.server_h2 if self.alpn and snap.server_h2 is not None else snap.server
         try:
             # The loop's own handshake timeout fires first; the outer one is a backstop.
             async with asyncio.timeout(hs + 1.0):

@@ -406,6 +406,23 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # HTTP/2 (sidecar/h2conn.py): streams by protocol (HTTP/1 requests are the rest of requests_total), and
+        # the HTTP/2 defences that fired (refused and early-reset streams, connections closed by the engine).
+        self.http2_streams = Counter(
+            "spiffe_sidecar_http2_streams",
+            "HTTP/2 streams decided, by listener, protocol (h2 or grpc) and decision; HTTP/1 requests are the rest "
+            "of spiffe_sidecar_requests_total.",
+            ["listener", "protocol", "decision"],
+            registry=r,
+        )
+        self.http2_events = Counter(
+            "spiffe_sidecar_http2_events",
+            "HTTP/2 defences that fired, by event: refused_stream (past the new streams per read), early_reset "
+            "(reset before it was started: never decided), rapid_reset, flood (CONTINUATION, header list size or "
+            "count) and protocol (connections closed by the HTTP/2 engine).",
+            ["listener", "event"],
+            registry=r,
+        )
         self.handshake_failures = Counter(
             "spiffe_sidecar_handshake_failures",
             "TLS handshakes or SPIFFE peer checks that failed, by reason.",

@@ -122,10 +122,25 @@ class Observer:
                 child = m.upstream_errors.labels(listener=self.label, kind=value)
             elif family == "stall":
                 child = m.peer_stalls.labels(listener=self.label, kind=value)
+            elif family == "h2":
+                child = m.http2_events.labels(listener=self.label, event=value)
             else:
                 child = m.handshake_failures.labels(listener=self.label, reason=value)
             self._children[key] = child
         return child
+
+    def h2_stream(self, protocol: str, verdict: str) -> None:
+        """One decided HTTP/2 stream (`protocol` h2 or grpc), beside `exchange` (which every stream gets too)."""
+        key = ("stream", protocol + " " + verdict)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self.metrics.http2_streams.labels(listener=self.label, protocol=protocol,
+                                                                            decision=verdict)  # fmt: skip
+        child.inc()
+
+    def h2_event(self, event: str) -> None:
+        """An HTTP/2 defence fired (see Metrics.http2_events)."""
+        self._child("h2", event).inc()
 
     def bad_request(self, label: str) -> None:
         self._child("bad", label).inc()

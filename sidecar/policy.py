@@ -22,6 +22,9 @@ Semantics (DESIGN.md "Policy semantics"; Istio's DENY-before-ALLOW order):
   the GET handler, so a deny on GET must not be walked around with HEAD. `*` (or no `methods` key) is every
   method.
 * Callers are `CallerPattern`s (sidecar/identity.py); `*` is any authenticated peer. Required.
+* gRPC methods are paths (`/package.Service/Method`, gRPC PROTOCOL-HTTP2.md "Path"), so path rules apply to
+  them unchanged; `grpc: [inventory.v1.Inventory/GetStock, inventory.v1.Inventory/*]` is the readable form:
+  it compiles to those paths and method POST (every gRPC call is a POST), and takes no `paths` or `methods`.
 * TCP mode (`authorize_connection`) uses only the rules that apply to every path and method.
 
 Evaluation structure (O(path segments), not O(rules)): the path patterns are compiled into a segment trie;
@@ -480,6 +483,7 @@ class Rule:
     callers: tuple[CallerPattern, ...]
     decision: Decision = field(repr=False, compare=False)
     jwt: JwtRequirement | None = None  # an allow rule that also requires a JWT-SVID (step-up)
+    grpc: tuple[str, ...] = ()  # the `grpc:` entries the paths were compiled from (shown as written)
 
     @property
     def connection_level(self) -> bool:
@@ -499,11 +503,15 @@ class Rule:
         if self.jwt is not None:
             out["jwt"] = {"audience": self.jwt.audience, "subjects": [p.text for p in self.jwt.subjects],
                           "bind": self.jwt.bound}  # fmt: skip
+        if self.grpc:
+            out["grpc"] = list(self.grpc)
         return out
 
     def describe(self) -> str:
         methods = "*" if self.methods is None else ",".join(sorted(self.methods))
         paths = " ".join(p.text for p in self.paths)
+        if self.grpc:
+            methods, paths = "grpc", " ".join(self.grpc)
         callers = " ".join(c.text for c in self.callers)
         audit = " (audit)" if self.mode == AUDIT else ""
         jwt = "" if self.jwt is None else f" with {self.jwt.describe()}"
@@ -622,7 +630,10 @@ def explain(policy: Policy, peer: SpiffeId, method: str, path: str) -> Decision:
 # Compilation
 
 
-_RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "callers", "jwt"})
+_RULE_KEYS: Final = frozenset({"name", "action", "mode", "methods", "paths", "callers", "jwt", "grpc"})
+# protobuf full names (package.Service) and method names: identifiers joined by dots (protobuf language spec).
+_GRPC_SERVICE_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*")
+_GRPC_METHOD_RE: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\*")
 _JWT_KEYS: Final = frozenset({"audience", "subjects", "bind"})
 _POLICY_KEYS: Final = frozenset({"mode", "rules"})
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -659,6 +670,16 @@ def _parse_path_pattern(text: str) -> PathPattern | str:
         shown = norm if not subtree else (norm.rstrip("/") + "/**")
         return f"path pattern is not normalised: requests are matched on {shown!r}"
     return PathPattern(text, tuple(segs), subtree)
+
+
+def _parse_grpc(text: str) -> PathPattern | str:
+    """`package.Service/Method` or `package.Service/*` (a leading '/' is accepted) as the path pattern of its
+    calls, or the reason it is not one."""
+    service, sep, method = text.removeprefix("/").partition("/")
+    if not sep or _GRPC_SERVICE_RE.fullmatch(service) is None or _GRPC_METHOD_RE.fullmatch(method) is None:
+        return (f"{text!r} is not a gRPC method: write package.Service/Method or package.Service/* "
+                "(e.g. inventory.v1.Inventory/GetStock)")  # fmt: skip
+    return PathPattern(f"/{service}/{method}", (service, method), False)
 
 
 def _string_list(value: Any, key: str, where: str, problems: Problems, *, allow_star: bool = True) -> list[str] | None:
@@ -799,7 +820,23 @@ def _compile_rule(
             methods = frozenset(items)
 
     paths: list[PathPattern] = [PathPattern("/**", (), True)]
-    if "paths" in raw:
+    grpc: list[str] = []
+    if "grpc" in raw:
+        for key in ("paths", "methods"):
+            if key in raw:
+                problems.add(f"{where}.{key}", f"a rule with 'grpc' takes no '{key}' (gRPC calls are POSTs to "
+                             "/package.Service/Method): write a second rule for other paths")  # fmt: skip
+        methods = frozenset({"POST"})
+        paths = []
+        items = _string_list(raw["grpc"], "grpc", f"{where}.grpc", problems, allow_star=False)
+        for j, text in enumerate(items or ()):
+            parsed = _parse_grpc(text)
+            if isinstance(parsed, str):
+                problems.add(f"{where}.grpc[{j}]", parsed)
+            else:
+                paths.append(parsed)
+                grpc.append(parsed.text[1:])
+    elif "paths" in raw:
         paths = []
         items = _string_list(raw["paths"], "paths", f"{where}.paths", problems, allow_star=False)
         for j, text in enumerate(items or ()):
@@ -844,6 +881,7 @@ def _compile_rule(
         tuple(callers),
         decision,
         jwt,
+        tuple(grpc),
     )
 
 

@@ -25,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from cryptography.hazmat.primitives import serialization
 
@@ -33,6 +34,7 @@ from .identity import SpiffeId
 from .svid import PeerIdentity, Purpose, X509Context, verify_peer
 
 __all__ = [
+    "ALPN_H2",
     "HandshakeFailure",
     "TlsContexts",
     "TlsSnapshot",
@@ -42,6 +44,9 @@ __all__ = [
     "peer_chain_der",
     "verify_peer_connection",
 ]
+
+# ALPN of an inbound listener that serves HTTP/2 and HTTP/1.1 (the server's order wins: h2 first).
+ALPN_H2: Final = ("h2", "http/1.1")
 
 # Cipher policy: OpenSSL 3 defaults (TLS 1.3 suites always on); for TLS 1.2 keep only AEAD + ECDHE.
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
@@ -81,6 +86,8 @@ class TlsSnapshot:
     own_id: SpiffeId
     generation: int
     expires_at: float = 0.0  # epoch seconds of the default SVID's notAfter: one float compare per use
+    # The server context that also offers HTTP/2 (ALPN `h2`, `http/1.1`): inbound listeners in HTTP mode.
+    server_h2: ssl.SSLContext | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +115,11 @@ class TlsContexts:
         """Build fresh contexts from `ctx` and swap them in. Raises ssl.SSLError / SvidError on a
         snapshot OpenSSL cannot load; the previous snapshot then stays current."""
         server = build_server_context(ctx)
+        server_h2 = build_server_context(ctx, alpn=ALPN_H2)
         client = build_client_context(ctx)
         generation = self.generation + 1
-        snap = TlsSnapshot(ctx, server, client, ctx.default_svid.spiffe_id, generation, ctx.expires_at.timestamp())
+        snap = TlsSnapshot(ctx, server, client, ctx.default_svid.spiffe_id, generation, ctx.expires_at.timestamp(),
+                           server_h2)  # fmt: skip
         self._current = snap  # the swap: one reference assignment
         self.generation = generation
         return snap
@@ -166,9 +175,13 @@ def _base_context(protocol: ssl._SSLMethod, ctx: X509Context) -> ssl.SSLContext:
     return c
 
 
-def build_server_context(ctx: X509Context) -> ssl.SSLContext:
-    """Server side: client certificate REQUIRED, TLS >= 1.2, the union of bundles as OpenSSL's store."""
+def build_server_context(ctx: X509Context, *, alpn: Sequence[str] = ()) -> ssl.SSLContext:
+    """Server side: client certificate REQUIRED, TLS >= 1.2, the union of bundles as OpenSSL's store.
+    `alpn`: the application protocols offered, in our order of preference (RFC 7301; RFC 9113 §3.2: `h2`,
+    never `h2c`). A client that offers none of them, or no ALPN at all, gets none: HTTP/1.1."""
     c = _base_context(ssl.PROTOCOL_TLS_SERVER, ctx)
+    if alpn:
+        c.set_alpn_protocols(list(alpn))
     # Session tickets are off (TLS 1.3 `num_tickets = 0`, TLS 1.2 OP_NO_TICKET): a ticket is state the
     # client carries, valid across rotations. TLS 1.2 session-ID resumption still works (OpenSSL's
     # server-side cache; CPython cannot turn it off) and that is acceptable: the cache belongs to this

@@ -98,7 +98,8 @@ def build(audit_path: str = os.devnull) -> tuple[Any, Any, _Transport]:
         audit=audit, metrics=metrics,
     )
     snap = server.tls.current
-    conn = server.listener.factory(snap, "127.0.0.1:5555")
+    switch = server.listener.factory(snap, "127.0.0.1:5555")
+    conn = switch.http1(snap, "127.0.0.1:5555")  # what ALPN http/1.1 (or none) picks after the handshake
     down = _Transport()
     peer_id = SpiffeId.parse("spiffe://example.org/ns/shop/sa/checkout")
     xfcc = xfcc_value(snap.own_id, "ab" * 32, peer_id)

@@ -533,3 +533,19 @@ def test_explain_a_step_up_rule(cli_main: Cli, tmp_path: Path) -> None:
     token.write_text("not-a-token")
     result = cli_main(*base, "--jwt-token", str(token))
     assert result.returncode == 2 and "not a compact JWS" in result.stderr and "not-a-token" not in result.stderr
+
+
+def test_explain_a_grpc_call(cli_main: Cli, tmp_path: Path) -> None:
+    policy = tmp_path / "grpc-policy.txt"
+    policy.write_text(f"allow grpc inventory.v1.Inventory/GetStock from {CHECKOUT} as stock\n"
+                      "deny grpc inventory.v1.Admin/* from *\n")  # fmt: skip
+    result = cli_main("explain", "-f", str(policy), "--caller", CHECKOUT, "--grpc", "inventory.v1.Inventory/GetStock")
+    assert result.returncode == 0, result.stderr
+    assert "decision: allow" in result.stdout and "rule: stock" in result.stdout
+    result = cli_main("explain", "-f", str(policy), "--caller", CHECKOUT, "--grpc", "/inventory.v1.Admin/Reset")
+    assert result.returncode == 1 and "rule: line-2" in result.stdout
+    result = cli_main("explain", "-f", str(policy), "--caller", CHECKOUT, "--grpc", "inventory.v1.Admin/Reset",
+                      "--method", "GET")  # fmt: skip
+    assert result.returncode == 2 and "gRPC calls are POSTs" in result.stderr
+    result = cli_main("explain", "-f", str(policy), "--caller", CHECKOUT, "--path", "/x")
+    assert result.returncode == 2 and "--method is required" in result.stderr

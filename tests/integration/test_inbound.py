@@ -1063,7 +1063,8 @@ async def test_a_denied_request_with_a_body_closes_the_connection_even_when_pipe
 
 
 async def test_access_log_fields_and_ids_forwarded_to_the_app(pki: Pki, app: App, sidecar: Sidecar) -> None:
-    code, _, err = await curl(pki, sidecar.port, "/api/stock/7", pki.checkout, "-A", "stock-poller/1.0")
+    # HTTP/1.1 on purpose (curl would pick h2 by ALPN): the HTTP/1 path's access log (test_h2conn.py: HTTP/2's)
+    code, _, err = await curl(pki, sidecar.port, "/api/stock/7", pki.checkout, "-A", "stock-poller/1.0", "--http1.1")
     assert code == 200, err
     seen = app.seen[-1].headers
     rid = seen["X-Request-Id"]

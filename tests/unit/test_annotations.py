@@ -131,7 +131,7 @@ def test_yaml_problems_name_annotation_and_line() -> None:
         parse_pod_annotations(ann(inbound_policy=text))
     assert problems(exc) == [
         f"annotation {PREFIX}inbound-policy:11: rules[1].typo: unknown key 'typo' (expected one of: "
-        "action, callers, jwt, methods, mode, name, paths)"
+        "action, callers, grpc, jwt, methods, mode, name, paths)"
     ]
     with pytest.raises(ConfigError) as exc:
         parse_pod_annotations(ann(inbound_policy="rules: [\n"))
@@ -676,3 +676,34 @@ def test_compact_step_up_rules() -> None:
         with pytest.raises(ConfigError) as info:
             parse_pod_annotations(ann(inbound_policy=bad))
         assert fragment in str(info.value) and "inbound-policy:1" in str(info.value), str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP/2 and gRPC (issue 12): app-protocol, and gRPC methods in the compact syntax
+
+
+def test_app_protocol_annotation() -> None:
+    from sidecar.config import AppProtocol
+
+    assert parse_pod_annotations(ann()).app_protocol is AppProtocol.HTTP1
+    assert parse_pod_annotations(ann(**{"app-protocol": "grpc"})).app_protocol is AppProtocol.GRPC
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(**{"app-protocol": "http3"}))
+    assert any(m.startswith(f"annotation {PREFIX}app-protocol:") for m in problems(exc))
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy="allow * ** from *", **{"app-protocol": "h2c", "inbound-mode": "tcp"}))
+    assert any("applies to inbound-mode http only" in m for m in problems(exc))
+
+
+def test_compact_grpc_rules() -> None:
+    text = (f"allow grpc inventory.v1.Inventory/GetStock inventory.v1.Inventory/List* from {example.CHECKOUT}\n")
+    with pytest.raises(ConfigError) as exc:
+        parse_pod_annotations(ann(inbound_policy=text))
+    assert any(m.startswith(f"annotation {PREFIX}inbound-policy:1: rules[0].grpc[1]") for m in problems(exc))
+    text = (f"allow grpc inventory.v1.Inventory/GetStock from {example.CHECKOUT} as stock\n"
+            "deny grpc inventory.v1.Admin/* from *\n")
+    policy = policy_from_annotations(ann(inbound_policy=text))
+    assert [r.name for r in policy.rules] == ["stock", "line-2"]
+    assert policy.rules[0].grpc == ("inventory.v1.Inventory/GetStock",)
+    assert authorize(policy, RequestAttrs(CHECKOUT, "POST", "/inventory.v1.Inventory/GetStock")).rule == "stock"
+    assert authorize(policy, RequestAttrs(CHECKOUT, "POST", "/inventory.v1.Admin/Reset")).rule == "line-2"

@@ -913,3 +913,56 @@ def test_a_deny_rule_cannot_require_a_token_and_step_up_is_never_connection_leve
     policy = compile_policy({"rules": [{"name": "a", "action": "allow", "callers": ["*"], "jwt": {"audience": "x"}}]},
                             "p")
     assert policy.path_specific_rules == ("a",)  # a TCP listener cannot enforce it (no token on a connection)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gRPC methods (issue 12): `grpc:` names /package.Service/Method paths, method POST
+
+GRPC_POLICY = {
+    "rules": [
+        {"name": "checkout-stock", "action": "allow", "grpc": ["inventory.v1.Inventory/GetStock"],
+         "callers": [CHECKOUT_ID]},
+        {"name": "checkout-inventory", "action": "allow", "grpc": ["/inventory.v1.Inventory/*"],
+         "callers": ["spiffe://example.org/ns/shop/**"]},
+        {"name": "no-admin", "action": "deny", "grpc": ["inventory.v1.Admin/*"], "callers": ["*"]},
+    ]
+}  # fmt: skip
+
+
+def test_grpc_rules_compile_to_post_paths() -> None:
+    p = compile_policy(GRPC_POLICY, "g.yaml")
+    first = p.rules[0]
+    assert first.methods == frozenset({"POST"})
+    assert [x.text for x in first.paths] == ["/inventory.v1.Inventory/GetStock"]
+    assert first.to_dict()["grpc"] == ["inventory.v1.Inventory/GetStock"]
+    assert first.describe() == f"checkout-stock: allow grpc inventory.v1.Inventory/GetStock from {CHECKOUT_ID}"
+
+    def decide(peer: SpiffeId, method: str, path: str) -> tuple[str, str]:
+        d = authorize(p, RequestAttrs(peer, method, path))
+        return d.verdict, d.rule
+
+    assert decide(CHECKOUT, "POST", "/inventory.v1.Inventory/GetStock") == ("allow", "checkout-stock")
+    assert decide(REPORTING, "POST", "/inventory.v1.Inventory/Reserve") == ("allow", "checkout-inventory")
+    assert decide(CHECKOUT, "GET", "/inventory.v1.Inventory/GetStock") == ("deny", DEFAULT_DENY)  # gRPC is POST
+    assert decide(CHECKOUT, "POST", "/inventory.v1.Admin/Reset") == ("deny", "no-admin")
+    assert decide(CHECKOUT, "POST", "/inventory.v1.Inventory/GetStock/x") == ("deny", DEFAULT_DENY)
+    assert explain(p, CHECKOUT, "POST", "/inventory.v1.Inventory/GetStock").rule == "checkout-stock"
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ({"grpc": ["inventory.v1.Inventory"]}, "rules[0].grpc[0]: 'inventory.v1.Inventory' is not a gRPC method"),
+        ({"grpc": ["inventory..v1/Get"]}, "rules[0].grpc[0]"),
+        ({"grpc": ["inventory.v1.Inventory/Get*"]}, "rules[0].grpc[0]"),
+        ({"grpc": ["inventory.v1.Inventory/**"]}, "rules[0].grpc[0]"),
+        ({"grpc": "inventory.v1.Inventory/Get"}, "rules[0].grpc: 'grpc' must be a list"),
+        ({"grpc": ["a.B/C"], "paths": ["/x"]}, "rules[0].paths: a rule with 'grpc' takes no 'paths'"),
+        ({"grpc": ["a.B/C"], "methods": ["POST"]}, "rules[0].methods: a rule with 'grpc' takes no 'methods'"),
+    ],
+)
+def test_bad_grpc_entries_are_problems_with_their_line(rule: dict[str, Any], fragment: str) -> None:
+    data = {"rules": [{"name": "r", "action": "allow", "callers": ["*"], **rule}]}
+    problems = _problems(data, {"rules[0]": 3, "rules[0].grpc": 5, "rules[0].grpc[0]": 6, "rules[0].paths": 7,
+                                "rules[0].methods": 8})  # fmt: skip
+    assert any(fragment in m and m.startswith("p.yaml:") and m.split(":")[1].isdigit() for m in problems), problems
