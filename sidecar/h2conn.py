@@ -96,6 +96,8 @@ _S_LEASE: Final = 3  # stream: no upstream yet (handled by the lease task's own 
 _S_APP: Final = 4  # stream: the app's first response byte is due
 _S_IDLE: Final = 5  # stream: no progress either way
 
+_CACHE_MAX: Final = 512  # entries per cache of H2Context (cleared when full)
+_CACHE_HEAD: Final = 4096  # header blocks and response heads larger than this are never remembered
 _RANDOM: Final = random.Random(os.urandom(32))  # noqa: S311 - request ids must be unique, not secret
 _XFCC: Final = b"x-forwarded-client-cert"
 
@@ -131,6 +133,11 @@ class H2Context:
     h2c: H2cPool | None = None  # the app's h2c connections (app_protocol h2c or grpc)
     forward_jwt: bool = False
     config: ngh2.Configuration = dataclasses.field(default_factory=lambda: server_config(Limits()))
+    # Pure functions of their keys, remembered (bounded): checked request heads by header block, HTTP/2 fields
+    # of the app's HTTP/1.1 response heads by raw head, audit members by (authority, user agent, gRPC method).
+    requests: dict[tuple[tuple[bytes, bytes], ...], H2Request] = dataclasses.field(default_factory=dict)
+    responses: dict[tuple[bytes, bool], list[tuple[bytes, bytes]]] = dataclasses.field(default_factory=dict)
+    members: dict[tuple[bytes, bytes | None, str], str] = dataclasses.field(default_factory=dict)
 
     @property
     def settings(self) -> dict[int, int]:
@@ -583,7 +590,14 @@ class Stream:
         peer = conn.peer
         assert peer is not None
         try:
-            req = self.req = parse_h2_request(self.headers, ctx.drop)
+            req = ctx.requests.get(self.headers) if self.bytes_in < _CACHE_HEAD else None
+            if req is None:
+                req = parse_h2_request(self.headers, ctx.drop)  # raises BadRequest (never remembered)
+                if self.bytes_in < _CACHE_HEAD:
+                    if len(ctx.requests) >= _CACHE_MAX:
+                        ctx.requests.clear()
+                    ctx.requests[self.headers] = req
+            self.req = req
             self.target, _ = ctx.authorizer.target(req.path)
         except BadRequest as exc:
             ctx.observer.bad_request("h2_headers" if self.req is None else "target")
@@ -727,28 +741,35 @@ class Stream:
         ctx = conn.ctx
         peer = conn.peer
         grpc = req.grpc
-        rid = self.request_id or req.request_id or _new_id()
-        fields: dict[str, str] = {
-            "request_id": rid.decode("ascii", "replace"),
-            "authority": req.authority.decode("ascii", "replace"),
-            "user_agent": (req.user_agent or b"").decode("ascii", "replace"),
-            "protocol": "grpc" if grpc else "h2",
-        }
+        # The access-log members (audit.access_members), the per-head part rendered once per distinct head.
+        key = (req.authority, req.user_agent, target.path if grpc else "")
+        members = ctx.members.get(key)
+        if members is None:
+            members = access_members(authority=req.authority.decode("ascii", "replace"),
+                                     user_agent=(req.user_agent or b"").decode("ascii", "replace"),
+                                     protocol="grpc" if grpc else "h2")  # fmt: skip
+            if grpc:
+                members += access_members(grpc_method=grpc_method(target.path))
+            if len(ctx.members) >= _CACHE_MAX:
+                ctx.members.clear()
+            ctx.members[key] = members
+        rid = self.request_id  # ours: 32 hex digits, nothing to escape
+        ids = ',"request_id":"' + rid.decode("ascii") + '"' if rid is not None else access_members(
+            request_id=(req.request_id or _new_id()).decode("ascii", "replace"))  # fmt: skip
         trace = self.trace or req.traceparent
         if trace is not None and len(trace) >= 35:
-            fields["trace_id"] = trace[3:35].decode("ascii", "replace")
+            ids += access_members(trace_id=trace[3:35].decode("ascii", "replace"))
+        text = ids + members + conn.access
         if self.token is not None:
-            fields.update(jwt_subject=self.token[0], jwt_audience=self.token[1], jwt_kid=self.token[2])
+            text += access_members(jwt_subject=self.token[0], jwt_audience=self.token[1], jwt_kid=self.token[2])
         if self.failure:
-            fields["upstream_failure"] = self.failure
-        if grpc:
-            fields["grpc_method"] = grpc_method(target.path)
-            if self.grpc_status is not None:
-                fields["grpc_status"] = str(self.grpc_status)
+            text += ',"upstream_failure":"' + self.failure + '"'
+        if grpc and self.grpc_status is not None:
+            text += f',"grpc_status":"{self.grpc_status}"'
         ctx.observer.h2_stream("grpc" if grpc else "h2", decision.verdict)
         ctx.observer.exchange(
             peer.id_text if peer is not None else "-", req.method.decode("ascii", "replace"), target.path, decision,
-            self.status, self.bytes_in, self.bytes_out, ctx.clock() - self.t0, access_members(**fields) + conn.access,
+            self.status, self.bytes_in, self.bytes_out, ctx.clock() - self.t0, text,
         )  # fmt: skip
 
     def _release_upstream(self, reusable: bool) -> None:
@@ -1091,7 +1112,15 @@ class Stream:
         req = self.req
         assert req is not None
         try:
-            fields = h2_response_fields(status, names, values, head_request=req.method == b"HEAD")
+            head = req.method == b"HEAD"
+            cache = self.conn.ctx.responses
+            fields = cache.get((raw, head)) if raw is not None and len(raw) < _CACHE_HEAD else None
+            if fields is None:
+                fields = h2_response_fields(status, names, values, head_request=head)
+                if raw is not None and len(raw) < _CACHE_HEAD:
+                    if len(cache) >= _CACHE_MAX:
+                        cache.clear()
+                    cache[(raw, head)] = fields
         except BadResponse as exc:
             self.conn.ctx.observer.upstream_error(exc.reason)
             self.failure = exc.reason
