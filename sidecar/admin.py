@@ -1,4 +1,4 @@
-"""The admin server (aiohttp, loopback by default): /healthz, /readyz, /metrics, /config, /callers. Read-only.
+"""The admin server (loopback by default): /healthz, /readyz, /metrics, /config, /callers. Read-only.
 
 `MetricsServer` is the second, scrapeable listener (on the pod IP, like Linkerd's 4191 or Istio's
 15020): it serves GET /metrics and nothing else, so Prometheus can scrape a pod without the admin
@@ -8,6 +8,9 @@ endpoints (/config, /callers) ever leaving it.
 AND the listeners are bound, so traffic is only sent to a sidecar that can complete an mTLS handshake.
 /config shows the effective settings and the compiled policy; it is built from settings and policy
 descriptions only, never from key material (X509Svid keeps its key out of repr and out of these views).
+
+Both listeners are `control.ControlServer`s: GET and HEAD only, 404 for any other path, 405 (`Allow:
+GET,HEAD`) for another method on a known one.
 """
 
 from __future__ import annotations
@@ -18,11 +21,10 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import httpsite
 from .config import HostPort, Settings, describe_settings
+from .control import DEFAULT_LIMITS, JSON, ControlServer, Limits, Response, route_table
 from .metrics import Metrics
 from .policy import Policy
 from .svid import X509Context
@@ -88,15 +90,14 @@ def callers_view(metrics: Metrics) -> dict[str, Any]:
     }
 
 
-def _exposition(metrics: Metrics, svid_expiry: datetime | None, ready: bool) -> web.Response:
+def _exposition(metrics: Metrics, svid_expiry: datetime | None, ready: bool) -> Response:
     # Gauges read at scrape time: set just before rendering.
     if svid_expiry is not None:
         metrics.svid_expiry.set(svid_expiry.timestamp())
     metrics.ready.set(1 if ready else 0)
     body = generate_latest(metrics.registry)
-    # CONTENT_TYPE_LATEST carries a charset parameter, which aiohttp wants separately. The text format
-    # (not OpenMetrics) for every client: the same bytes promtool lints and Prometheus scrapes.
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    # The text format (not OpenMetrics) for every client: the same bytes promtool lints and Prometheus scrapes.
+    return Response(200, body, CONTENT_TYPE_LATEST)
 
 
 class MetricsServer:
@@ -110,33 +111,24 @@ class MetricsServer:
         metrics: Metrics,
         svid_expiry: Callable[[], datetime | None],
         ready: Callable[[], bool],
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self._listen = listen
         self._metrics = metrics
         self._svid_expiry = svid_expiry
         self._ready = ready
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        app = web.Application()
-        app.router.add_get("/metrics", self._handler)
-        self._app = app
+        self._server = ControlServer(listen, "metrics", route_table({"/metrics": self._scrape}), log=log, limits=limits)
 
     @property
     def port(self) -> int | None:
-        return self._port
+        return self._server.port
 
     async def start(self) -> int:
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
-        self._port = await httpsite.bind(runner, self._listen, "metrics", log)
-        self._runner = runner
-        return self._port
+        return await self._server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        await self._server.stop()
 
-    async def _handler(self, _request: web.Request) -> web.Response:
+    def _scrape(self) -> Response:
         return _exposition(self._metrics, self._svid_expiry(), self._ready())
 
 
@@ -159,59 +151,53 @@ class AdminServer:
         config_view: Callable[[], Mapping[str, Any]],
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         hold: Callable[[], str | None] = lambda: None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self._listen = listen
         self._metrics = metrics
         self._svid_expiry = svid_expiry
         self._listeners_bound = listeners_bound
         self._config_view = config_view
         self._clock = clock
         self._hold = hold
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-        app = web.Application()
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/metrics", self._metrics_handler)
-        app.router.add_get("/config", self._config)
-        app.router.add_get("/callers", self._callers)
-        self._app = app
+        routes = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics_handler,
+            "/config": self._config,
+            "/callers": self._callers,
+        }
+        self._server = ControlServer(listen, "admin", route_table(routes), log=log, limits=limits)
 
     @property
     def port(self) -> int | None:
         """The bound port (useful with listen port 0), or None before start()."""
-        return self._port
+        return self._server.port
 
     async def start(self) -> int:
-        runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
-        self._port = await httpsite.bind(runner, self._listen, "admin", log)
-        self._runner = runner
-        return self._port
+        return await self._server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        await self._server.stop()
 
-    async def _healthz(self, _request: web.Request) -> web.Response:
-        return web.Response(text="ok\n")
+    def _healthz(self) -> Response:
+        return Response.text(200, "ok\n")
 
     def ready_reason(self) -> str | None:
         """None when ready, else why not; the probe port's /spiffe-sidecar/readyz answers the same."""
         return readiness(self._svid_expiry(), self._listeners_bound(), self._clock()) or self._hold()
 
-    async def _readyz(self, _request: web.Request) -> web.Response:
+    def _readyz(self) -> Response:
         reason = self.ready_reason()
         if reason is None:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return Response.text(200, "ready\n")
+        return Response.text(503, f"not ready: {reason}\n")
 
-    async def _metrics_handler(self, _request: web.Request) -> web.Response:
+    def _metrics_handler(self) -> Response:
         return _exposition(self._metrics, self._svid_expiry(), self.ready_reason() is None)
 
-    async def _callers(self, _request: web.Request) -> web.Response:
-        return web.json_response(callers_view(self._metrics))
+    def _callers(self) -> Response:
+        return Response(200, json.dumps(callers_view(self._metrics)).encode("utf-8"), JSON)
 
-    async def _config(self, _request: web.Request) -> web.Response:
+    def _config(self) -> Response:
         body = json.dumps(self._config_view(), indent=2, sort_keys=False, default=str)
-        return web.Response(text=body + "\n", content_type="application/json")
+        return Response(200, (body + "\n").encode("utf-8"), JSON)

@@ -14,13 +14,17 @@ import copy
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
 from .annotations import INJECT_LABEL
 from .errors import ConfigError, Problem
-from .inject import InjectSettings, inject
+
+if TYPE_CHECKING:
+    # Imported where used: the command line imports this module for `inject`'s options on every command,
+    # `spiffe-sidecar run` included, which needs neither the injector nor jsonpatch.
+    from .inject import InjectSettings
 
 __all__ = ["add_inject_arguments", "inject_documents", "inject_main"]
 
@@ -62,6 +66,8 @@ def inject_documents(
     docs: list[Any], *, settings: InjectSettings, default_namespace: str, all_pods: bool, log: TextIO
 ) -> list[Any]:
     """Inject into every opted-in pod template of `docs` (in place on copies); ConfigError with every problem."""
+    from .inject import inject
+
     problems: list[Problem] = []
     out: list[Any] = []
     for doc in docs:

@@ -15,7 +15,9 @@ listener must never become a side door into the app, so it answers exactly:
   (Host, User-Agent, Accept, Connection), but a probe's `httpHeaders` (often an Authorization or a
   tenant header the health endpoint needs) reach this port unchanged and must reach the app.
   The status is relayed (1xx becomes 502) with at most 64 KiB of body and only Content-Type;
-  `Location` is dropped so the kubelet never follows a redirect into another path of this port.
+  `Location` is dropped so the kubelet never follows a redirect into another path of this port. An app
+  that cannot be reached, does not answer within `upstream_timeout`, answers malformed or cuts its body
+  short gets 503 (the kubelet fails a probe whose body ends early, too).
 
 Everything else is 404 (other methods too: the port reveals nothing about what exists). The request
 target is normalised exactly as on the inbound listener (`policy.normalize_target`: dot segments, `//`,
@@ -28,17 +30,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+import ssl
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-import aiohttp
-from aiohttp import web
-from yarl import URL
-
-from . import httpsite
 from .annotations import ProbeRoute
 from .config import HostPort
+from .control import (
+    DEFAULT_LIMITS,
+    ControlServer,
+    FetchError,
+    Limits,
+    Request,
+    Response,
+    fetch,
+    insecure_client_context,
+)
 from .http1 import BadRequest
 from .metrics import Metrics
 from .policy import normalize_target
@@ -53,6 +61,7 @@ READYZ_PATH: Final = "/spiffe-sidecar/readyz"
 _METHODS: Final = frozenset({"GET", "HEAD"})
 MAX_BODY: Final = 64 * 1024  # the kubelet reads 10 KiB of a probe response; the rest is never needed
 UPSTREAM_TIMEOUT: Final = 10.0  # the kubelet's own timeoutSeconds is shorter; this bounds our task
+_MAX_UPSTREAM: Final = 16
 # Request headers never passed to the app: hop-by-hop (RFC 9110 §7.6.1), framing (no body is sent),
 # Host (the client sets 127.0.0.1:<port>), and identity headers the app may trust from the sidecar.
 _DROP_HEADERS: Final = frozenset(
@@ -68,7 +77,7 @@ _DROP_HEADERS: Final = frozenset(
         "content-type",
         "expect",
         "host",
-        "accept-encoding",  # the body is relayed decoded, without Content-Encoding
+        "accept-encoding",  # the body is relayed as is and without Content-Encoding: ask for none
         "x-forwarded-client-cert",
         "forwarded",
         "x-real-ip",
@@ -124,14 +133,6 @@ class ProbeTable:
         return None
 
 
-class _QuietLogger(logging.LoggerAdapter[logging.Logger]):
-    """aiohttp logs every unparsable request with `logger.exception`; anyone can send those."""
-
-    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: object) -> None:
-        del exc_info, args, kwargs
-        self.debug("bad request on the probe port: %s", msg)
-
-
 def _route_label(route: ProbeRoute | SidecarRoute | None) -> str:
     if route is None:
         return "not-found"
@@ -140,8 +141,14 @@ def _route_label(route: ProbeRoute | SidecarRoute | None) -> str:
     return route.path
 
 
+_NOT_FOUND: Final = Response.text(404, "not found\n")
+
+
 class ProbeServer:
-    """Serves the probe port; `ready_reason()` is the admin server's readiness (None when ready)."""
+    """Serves the probe port; `ready_reason()` is the admin server's readiness (None when ready).
+
+    A `control.ControlServer` (malformed requests: a fixed 400 and one DEBUG line, no traceback); a
+    request with a body is answered and its connection closed, the body never read nor forwarded."""
 
     def __init__(
         self,
@@ -151,95 +158,79 @@ class ProbeServer:
         ready_reason: Callable[[], str | None],
         metrics: Metrics,
         upstream_timeout: float = UPSTREAM_TIMEOUT,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
-        self._listen = listen
         self._table = ProbeTable(routes)
         self._ready_reason = ready_reason
         self._metrics = metrics
         self._timeout = upstream_timeout
-        self._runner: web.ServerRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
-        self._port: int | None = None
+        self._server = ControlServer(listen, "probe", self._handle, log=log, limits=limits)
+        # At most this many probes reach the app at once (the kubelet sends a few per period); more wait.
+        self._slots = asyncio.Semaphore(_MAX_UPSTREAM)
+        self._tls: ssl.SSLContext | None = None  # built at the first HTTPS probe
 
     @property
     def port(self) -> int | None:
-        return self._port
+        return self._server.port
 
     async def start(self) -> int:
-        # ssl=False: an HTTPS probe target is not verified, exactly like the kubelet's own probe.
-        connector = aiohttp.TCPConnector(ssl=False, limit=16, force_close=True)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self._timeout),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
-        # Malformed requests from the network are the caller's problem: log them at DEBUG, without tracebacks.
-        server = web.Server(self._handle, logger=_QuietLogger(log))
-        runner = web.ServerRunner(server, access_log=None, handle_signals=False)
-        try:
-            self._port = await httpsite.bind(runner, self._listen, "probe", log)
-        except OSError:
-            await self._session.close()
-            self._session = None
-            raise
-        self._runner = runner
-        return self._port
+        return await self._server.start()
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        await self._server.stop()
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        route = self._table.match(request.raw_path) if request.method in _METHODS else None
+    def _handle(self, request: Request) -> Response | Coroutine[Any, Any, Response]:
+        route = self._table.match(request.target) if request.method in _METHODS else None
         if route is None:
-            response, result = web.Response(status=404, text="not found\n"), "4xx"
-        elif isinstance(route, SidecarRoute):
+            self._count(route, "4xx")
+            return _NOT_FOUND
+        if isinstance(route, SidecarRoute):
             response = self._own(route)
-            result = f"{response.status // 100}xx"
-        else:
-            response, result = await self._forward(request, route)
-        if request.body_exists:
-            response.force_close()  # never read (or forward) a body; don't reuse a connection that has one
-        self._metrics.probe_requests.labels(route=_route_label(route), result=result).inc()
-        return response
+            self._count(route, f"{response.status // 100}xx")
+            return response
+        return self._forward(request, route)
 
-    def _own(self, route: SidecarRoute) -> web.Response:
+    def _count(self, route: ProbeRoute | SidecarRoute | None, result: str) -> None:
+        self._metrics.probe_requests.labels(route=_route_label(route), result=result).inc()
+
+    def _own(self, route: SidecarRoute) -> Response:
         if route.name == "healthz":
-            return web.Response(text="ok\n")
+            return Response.text(200, "ok\n")
         reason = self._ready_reason()
         if reason is None:
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text=f"not ready: {reason}\n")
+            return Response.text(200, "ready\n")
+        return Response.text(503, f"not ready: {reason}\n")
 
-    async def _forward(self, request: web.BaseRequest, route: ProbeRoute) -> tuple[web.Response, str]:
-        session = self._session
-        if session is None:
-            return web.Response(status=503, text="stopping\n"), "upstream-error"
-        scheme = "https" if route.scheme == "HTTPS" else "http"
-        url = f"{scheme}://127.0.0.1:{route.app_port}{route.app_path}"
-        headers = [(k, v) for k, v in request.headers.items() if _relayed(k)]
+    async def _forward(self, request: Request, route: ProbeRoute) -> Response:
+        response, result = await self._ask_app(request, route)
+        self._count(route, result)
+        return response
+
+    async def _ask_app(self, request: Request, route: ProbeRoute) -> tuple[Response, str]:
+        tls: ssl.SSLContext | None = None
+        if route.scheme == "HTTPS":
+            if self._tls is None:
+                self._tls = insecure_client_context()
+            tls = self._tls
+        headers = [(k, v) for k, v in request.headers if _relayed(k)]
+        if not any(k.lower() == "accept" for k, _ in headers):
+            headers.append(("Accept", "*/*"))  # what the kubelet's own probes send
+        where = f"{'https' if tls else 'http'}://127.0.0.1:{route.app_port}{route.app_path}"
         try:
             async with asyncio.timeout(self._timeout):
-                async with session.request(
-                    request.method,
-                    URL(url, encoded=True),  # appPath verbatim, as the kubelet would have sent it
-                    headers=headers,
-                    allow_redirects=False,
-                    data=None,
-                ) as resp:
-                    body = b"" if request.method == "HEAD" else await resp.content.read(MAX_BODY)
-                    status = resp.status
-                    content_type = resp.headers.get("Content-Type")
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("probe %s -> %s failed: %s", route.path, url, type(exc).__name__)
-            return web.Response(status=503, text="probe target did not answer\n"), "upstream-error"
+                async with self._slots:
+                    fetched = await fetch(
+                        request.method, "127.0.0.1", route.app_port, route.app_path, headers,
+                        tls=tls, within=self._timeout, max_body=MAX_BODY,
+                    )  # fmt: skip
+        except TimeoutError:
+            log.info("probe %s -> %s failed: %s", route.path, where, "TimeoutError")
+            return Response.text(503, "probe target did not answer\n"), "upstream-error"
+        except FetchError as exc:
+            log.info("probe %s -> %s failed: %s", route.path, where, exc)
+            return Response.text(503, "probe target did not answer\n"), "upstream-error"
+        status = fetched.status
         if status < 200:
-            return web.Response(status=502, text="unexpected informational response\n"), "upstream-error"
-        response = web.Response(status=status, body=body)
-        if content_type is not None:
-            response.headers["Content-Type"] = content_type
-        return response, f"{status // 100}xx"
+            return Response.text(502, "unexpected informational response\n"), "upstream-error"
+        # Only the status, the body and Content-Type: never Location (module docstring), Set-Cookie, ...
+        return Response(status, fetched.body, fetched.content_type), f"{status // 100}xx"

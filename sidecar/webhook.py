@@ -10,6 +10,10 @@
   rotation) a fresh SSLContext is built and new handshakes pick it up through the SNI callback. A live
   context is never mutated; a bad new pair is logged and the old one kept.
 * Every request runs under a deadline (the API server's own timeoutSeconds is at most 30 s).
+
+aiohttp, jsonpatch and `inject` are imported where they are used, not with this module: the command line
+imports it to describe `webhook`'s options for every command, `spiffe-sidecar run` included, and a running
+sidecar must not carry the webhook's server (issue 11: idle RSS).
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ import ssl
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import jsonpatch
 import yaml
-from aiohttp import web
 
 from .config import HostPort, parse_host_port
 from .errors import ConfigError, Problem, SidecarError
-from .inject import InjectSettings, inject
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from .inject import InjectSettings
 
 __all__ = [
     "CertReloader",
@@ -58,6 +64,10 @@ class BadReview(SidecarError):
 
 def review_response(body: Any, settings: InjectSettings) -> dict[str, Any]:
     """The AdmissionReview response for a decoded request body (pure; raises BadReview)."""
+    import jsonpatch
+
+    from .inject import inject
+
     if not isinstance(body, dict) or body.get("kind") != "AdmissionReview":
         raise BadReview("expected an AdmissionReview")
     if body.get("apiVersion") != ADMISSION_API:
@@ -190,6 +200,8 @@ class WebhookServer:
         reload_interval: float = 2.0,
         review: Callable[[Any, InjectSettings], dict[str, Any]] = review_response,
     ) -> None:
+        from aiohttp import web
+
         self._listen = listen
         self._certs = CertReloader(cert, key)
         self._settings = settings
@@ -209,6 +221,8 @@ class WebhookServer:
         return self._certs
 
     async def start(self) -> int:
+        from aiohttp import web
+
         runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(
@@ -243,9 +257,13 @@ class WebhookServer:
             self._certs.check()
 
     async def _healthz(self, _request: web.Request) -> web.Response:
+        from aiohttp import web
+
         return web.Response(text="ok\n")
 
     async def _mutate(self, request: web.Request) -> web.Response:
+        from aiohttp import web
+
         try:
             async with asyncio.timeout(self._timeout):
                 if request.content_type != "application/json":
@@ -291,6 +309,8 @@ def add_webhook_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_inject_settings(path: Path | None, image: str | None = None) -> InjectSettings:
     """Injector settings from a YAML file (ConfigMap) plus an optional image override; ConfigError."""
+    from .inject import InjectSettings
+
     data: Any = {}
     if path is not None:
         try:
