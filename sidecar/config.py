@@ -157,10 +157,6 @@ class OutboundTarget:
     expect: CallerPattern
     jwt: tuple[OutboundJwt, ...] = ()
 
-    @property
-    def http_only_options(self) -> bool:
-        return bool(self.jwt)
-
 
 @dataclass(frozen=True, slots=True)
 class OutboundRoute:
