@@ -37,7 +37,7 @@ $(COMPILED)/.built: $(STAMP) $(wildcard sidecar/*.py)
 compiled: $(COMPILED)/.built
 
 demo: $(STAMP) $(RUN_DEP)
-	$(RUN_ENV) $(VENV)/bin/spiffe-sidecar demo
+	$(RUN_ENV) $(VENV)/bin/spiffe-sidecar demo --config-dir $(CURDIR)/config
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

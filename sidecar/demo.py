@@ -145,6 +145,8 @@ async def run_svid_stage(config_dir: Path, work: Path, report: Report, *, svid_t
     socket_dir = work / "spire"
     socket_dir.mkdir(mode=0o700)
     entries = config_dir / "spire" / "entries.yaml"
+    if not entries.is_file():
+        raise DemoFailure(f"{entries} not found: pass --config-dir <the repository's config/ directory>")
     async with embedded_spire(entries, socket_dir, svid_ttl=f"{svid_ttl}s", report=report):
         sources = {
             name: WorkloadApiSource(UnixEndpoint(str(socket_dir / f"{name}.sock"))) for name in WORKLOADS
