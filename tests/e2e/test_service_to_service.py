@@ -53,11 +53,11 @@ async def test_step_up_needs_the_jwt_svid_checkouts_sidecar_attaches(cluster: Cl
     assert status == 200, body
     seen = cluster.apps["inventory"].seen[-1]
     assert seen["path"] == reserve and seen["jwt_subject"] == CHECKOUT and seen["authorization"] == ""
-    assert (await cluster.audit_for("inventory", "POST", reserve, CHECKOUT)).startswith("allow")
-    # Both ends name the token (subject, audience, kid), neither logs it.
-    inv = [x for x in cluster.sidecars["inventory"].audit_lines() if x.get("jwt_subject")][-1]
-    assert inv["rule"] == "checkout-reserves-stock" and inv["status"] == 200
-    out = [x for x in cluster.sidecars["checkout"].audit_lines() if x.get("jwt_audience")][-1]
+    # Both ends name the token (subject, audience, kid), neither logs it. The sidecars write their lines once
+    # the exchange is finished, which can be just after the caller has its response: wait for them.
+    inv = await _audit_line(cluster, "inventory", "jwt_subject")
+    assert inv["decision"] == "allow" and inv["rule"] == "checkout-reserves-stock" and inv["status"] == 200
+    out = await _audit_line(cluster, "checkout", "jwt_audience")
     assert (inv["jwt_subject"], inv["jwt_audience"]) == (out["jwt_subject"], out["jwt_audience"]) == (
         CHECKOUT, "inventory")
     assert inv["jwt_kid"] == out["jwt_kid"] != "-"
@@ -65,6 +65,16 @@ async def test_step_up_needs_the_jwt_svid_checkouts_sidecar_attaches(cluster: Cl
         text = cluster.sidecars[sc].audit_file.read_text(encoding="utf-8")
         assert "eyJ" not in text and "Bearer" not in text
     assert await cluster.metric("inventory", "spiffe_sidecar_jwt_bundles_generation") >= 1
+
+
+async def _audit_line(cluster: Cluster, sidecar: str, member: str) -> dict[str, object]:
+    """The newest audit line of `sidecar` that has `member`, waiting up to 5 s for one to be written."""
+    async with asyncio.timeout(5):
+        while True:
+            lines = [x for x in cluster.sidecars[sidecar].audit_lines() if x.get(member)]
+            if lines:
+                return lines[-1]
+            await asyncio.sleep(0.05)  # another process writes the file: nothing to wait on but time
 
 
 async def test_reporting_is_denied_through_its_http_proxy_port(cluster: Cluster) -> None:

@@ -92,7 +92,9 @@ async def test_moving_later_rearms_lazily_with_one_handle() -> None:
     # The first handle fired, saw the later time and re-armed for it (a loop's millisecond rounding may
     # wake it a hair early once more: then it re-arms again, never calling back early).
     assert len(counting.handles) >= 2
-    assert all(h.when() >= start + 0.1 for h in counting.handles[1:])
+    # uvloop hands out a plain Handle (no `when`) for a re-arm whose delay rounds to zero: it runs on the next
+    # iteration, which re-checks the time; every timed re-arm is for the later deadline.
+    assert all(h.when() >= start + 0.1 for h in counting.handles[1:] if hasattr(h, "when"))
 
 
 async def test_moving_earlier_replaces_the_handle() -> None:
